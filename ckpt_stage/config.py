@@ -1,0 +1,200 @@
+"""Every setting of the stage, read once from the environment (``CKPT_STAGE_*``), with defaults.
+
+``Settings.from_env()`` is the only place that reads the environment; everything else receives a
+``Settings``. Malformed values raise ``ConfigError`` naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckpt_stage.errors import ConfigError
+
+PREFIX = "CKPT_STAGE_"
+
+DEFAULT_ARCH_MODULES = ("torch.nn",)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mi": 2**20, "mib": 2**20, "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30, "t": 10**12,
+          "tb": 10**12, "ti": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str, *, name: str = "size") -> int:
+    """``"512MiB"`` → 536870912. Plain numbers are bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"{name}: cannot read {text!r} as a size (examples: 512MiB, 8GiB, 1000000)")
+    unit = (m.group(2) or "").lower()
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class WorkerClass:
+    """A worker size class: versions whose estimated memory fits ``memory_bytes`` run there."""
+
+    name: str
+    memory_bytes: int
+    pool: str = ""
+    queue: str = "default"
+
+
+def parse_worker_classes(text: str) -> tuple[WorkerClass, ...]:
+    """``"small=2GiB,large=12GiB"`` (optionally ``small=2GiB:pool:queue``), sorted by size."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise ConfigError(f"{PREFIX}WORKER_CLASSES: {part!r} is not NAME=SIZE[:POOL[:QUEUE]]")
+        name, _, rest = part.partition("=")
+        size, *more = rest.split(":")
+        pool = more[0] if len(more) > 0 and more[0] else f"ckpt_stage_{name.strip()}"
+        queue = more[1] if len(more) > 1 and more[1] else "default"
+        out.append(WorkerClass(name.strip(), parse_size(size, name=f"{PREFIX}WORKER_CLASSES"), pool, queue))
+    if not out:
+        raise ConfigError(f"{PREFIX}WORKER_CLASSES is empty; give at least one NAME=SIZE")
+    return tuple(sorted(out, key=lambda c: c.memory_bytes))
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(PREFIX + key)
+    if raw is None or raw == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{PREFIX}{key}: expected true or false, got {raw!r}")
+
+
+def _float(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(PREFIX + key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{key}: expected a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{PREFIX}{key}: must not be negative, got {raw!r}")
+    return value
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    return int(_float(env, key, default))
+
+
+def _list(env: Mapping[str, str], key: str) -> tuple[str, ...]:
+    raw = env.get(PREFIX + key, "")
+    return tuple(p.strip() for p in raw.split(",") if p.strip())
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ckpt-stage"
+
+
+@dataclass(frozen=True)
+class Settings:
+    alias: str = "validated"
+    experiment: str = "ckpt-stage-validations"
+    arch_modules: tuple[str, ...] = DEFAULT_ARCH_MODULES
+    pickle_modules: tuple[str, ...] = ()
+    allow_pickled_models: bool = True
+    require_input_example: bool = False
+    cache_dir: Path = field(default_factory=_default_cache)
+    keep_cache: bool = False
+    worker_python: str = ""
+    worker_timeout_s: float = 300.0
+    worker_cpu_s: float = 600.0
+    worker_classes: tuple[WorkerClass, ...] = (
+        WorkerClass("small", 4 * 2**30, "ckpt_stage_small"),
+        WorkerClass("large", 16 * 2**30, "ckpt_stage_large"),
+    )
+    lease_s: float = 900.0
+    owner: str = ""
+    s3_attempts: int = 5
+    s3_deadline_s: float = 120.0
+    s3_max_concurrency: int = 8
+    artifacts_destination: str = ""
+    max_archive_entries: int = 100_000
+    max_compression_ratio: float = 200.0
+    max_pickle_bytes: int = 256 * 2**20
+    airflow_url: str = ""
+    airflow_user: str = ""
+    airflow_password: str = ""
+    airflow_token: str = ""
+    webhook_secret: str = ""
+    dashboard_token: str = ""
+    mlflow_ui_url: str = ""
+
+    @property
+    def largest_class(self) -> WorkerClass:
+        return self.worker_classes[-1]
+
+    def class_for(self, estimated_bytes: int) -> WorkerClass | None:
+        """Smallest class whose budget holds the estimate; None when none does."""
+        for wc in self.worker_classes:
+            if estimated_bytes <= wc.memory_bytes:
+                return wc
+        return None
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        d = cls()
+        arch_extra = _list(env, "ARCH_MODULES")
+        classes_raw = env.get(PREFIX + "WORKER_CLASSES", "")
+        cache = env.get(PREFIX + "CACHE_DIR", "")
+        return cls(
+            alias=env.get(PREFIX + "ALIAS", d.alias) or d.alias,
+            experiment=env.get(PREFIX + "EXPERIMENT", d.experiment) or d.experiment,
+            arch_modules=tuple(dict.fromkeys(DEFAULT_ARCH_MODULES + arch_extra)),
+            pickle_modules=_list(env, "PICKLE_MODULES"),
+            allow_pickled_models=_bool(env, "ALLOW_PICKLED_MODELS", d.allow_pickled_models),
+            require_input_example=_bool(env, "REQUIRE_INPUT_EXAMPLE", d.require_input_example),
+            cache_dir=Path(cache) if cache else d.cache_dir,
+            keep_cache=_bool(env, "KEEP_CACHE", d.keep_cache),
+            worker_python=env.get(PREFIX + "WORKER_PYTHON", ""),
+            worker_timeout_s=_float(env, "WORKER_TIMEOUT_S", d.worker_timeout_s),
+            worker_cpu_s=_float(env, "WORKER_CPU_S", d.worker_cpu_s),
+            worker_classes=parse_worker_classes(classes_raw) if classes_raw else d.worker_classes,
+            lease_s=_float(env, "LEASE_S", d.lease_s),
+            owner=env.get(PREFIX + "OWNER", ""),
+            s3_attempts=max(1, _int(env, "S3_ATTEMPTS", d.s3_attempts)),
+            s3_deadline_s=_float(env, "S3_DEADLINE_S", d.s3_deadline_s),
+            s3_max_concurrency=max(1, _int(env, "S3_MAX_CONCURRENCY", d.s3_max_concurrency)),
+            artifacts_destination=env.get(PREFIX + "ARTIFACTS_DESTINATION", ""),
+            max_archive_entries=_int(env, "MAX_ARCHIVE_ENTRIES", d.max_archive_entries),
+            max_compression_ratio=_float(env, "MAX_COMPRESSION_RATIO", d.max_compression_ratio),
+            max_pickle_bytes=_int(env, "MAX_PICKLE_BYTES", d.max_pickle_bytes),
+            airflow_url=env.get(PREFIX + "AIRFLOW_URL", ""),
+            airflow_user=env.get(PREFIX + "AIRFLOW_USER", ""),
+            airflow_password=env.get(PREFIX + "AIRFLOW_PASSWORD", ""),
+            airflow_token=env.get(PREFIX + "AIRFLOW_TOKEN", ""),
+            webhook_secret=env.get(PREFIX + "WEBHOOK_SECRET", ""),
+            dashboard_token=env.get(PREFIX + "DASHBOARD_TOKEN", ""),
+            mlflow_ui_url=env.get(PREFIX + "MLFLOW_UI_URL", ""),
+        )
+
+
+def parse_arch_kwargs(text: str | None, *, source: str) -> dict:
+    """The ``ckpt_stage.arch_kwargs`` tag / ``--arch-kwargs``: a JSON object or nothing."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: not valid JSON ({exc.msg} at position {exc.pos}): {text[:200]!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: must be a JSON object, got {type(value).__name__}")
+    return value

@@ -1,0 +1,1 @@
+"""The isolated worker: parent-side runner (``runner``) and child-side loader (``loader``)."""
