@@ -14,12 +14,12 @@ from typing import Any
 REPORT_SCHEMA = "ckpt-stage/report/v1"
 
 
-class Cause(str, enum.Enum):
+class Cause(enum.StrEnum):
     MODEL = "model"
     INFRASTRUCTURE = "infrastructure"
 
 
-class ReasonCode(str, enum.Enum):
+class ReasonCode(enum.StrEnum):
     ARTIFACT_MISSING = "ARTIFACT_MISSING"
     INTEGRITY_MISMATCH = "INTEGRITY_MISMATCH"
     NOT_A_CHECKPOINT = "NOT_A_CHECKPOINT"
@@ -58,7 +58,7 @@ _INFRA_CODES = frozenset(
 )
 
 
-class Severity(str, enum.Enum):
+class Severity(enum.StrEnum):
     """``error`` findings decide the verdict; ``warning`` and ``info`` are reported only."""
 
     ERROR = "error"
@@ -66,7 +66,7 @@ class Severity(str, enum.Enum):
     INFO = "info"
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     PASS = "pass"
     QUARANTINE = "quarantine"
     ERROR = "error"
@@ -76,7 +76,7 @@ class Verdict(str, enum.Enum):
         return {Verdict.PASS: 0, Verdict.QUARANTINE: 1, Verdict.ERROR: 3}[self]
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """Value of the ``ckpt_stage.status`` tag."""
 
     PENDING = "pending"
@@ -92,7 +92,7 @@ class Status(str, enum.Enum):
         ]
 
 
-class FileFormat(str, enum.Enum):
+class FileFormat(enum.StrEnum):
     TORCH_ZIP = "torch-zip"
     TORCH_LEGACY = "torch-legacy"
     SAFETENSORS = "safetensors"

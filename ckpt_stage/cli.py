@@ -1,0 +1,324 @@
+"""The ``ckpt-stage`` command line (CONTRACT.md "Command line").
+
+``--json`` prints exactly one JSON document on stdout; logs, progress and anything a library prints
+go to stderr (stdout is redirected to stderr while the command works).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ckpt_stage.config import Settings, parse_arch_kwargs
+from ckpt_stage.domain import ReasonCode, Report, Status, Verdict, VersionRef
+from ckpt_stage.errors import CkptStageError, ConfigError, UsageError
+
+EXIT_USAGE = 2
+EXIT_ERROR = 3
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "urllib3", "boto3", "s3transfer", "alembic", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[Any]:
+    real = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        yield real
+
+
+def _emit_json(real_stdout: Any, doc: Any) -> None:
+    real_stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    real_stdout.flush()
+
+
+def _fail(exc: CkptStageError, code: int) -> None:
+    click.echo(f"ckpt-stage: error: {exc.message}", err=True)
+    if exc.hint:
+        click.echo(f"  hint: {exc.hint}", err=True)
+    sys.exit(code)
+
+
+def _run(fn: Callable[[], int]) -> None:
+    """Run a command body; map the stage's errors to exit statuses with a clear message."""
+    try:
+        code = fn()
+    except (UsageError, ConfigError) as exc:
+        _fail(exc, EXIT_USAGE)
+    except CkptStageError as exc:
+        _fail(exc, EXIT_ERROR)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code)
+
+
+def _print_report(report: Report) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=False)
+    colour = {Verdict.PASS: "green", Verdict.QUARANTINE: "red", Verdict.ERROR: "yellow"}[report.verdict]
+    title = f"{report.model.name} v{report.model.version}" if report.model else "inspect"
+    console.print(f"[bold]{title}[/bold]: [{colour}]{report.verdict.value}[/{colour}]  {report.summary}")
+    for f in report.reasons:
+        where = f" ({f.file})" if f.file else ""
+        console.print(f"  [{colour}]{f.code.value if f.code else '-'}[/{colour}]{where}: {f.message}")
+        if f.hint:
+            console.print(f"    hint: {f.hint}")
+    for f in report.findings:
+        if not f.blocking:
+            console.print(f"  [dim]{f.severity.value}: {f.message}[/dim]")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
+@click.version_option(package_name="ckpt-stage")
+def main(verbose: bool) -> None:
+    """Validate PyTorch checkpoints registered in MLflow before anyone deploys them."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--arch", help="Architecture for bare state_dicts: package.module:Class (allowed prefixes only).")
+@click.option("--arch-kwargs", help="JSON object of constructor arguments for --arch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def inspect(paths: tuple[Path, ...], arch: str | None, arch_kwargs: str | None, as_json: bool) -> None:
+    """Validate local checkpoint files or an MLflow model directory, offline."""
+
+    def body() -> int:
+        from ckpt_stage.pipeline import inspect_paths
+
+        settings = Settings.from_env()
+        kwargs = parse_arch_kwargs(arch_kwargs, source="--arch-kwargs")
+        with _stdout_to_stderr() as real:
+            report = inspect_paths(list(paths), arch=arch, arch_kwargs=kwargs, settings=settings)
+            if as_json:
+                _emit_json(real, report.to_dict())
+        if not as_json:
+            _print_report(report)
+        return report.verdict.exit_code
+
+    _run(body)
+
+
+@main.command()
+@click.option("--model", required=True, help="Registered model name.")
+@click.option("--version", "version", required=True, help="Model version number.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def validate(model: str, version: str, as_json: bool) -> None:
+    """Validate one registered version end to end and record the verdict."""
+
+    def body() -> int:
+        from ckpt_stage.pipeline import validate_version
+
+        settings = Settings.from_env()
+        with _stdout_to_stderr() as real:
+            outcome = validate_version(VersionRef(model, str(version)), settings=settings,
+                                       progress=_progress_bar(as_json))
+            if outcome.report is None:
+                raise CkptStageError(outcome.skipped, code=ReasonCode.INTERNAL_ERROR,
+                                     hint="wait for the lease to expire, or run `ckpt-stage rerun`")
+            if as_json:
+                _emit_json(real, outcome.report.to_dict())
+        if not as_json:
+            _print_report(outcome.report)
+        return outcome.report.verdict.exit_code
+
+    _run(body)
+
+
+def _progress_bar(as_json: bool) -> Callable[[int], None] | None:
+    """Download progress on a terminal only (never with --json, never in logs)."""
+    if as_json or not sys.stderr.isatty():
+        return None
+    total = [0]
+
+    def progress(n: int) -> None:
+        total[0] += n
+        sys.stderr.write(f"\r  downloaded {total[0] / 2**20:8.1f} MiB")
+        sys.stderr.flush()
+
+    return progress
+
+
+def _batch_summary(outcomes: list, as_json: bool, real: Any) -> int:
+    rows = []
+    for o in outcomes:
+        if o.report is None:
+            rows.append({"model": None, "verdict": None, "skipped": o.skipped})
+            continue
+        r = o.report
+        rows.append({
+            "model": r.model.name if r.model else None, "version": r.model.version if r.model else None,
+            "verdict": r.verdict.value, "reasons": [c.value for c in sorted({f.code for f in r.reasons if f.code})],
+            "attempt": r.attempt, "run_id": o.run_id, "summary": r.summary,
+        })
+    any_error = any(row.get("verdict") == Verdict.ERROR.value for row in rows)
+    if as_json:
+        _emit_json(real, {"results": rows, "count": len(rows), "errors": sum(
+            1 for r in rows if r.get("verdict") == Verdict.ERROR.value)})
+    return EXIT_ERROR if any_error else 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "version", "verdict", "reasons", "summary")
+    for r in rows:
+        if r.get("model") is None:
+            continue
+        table.add_row(r["model"], str(r["version"]), r["verdict"], ",".join(r["reasons"]), r["summary"][:120])
+    Console(stderr=True).print(table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def sweep(as_json: bool) -> None:
+    """Validate every version without a verdict (or with an error, or an expired lease)."""
+
+    def body() -> int:
+        from ckpt_stage import pipeline
+
+        settings = Settings.from_env()
+        with _stdout_to_stderr() as real:
+            outcomes = pipeline.sweep(settings=settings, on_result=_line_per_version(as_json))
+            code = _batch_summary(outcomes, as_json, real)
+        return code
+
+    _run(body)
+
+
+def _line_per_version(as_json: bool) -> Callable[[VersionRef, Any], None]:
+    def on_result(ref: VersionRef, outcome: Any) -> None:
+        if outcome.report is None:
+            logging.getLogger("ckpt_stage").info("%s skipped: %s", ref, outcome.skipped)
+        else:
+            r = outcome.report
+            codes = ",".join(sorted({f.code.value for f in r.reasons if f.code}))
+            logging.getLogger("ckpt_stage").info("%s → %s %s", ref, r.verdict.value, codes)
+
+    return on_result
+
+
+@main.command()
+@click.option("--model", help="Registered model name.")
+@click.option("--version", "version", help="Model version (with --model).")
+@click.option("--status", type=click.Choice(["quarantined", "error", "promoted"]),
+              help="Re-run every version with this status.")
+@click.option("--reason", help="Only versions whose reasons include this code (with --status).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def rerun(model: str | None, version: str | None, status: str | None, reason: str | None, as_json: bool) -> None:
+    """Re-run validations: each re-run is a new attempt; history is kept."""
+
+    def body() -> int:
+        from ckpt_stage import pipeline
+        from ckpt_stage.registry import Registry
+
+        if version and not model:
+            raise UsageError("--version needs --model")
+        if bool(version) == bool(status):
+            raise UsageError("give either --model NAME --version N, or --status quarantined|error|promoted")
+        if reason and reason not in ReasonCode.__members__:
+            raise UsageError(f"--reason {reason!r} is not a reason code; known: {', '.join(ReasonCode.__members__)}")
+        settings = Settings.from_env()
+        registry = Registry(settings)
+        with _stdout_to_stderr() as real:
+            refs = [VersionRef(model, str(version))] if version else [
+                s.ref for s in registry.iter_versions(model=model, status=status, reason=reason)]
+            outcomes = []
+            for ref in refs:
+                outcome = pipeline.validate_one_safely(ref, settings=settings, registry=registry, force=True)
+                _line_per_version(as_json)(ref, outcome)
+                outcomes.append(outcome)
+            code = _batch_summary(outcomes, as_json, real)
+        return code
+
+    _run(body)
+
+
+@main.command(name="ls")
+@click.option("--status", type=click.Choice([s.value for s in Status] + ["none"]), help="Only this status.")
+@click.option("--model", help="Only this model.")
+@click.option("--reason", help="Only versions whose reasons include this code.")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON on stdout.")
+def ls_cmd(status: str | None, model: str | None, reason: str | None, as_json: bool) -> None:
+    """List versions and their verdicts."""
+
+    def body() -> int:
+        from ckpt_stage.registry import Registry
+
+        registry = Registry(Settings.from_env())
+        with _stdout_to_stderr() as real:
+            states = list(registry.iter_versions(model=model, status=None if status == "none" else status,
+                                                 reason=reason))
+            if status == "none":
+                states = [s for s in states if s.status is None]
+            rows = [{
+                "model": s.ref.name, "version": s.ref.version,
+                "status": s.status.value if s.status else None,
+                "reasons": list(s.reasons), "attempt": s.attempt,
+                "summary": s.tags.get("ckpt_stage.summary", ""),
+                "validated_at": s.tags.get("ckpt_stage.validated_at"),
+                "run_id": s.tags.get("ckpt_stage.run_id"),
+            } for s in sorted(states, key=lambda s: (s.ref.name, _int(s.ref.version)))]
+            if as_json:
+                _emit_json(real, rows)
+        if not as_json:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table("model", "version", "status", "reasons", "attempt", "summary")
+            for r in rows:
+                table.add_row(r["model"], r["version"], r["status"] or "-", ",".join(r["reasons"]),
+                              str(r["attempt"]), (r["summary"] or "")[:100])
+            Console().print(table)
+        return 0
+
+    _run(body)
+
+
+def _int(text: str) -> int:
+    return int(text) if text.isdigit() else 0
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8321, show_default=True, type=int)
+def dashboard(host: str, port: int) -> None:
+    """Serve the web dashboard (the same app the Airflow plugin mounts)."""
+    import uvicorn
+
+    from ckpt_stage.dashboard.app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".demo"), show_default=True,
+              help="Folder for the demo's MLflow database, S3 data and Airflow home.")
+@click.option("--keep-running", is_flag=True, help="Leave the servers up until Ctrl-C to browse the results.")
+def demo(workdir: Path, keep_running: bool) -> None:
+    """Run the whole stage on the embedded defaults with sample model versions."""
+    from ckpt_stage.demo import run_demo
+
+    sys.exit(run_demo(workdir.resolve(), keep_running=keep_running))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""``validate_version(ref)``: claim → fetch → scan → estimate → load → decide → record.
+
+The only module that wires adapters together. Airflow tasks, the CLI and the dashboard call these
+functions and nothing below them. Model problems become findings (a verdict); infrastructure
+problems become findings with infrastructure codes (verdict ``error``, never a quarantine).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckpt_stage.config import Settings, parse_arch_kwargs
+from ckpt_stage.domain import (
+    Decision,
+    FileFormat,
+    FileInfo,
+    Finding,
+    ReasonCode,
+    Report,
+    Severity,
+    Verdict,
+    VersionRef,
+)
+from ckpt_stage.errors import (
+    CkptStageError,
+    ConfigError,
+    PermanentError,
+    RegistryUnavailable,
+    StorageMisconfigured,
+    TransientError,
+)
+from ckpt_stage.policy import decide, summarize
+from ckpt_stage.registry import ARCH, ARCH_KWARGS, Registry, VersionState, default_owner
+from ckpt_stage.sandbox.job import LoadJob, LoadResult
+from ckpt_stage.scan import ScanResult, scan_version
+from ckpt_stage.storage import S3Storage, resolve_artifact_uri, sha256_file, version_digest
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Checked:
+    """Everything the checks produced for one set of local files."""
+
+    files: tuple[FileInfo, ...]
+    findings: tuple[Finding, ...]
+    scan: ScanResult
+    load: LoadResult | None
+    timings_s: dict[str, float]
+    limit_bytes: int
+
+
+def _runtime_here() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__.split("+")[0]
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from importlib.metadata import version
+
+        out["mlflow"] = version("mlflow")
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def run_worker(job: LoadJob, settings: Settings) -> LoadResult:
+    from ckpt_stage.sandbox.runner import run_job
+
+    return run_job(job, settings)
+
+
+def check_local(
+    root: Path,
+    rels: Sequence[str],
+    settings: Settings,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+    hashes: dict[str, str] | None = None,
+    extra_findings: Sequence[Finding] = (),
+) -> Checked:
+    """Static scan, estimate, then (only if the scan found nothing blocking) the isolated load."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    scan = scan_version(root, rels, settings)
+    timings["scan"] = time.perf_counter() - t0
+    hashes = dict(hashes or {})
+    files = tuple(
+        FileInfo(rel, (root / rel).stat().st_size, hashes.get(rel) or sha256_file(root / rel),
+                 scan.formats.get(rel, FileFormat.UNKNOWN))
+        for rel in rels
+    )
+    findings = list(extra_findings) + list(scan.findings)
+    wclass = settings.class_for(scan.estimated_bytes)
+    limit = (wclass or settings.largest_class).memory_bytes
+    if wclass is None and not any(f.code is ReasonCode.RESOURCE_LIMIT for f in findings):
+        findings.append(Finding(
+            ReasonCode.RESOURCE_LIMIT,
+            f"loading needs about {_human(scan.estimated_bytes)}, more than the largest worker class "
+            f"{settings.largest_class.name!r} allows ({_human(limit)})",
+            "add a larger worker class (CKPT_STAGE_WORKER_CLASSES) or shard/quantize the checkpoint",
+        ))
+    load: LoadResult | None = None
+    if not any(f.blocking for f in findings):
+        job = LoadJob(
+            root=str(root),
+            files=tuple((rel, scan.formats.get(rel, FileFormat.UNKNOWN).value) for rel in rels),
+            arch=arch,
+            arch_kwargs=dict(arch_kwargs or {}),
+            arch_modules=settings.arch_modules,
+            pickle_modules=settings.pickle_modules,
+            allow_pickled_models=settings.allow_pickled_models,
+            require_input_example=settings.require_input_example,
+            timeout_s=settings.worker_timeout_s,
+            cpu_s=settings.worker_cpu_s,
+            memory_bytes=limit,
+        )
+        load = run_worker(job, settings)
+        findings.extend(load.findings)
+        timings.update(load.timings_s)
+    return Checked(files, tuple(findings), scan, load, timings, limit)
+
+
+def build_report(
+    checked: Checked | None,
+    decision: Decision,
+    *,
+    model: VersionRef | None,
+    attempt: int,
+    findings: Sequence[Finding],
+    timings: dict[str, float],
+    files: Sequence[FileInfo] = (),
+) -> Report:
+    load = checked.load if checked else None
+    subject = f"{model.name} version {model.version}" if model else "The checkpoint"
+    info = dict(load.info) if load else {}
+    return Report(
+        verdict=decision.verdict,
+        reasons=decision.reasons,
+        model=model,
+        files=tuple(checked.files if checked else files),
+        runtime=dict(load.runtime) if load and load.runtime else _runtime_here(),
+        recorded=dict(load.recorded) if load else {},
+        timings_s=timings,
+        resources={
+            "peak_anon_bytes": load.peak_anon_bytes if load else 0,
+            "estimated_bytes": checked.scan.estimated_bytes if checked else 0,
+            "limit_bytes": checked.limit_bytes if checked else 0,
+        },
+        attempt=attempt,
+        findings=tuple(findings),
+        summary=summarize(decision, subject=subject),
+        isolation=dict(load.isolation) if load else {},
+        extra={"model_info": info} if info else {},
+    )
+
+
+def _internal(exc: BaseException) -> Finding:
+    return Finding(
+        ReasonCode.INTERNAL_ERROR,
+        f"the stage failed: {type(exc).__name__}: {exc}",
+        "this is a bug in ckpt-stage; the version stays eligible for a re-run",
+        detail={"traceback": traceback.format_exc()[-4000:]},
+    )
+
+
+def _finding_from_error(exc: CkptStageError) -> Finding:
+    return Finding(exc.code, exc.message, exc.hint, file=exc.fields.get("file"))
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+def collect_paths(paths: Sequence[Path]) -> tuple[Path, list[str]]:
+    """Local files or one MLflow model directory → (root, paths relative to root)."""
+    resolved = [Path(p).resolve() for p in paths]
+    for p in resolved:
+        if not p.exists():
+            raise ConfigError(f"no such file or directory: {p}")
+    if len(resolved) == 1 and resolved[0].is_dir():
+        root = resolved[0]
+        rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        if not rels:
+            raise ConfigError(f"{root} holds no files")
+        return root, rels
+    if any(p.is_dir() for p in resolved):
+        raise ConfigError("give either one model directory or checkpoint files, not a mix")
+    root = Path(_common_dir(resolved))
+    return root, [p.relative_to(root).as_posix() for p in resolved]
+
+
+def _common_dir(files: Sequence[Path]) -> str:
+    import os
+
+    return os.path.commonpath([str(f.parent) for f in files])
+
+
+def inspect_paths(
+    paths: Sequence[Path],
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+    settings: Settings | None = None,
+) -> Report:
+    """Validate local files offline: no registry, no S3, nothing recorded."""
+    settings = settings or Settings.from_env()
+    root, rels = collect_paths(paths)
+    t0 = time.perf_counter()
+    try:
+        checked = check_local(root, rels, settings, arch=arch, arch_kwargs=arch_kwargs)
+        findings = list(checked.findings)
+    except Exception as exc:  # noqa: BLE001 - the parent always writes a report
+        checked, findings = None, [_internal(exc)]
+    decision = decide(findings, settings)
+    timings = dict(checked.timings_s if checked else {})
+    timings["download"] = 0.0
+    timings["total"] = time.perf_counter() - t0
+    return build_report(checked, decision, model=None, attempt=1, findings=findings, timings=timings)
+
+
+# -- validate --------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    report: Report | None
+    run_id: str | None = None
+    skipped: str = ""
+    """Why nothing was done (another owner holds the lease), when ``report`` is None."""
+
+
+def _arch_from_tags(state: VersionState) -> tuple[str | None, dict, list[Finding]]:
+    arch = state.tags.get(ARCH) or None
+    try:
+        kwargs = parse_arch_kwargs(state.tags.get(ARCH_KWARGS), source=f"version tag {ARCH_KWARGS}")
+    except ConfigError as exc:
+        return arch, {}, [Finding(ReasonCode.PARTIAL_CHECKPOINT, exc.message,
+                                  f"set the {ARCH_KWARGS} tag to a JSON object of constructor arguments")]
+    return arch, kwargs, []
+
+
+def validate_version(
+    ref: VersionRef,
+    *,
+    settings: Settings | None = None,
+    registry: Registry | None = None,
+    storage: S3Storage | None = None,
+    force: bool = False,
+    owner: str | None = None,
+    progress: Progress | None = None,
+) -> Outcome:
+    """Validate one registered version end to end and record the verdict in MLflow.
+
+    Raises ``TransientError`` only when the verdict could not even be recorded (the registry kept
+    failing): the caller (an Airflow task) should retry. Every other failure is recorded as a verdict.
+    """
+    settings = settings or Settings.from_env()
+    registry = registry or Registry(settings)
+    storage = storage or S3Storage(settings)
+    owner = owner or settings.owner or default_owner()
+    t0 = time.perf_counter()
+
+    state = registry.claim(ref, owner, force=force)
+    if state is None:
+        return Outcome(None, skipped=f"{ref} is being validated by another worker (lease held)")
+    attempt = state.attempt + 1
+    workdir = settings.cache_dir / "versions" / f"{_safe(ref.name)}-v{_safe(ref.version)}-{uuid.uuid4().hex[:8]}"
+    timings: dict[str, float] = {}
+    checked: Checked | None = None
+    findings: list[Finding] = []
+    files: list[FileInfo] = []
+    hashes: dict[str, str] = {}
+    try:
+        arch, arch_kwargs, tag_findings = _arch_from_tags(state)
+        t = time.perf_counter()
+        try:
+            loc = resolve_artifact_uri(registry.download_uri(ref), settings)
+            local = storage.download(loc, workdir, progress=progress)
+            hashes = {lf.rel: lf.sha256 for lf in local}
+            files = [FileInfo(lf.rel, lf.size, lf.sha256) for lf in local]
+        except CkptStageError as exc:
+            findings.append(_finding_from_error(exc))
+        timings["download"] = time.perf_counter() - t
+        if not findings:
+            checked = check_local(workdir, sorted(hashes), settings, arch=arch, arch_kwargs=arch_kwargs,
+                                  hashes=hashes, extra_findings=tag_findings)
+            findings = list(checked.findings)
+            timings.update(checked.timings_s)
+            findings.extend(_drift(registry, ref, checked))
+    except (RegistryUnavailable, StorageMisconfigured) as exc:
+        findings.append(_finding_from_error(exc))
+    except Exception as exc:  # noqa: BLE001 - always end with a recorded verdict
+        log.exception("validating %s failed", ref)
+        findings.append(_internal(exc))
+    finally:
+        if not settings.keep_cache:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    decision = decide(findings, settings)
+    timings["total"] = time.perf_counter() - t0
+    report = build_report(checked, decision, model=ref, attempt=attempt, findings=findings, timings=timings,
+                          files=files)
+    digest = version_digest([(f.path, f.sha256) for f in report.files])
+    try:
+        run_id = registry.record(report, decision, digest=digest)
+    except TransientError:
+        raise
+    except PermanentError as exc:
+        log.error("recording the verdict of %s failed: %s", ref, exc)
+        registry.record_error_status(ref, f"recording the verdict failed: {exc}")
+        raise
+    return Outcome(report, run_id)
+
+
+def _drift(registry: Registry, ref: VersionRef, checked: Checked) -> list[Finding]:
+    """Informational comparison with the version that holds the alias (policy may act on it)."""
+    current = (checked.load.info if checked.load else {}).get("layers")
+    if not current:
+        return []
+    try:
+        from ckpt_stage import drift
+    except ImportError:
+        return []
+    try:
+        promoted = registry.alias_version(ref.name)
+        if promoted is None or promoted == ref.version:
+            return []
+        prev_state = registry.get(VersionRef(ref.name, promoted))
+        run_id = prev_state.tags.get("ckpt_stage.run_id")
+        prev = registry.report_of(run_id) if run_id else None
+        layers = ((prev or {}).get("model_info") or {}).get("layers")
+        if not layers:
+            return []
+        finding = drift.compare(layers, current, promoted)
+        return [finding] if finding else []
+    except Exception as exc:  # noqa: BLE001 - drift is informational; never fail a validation on it
+        log.warning("drift comparison for %s skipped: %s", ref, exc)
+        return []
+
+
+def sweep(
+    *,
+    settings: Settings | None = None,
+    registry: Registry | None = None,
+    storage: S3Storage | None = None,
+    on_result: Callable[[VersionRef, Outcome], None] | None = None,
+) -> list[Outcome]:
+    settings = settings or Settings.from_env()
+    registry = registry or Registry(settings)
+    storage = storage or S3Storage(settings)
+    outcomes = []
+    for state in registry.sweepable():
+        outcome = validate_one_safely(state.ref, settings=settings, registry=registry, storage=storage)
+        if on_result:
+            on_result(state.ref, outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def validate_one_safely(ref: VersionRef, **kwargs) -> Outcome:
+    """``validate_version`` for batch callers: a registry outage of one version becomes an error report."""
+    try:
+        return validate_version(ref, **kwargs)
+    except CkptStageError as exc:
+        finding = _finding_from_error(exc)
+        decision = Decision(Verdict.ERROR, (finding,)) if finding.code and finding.code.cause.value == "infrastructure" \
+            else decide([finding])
+        report = build_report(None, decision, model=ref, attempt=0, findings=[finding], timings={})
+        return Outcome(report)
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
+
+
+__all__ = ["Outcome", "check_local", "inspect_paths", "sweep", "validate_version", "Severity"]

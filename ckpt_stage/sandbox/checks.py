@@ -1,0 +1,442 @@
+"""Checks on loaded weights and metadata, each turning one concrete problem into a Finding.
+
+Pure functions over state dicts, shapes, dtypes and strings (no file I/O), so they are unit-tested
+directly. The loader wires them together.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt_stage.domain import Finding, ReasonCode, Severity
+
+SHOW = 5
+"""How many names a message lists before ``…``."""
+
+KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
+"""Key prefixes added by wrappers: DataParallel/DDP, torch.compile, Lightning-style ``self.model``."""
+
+_BENIGN_MISSING = ("num_batches_tracked",)
+"""BatchNorm buffers absent from checkpoints saved before torch 0.4.1; torch tolerates them."""
+
+
+def listing(names: Sequence[str], limit: int = SHOW) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (", …" if len(names) > limit else "")
+
+
+def shape_str(shape: Iterable[int]) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------------
+# architecture declared in tags: the string is checked before anything is imported
+
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+ARCH_SETTING = "CKPT_STAGE_ARCH_MODULES"
+ARCH_TAG_HINT = ("set the version tags ckpt_stage.arch (package.module:Class) and ckpt_stage.arch_kwargs "
+                 "(JSON object), or pass --arch/--arch-kwargs to ckpt-stage inspect")
+
+
+class ArchError(Exception):
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def parse_arch(spec: str) -> tuple[str, str]:
+    """``pkg.mod:Class`` or ``pkg.mod.Class`` → (module, class name). Raises ``ArchError``."""
+    text = spec.strip()
+    if ":" in text:
+        module, _, name = text.partition(":")
+    else:
+        module, _, name = text.rpartition(".")
+    if not module or not _MODULE_RE.match(module) or not name.isidentifier():
+        raise ArchError(f"architecture {spec!r} is not of the form package.module:Class", ARCH_TAG_HINT)
+    return module, name
+
+
+def module_allowed(module: str, prefixes: Sequence[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes if p)
+
+
+def resolve_arch(spec: str, prefixes: Sequence[str]) -> type[torch.nn.Module]:
+    """The class named by ``spec``, imported only when its module is under an allowed prefix.
+
+    Tags can be set by anyone who can register a model (CONTRACT.md), so the string is checked
+    first; an ``os:system`` or ``subprocess:Popen`` never reaches ``import_module``.
+    """
+    module, name = parse_arch(spec)
+    if not module_allowed(module, prefixes):
+        raise ArchError(
+            f"architecture {spec!r} is refused: module {module!r} is not under the allowed prefixes "
+            f"({', '.join(prefixes) or 'none'})",
+            f"ask the operator to add the package to {ARCH_SETTING} (comma-separated module prefixes), "
+            "or declare an architecture from an allowed package",
+        )
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise ArchError(f"architecture {spec!r}: cannot import {module!r}: {exc}",
+                        "install the package that defines the architecture in the serving runtime") from None
+    except AttributeError:
+        raise ArchError(f"architecture {spec!r}: module {module!r} has no attribute {name!r}",
+                        "check the class name in ckpt_stage.arch") from None
+    if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+        raise ArchError(f"architecture {spec!r} is not an nn.Module subclass (it is a {type(obj).__name__})",
+                        "name a torch.nn.Module class in ckpt_stage.arch")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# state dicts
+
+
+@dataclass(frozen=True)
+class Meta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def metas(state: Mapping[str, Any]) -> dict[str, Meta]:
+    return {k: Meta(tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def layers_info(state: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], int]:
+    """``({name: {"shape": [...], "dtype": "float32"}}, element count)`` for drift and the report."""
+    layers: dict[str, dict[str, Any]] = {}
+    count = 0
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            layers[k] = {"shape": [int(d) for d in v.shape], "dtype": dtype_name(v.dtype)}
+            count += v.numel()
+    return layers, count
+
+
+def _strip(keys: Iterable[str], prefix: str) -> dict[str, str]:
+    return {(k[len(prefix):] if k.startswith(prefix) else k): k for k in keys}
+
+
+def find_prefix_fix(ckpt_keys: Iterable[str], model_keys: Iterable[str]) -> tuple[str, str] | None:
+    """``("strip", "module.")`` when removing a wrapper prefix from every checkpoint key makes the key
+    sets equal, ``("add", "model.")`` when the architecture expects one the checkpoint lacks."""
+    ck, mk = set(ckpt_keys), {k for k in model_keys if not k.endswith(_BENIGN_MISSING)}
+    if not ck:
+        return None
+
+    def same(a: set[str], b: set[str]) -> bool:
+        return {k for k in a if not k.endswith(_BENIGN_MISSING)} == b or a == b
+
+    for prefix in KNOWN_PREFIXES:
+        if all(k.startswith(prefix) for k in ck):
+            stripped = set(_strip(ck, prefix))
+            if same(stripped, mk):
+                return ("strip", prefix)
+            for inner in KNOWN_PREFIXES:  # e.g. DataParallel around a compiled module
+                if all(k.startswith(inner) for k in stripped) and same(set(_strip(stripped, inner)), mk):
+                    return ("strip", prefix + inner)
+    for prefix in KNOWN_PREFIXES:
+        if mk and all(k.startswith(prefix) for k in mk) and same({prefix + k for k in ck}, mk):
+            return ("add", prefix)
+    return None
+
+
+def compare_state(ckpt: Mapping[str, Meta], model: Mapping[str, Meta], *, file: str | None,
+                  arch: str) -> list[Finding]:
+    """Key sets, shapes and dtypes of a checkpoint against the architecture's own state_dict."""
+    findings: list[Finding] = []
+    fix = find_prefix_fix(ckpt, model)
+    if fix is not None:
+        action, prefix = fix
+        if action == "strip":
+            renamed = {k[len(prefix):]: v for k, v in ckpt.items()}
+            hint = (f"strip the prefix {prefix!r} from every key before saving "
+                    f"(e.g. save model.module.state_dict() or {{k.removeprefix({prefix!r}): v ...}})")
+            what = f"every checkpoint key starts with {prefix!r}, which {arch} does not expect"
+        else:
+            renamed = {prefix + k: v for k, v in ckpt.items()}
+            hint = f"add the prefix {prefix!r} to every key, or declare the inner module as ckpt_stage.arch"
+            what = f"{arch} expects every key under {prefix!r}, the checkpoint has none"
+        sample = listing(sorted(ckpt))
+        findings.append(Finding(
+            ReasonCode.ARCHITECTURE_MISMATCH, f"{what} (checkpoint keys: {sample})", hint, file,
+            detail={"prefix": prefix, "action": action},
+        ))
+        ckpt = renamed
+    missing = sorted(k for k in model if k not in ckpt and not k.endswith(_BENIGN_MISSING))
+    unexpected = sorted(k for k in ckpt if k not in model)
+    if fix is None and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key{'s' if len(missing) != 1 else ''} ({listing(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({listing(unexpected)})")
+        findings.append(Finding(
+            ReasonCode.ARCHITECTURE_MISMATCH,
+            f"checkpoint does not fit {arch}: " + ", ".join(parts),
+            "check that ckpt_stage.arch names the architecture these weights were trained with "
+            "(and its ckpt_stage.arch_kwargs)",
+            file,
+            detail={"missing": missing, "unexpected": unexpected},
+        ))
+    shapes = [(k, ckpt[k].shape, model[k].shape) for k in sorted(model) if k in ckpt
+              and ckpt[k].shape != model[k].shape]
+    if shapes:
+        first = "; ".join(f"{k}: checkpoint {shape_str(c)} vs model {shape_str(m)}" for k, c, m in shapes[:SHOW])
+        more = f"; and {len(shapes) - SHOW} more" if len(shapes) > SHOW else ""
+        findings.append(Finding(
+            ReasonCode.SHAPE_MISMATCH,
+            f"{len(shapes)} tensor{'s' if len(shapes) != 1 else ''} differ in shape from {arch}: {first}{more}",
+            "the architecture's constructor arguments differ from training: fix ckpt_stage.arch_kwargs "
+            "(e.g. num_classes, hidden sizes) or re-export the weights",
+            file,
+            detail={"shapes": [{"key": k, "checkpoint": list(c), "model": list(m)} for k, c, m in shapes]},
+        ))
+    findings += compare_dtypes(
+        {k: ckpt[k].dtype for k in model if k in ckpt and ckpt[k].shape == model[k].shape},
+        {k: model[k].dtype for k in model}, file=file)
+    return findings
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    if dtype == torch.bool:
+        return "bool"
+    return "int"
+
+
+def compare_dtypes(ckpt: Mapping[str, torch.dtype], model: Mapping[str, torch.dtype], *,
+                   file: str | None) -> list[Finding]:
+    """Integer (or bool/complex) weights where the model has floats block; a narrower or wider float
+    (float16/bfloat16/float64 vs float32) is a warning: assign=True keeps the checkpoint's dtype."""
+    bad, soft = [], []
+    for k in sorted(ckpt):
+        c, m = ckpt[k], model.get(k)
+        if m is None or c == m:
+            continue
+        (bad if _kind(c) != _kind(m) else soft).append((k, c, m))
+    out = []
+    for items, sev in ((bad, Severity.ERROR), (soft, Severity.WARNING)):
+        if not items:
+            continue
+        first = "; ".join(f"{k}: checkpoint {dtype_name(c)} vs model {dtype_name(m)}" for k, c, m in items[:SHOW])
+        more = f"; and {len(items) - SHOW} more" if len(items) > SHOW else ""
+        if sev is Severity.ERROR:
+            msg = f"{len(items)} tensor{'s' if len(items) != 1 else ''} have a dtype the architecture cannot take: "
+            hint = "save the floating-point weights (not quantized/integer copies) or declare the matching architecture"
+        else:
+            msg = f"{len(items)} tensor{'s' if len(items) != 1 else ''} use another float precision than the model: "
+            hint = "fine if intended (mixed precision); the model will run in the checkpoint's precision"
+        out.append(Finding(ReasonCode.DTYPE_MISMATCH, msg + first + more, hint, file, sev,
+                           detail={"dtypes": [{"key": k, "checkpoint": dtype_name(c), "model": dtype_name(m)}
+                                              for k, c, m in items]}))
+    return out
+
+
+def nonfinite(state: Mapping[str, Any], *, file: str | None) -> Finding | None:
+    """NaN/Inf in any floating tensor, checked one tensor at a time (no copy of the whole dict)."""
+    bad: list[dict[str, Any]] = []
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.layout != torch.strided:
+            continue
+        if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+            continue
+        with torch.no_grad():
+            if bool(torch.isfinite(t).all()):
+                continue
+            bad.append({"key": name, "nan": int(torch.isnan(t).sum()), "inf": int(torch.isinf(t).sum()),
+                        "numel": int(t.numel())})
+    if not bad:
+        return None
+
+    def one(b: dict[str, Any]) -> str:
+        parts = [f"{b[k]} {label}" for k, label in (("nan", "NaN"), ("inf", "Inf")) if b[k]]
+        return f"{b['key']} ({', '.join(parts)} of {b['numel']})"
+
+    shown = ", ".join(one(b) for b in bad[:SHOW]) + (", …" if len(bad) > SHOW else "")
+    return Finding(
+        ReasonCode.NONFINITE_WEIGHTS,
+        f"{len(bad)} tensor{'s' if len(bad) != 1 else ''} hold non-finite values: {shown}",
+        "the training run diverged or the weights were damaged: export them from an earlier healthy checkpoint",
+        file,
+        detail={"tensors": bad},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# training checkpoints: find the model weights inside
+
+MODEL_KEYS = ("model_state_dict", "state_dict", "model", "model_state", "net", "network", "module",
+              "weights", "params", "ema_state_dict", "ema", "model_ema", "state_dict_ema")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "opt", "scheduler",
+                  "lr_scheduler", "scheduler_state_dict", "scaler", "grad_scaler")
+
+
+def is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def is_optimizer_state(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and "param_groups" in obj and "state" in obj
+
+
+@dataclass
+class Weights:
+    state: dict[str, torch.Tensor] | None
+    """The model weights found, or None."""
+    key: str | None = None
+    """Where inside a training checkpoint they were (``None``: the object itself)."""
+    module: torch.nn.Module | None = None
+    other_keys: tuple[str, ...] = ()
+    problem: str = ""
+    """Why there are no weights (when ``state`` is None)."""
+
+
+def find_weights(obj: Any, *, depth: int = 2) -> Weights:
+    """A state_dict, a whole module, or a training checkpoint dict holding one of them."""
+    if isinstance(obj, torch.nn.Module):
+        return Weights(dict(obj.state_dict()), module=obj)
+    if is_state_dict(obj):
+        return Weights(dict(obj))
+    if not isinstance(obj, Mapping):
+        return Weights(None, problem=f"holds a {type(obj).__name__}, not a state_dict or a module")
+    if not obj:
+        return Weights(None, problem="holds an empty dict")
+    keys = tuple(str(k) for k in obj)
+    if is_optimizer_state(obj):
+        return Weights(None, other_keys=keys, problem="holds an optimizer state_dict (state, param_groups), "
+                                                      "not model weights")
+    if depth > 0:
+        for key in MODEL_KEYS:
+            if key in obj:
+                inner = find_weights(obj[key], depth=depth - 1)
+                if inner.state is not None:
+                    where = key if inner.key is None else f"{key}.{inner.key}"
+                    return Weights(inner.state, where, inner.module, tuple(k for k in keys if k != key))
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if tensors and not any(k in obj for k in OPTIMIZER_KEYS):
+        # A state_dict with a few extra entries (an epoch counter, a config): keep the tensors.
+        return Weights(tensors, None, None, tuple(k for k in keys if k not in tensors))
+    return Weights(None, other_keys=keys,
+                   problem=f"is a training checkpoint without model weights (keys: {listing(sorted(keys), 8)})")
+
+
+# --------------------------------------------------------------------------------------------------
+# MLflow signatures
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str | None
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def parse_tensor_specs(text: Any) -> list[TensorSpec] | None:
+    """MLflow's ``signature.inputs``/``outputs`` (a JSON string); None when not tensor-based."""
+    if not text:
+        return None
+    try:
+        items = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return None
+    specs: list[TensorSpec] = []
+    for item in items if isinstance(items, list) else []:
+        spec = item.get("tensor-spec") if isinstance(item, dict) and item.get("type") == "tensor" else None
+        if not isinstance(spec, dict):
+            return None
+        specs.append(TensorSpec(item.get("name"), str(spec.get("dtype", "")),
+                                tuple(int(d) for d in spec.get("shape", ()))))
+    return specs or None
+
+
+def shape_ok(expected: Sequence[int], got: Sequence[int]) -> bool:
+    return len(expected) == len(got) and all(e == -1 or e == g for e, g in zip(expected, got, strict=True))
+
+
+def spec_str(spec: TensorSpec) -> str:
+    return f"{spec.dtype} {shape_str(spec.shape)}".replace("-1", "-1")
+
+
+def check_output(specs: Sequence[TensorSpec], output: Any) -> str | None:
+    """What breaks the output signature, or None. Tensors, tuples/lists of tensors, dicts by name."""
+    if isinstance(output, torch.Tensor):
+        outs: list[tuple[str, Any]] = [("output", output)]
+    elif isinstance(output, (tuple, list)):
+        outs = [(f"output[{i}]", o) for i, o in enumerate(output)]
+    elif isinstance(output, Mapping):
+        outs = [(f"output[{k!r}]", v) for k, v in output.items()]
+    else:
+        return f"the model returned a {type(output).__name__}, the signature expects tensors"
+    if len(outs) != len(specs):
+        return f"the model returned {len(outs)} outputs, the signature declares {len(specs)}"
+    problems = []
+    for (label, t), spec in zip(outs, specs, strict=True):
+        if not isinstance(t, torch.Tensor):
+            problems.append(f"{label} is a {type(t).__name__}, expected a tensor")
+            continue
+        got_dtype = dtype_name(t.dtype)
+        if not shape_ok(spec.shape, tuple(t.shape)) or (spec.dtype and spec.dtype != got_dtype):
+            problems.append(f"{label}: expected {spec.dtype} {shape_str(spec.shape)}, "
+                            f"got {got_dtype} {shape_str(t.shape)}")
+    return "; ".join(problems) or None
+
+
+# --------------------------------------------------------------------------------------------------
+# versions
+
+_VER_RE = re.compile(r"^\s*v?(\d+)\.(\d+)")
+
+
+def major_minor(version: str | None) -> tuple[int, int] | None:
+    m = _VER_RE.match(version or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def public(version: str) -> str:
+    """``2.13.0+cpu`` → ``2.13.0``: local labels say how a wheel was built, not what it reads."""
+    return version.split("+", 1)[0].strip()
+
+
+def compare_library(lib: str, recorded: str | None, runtime: str | None, *, file: str | None,
+                    newer_blocks: bool, older_warns: bool = True, source: str = "") -> Finding | None:
+    """One library's recorded version against the runtime's, at major.minor granularity."""
+    rec, run = major_minor(recorded), major_minor(runtime)
+    if rec is None or run is None or rec == run:
+        return None
+    where = f" ({source})" if source else ""
+    rec_s, run_s = public(recorded or ""), public(runtime or "")
+    if rec > run:
+        return Finding(
+            ReasonCode.LIBRARY_VERSION_MISMATCH,
+            f"saved with {lib} {rec_s}{where}, newer than this runtime's {lib} {run_s}",
+            f"re-save the model with {lib} {run[0]}.{run[1]} or older, or upgrade the serving runtime's {lib}",
+            file, Severity.ERROR if newer_blocks else Severity.WARNING,
+            detail={"library": lib, "recorded": rec_s, "runtime": run_s},
+        )
+    if not older_warns:
+        return None
+    return Finding(
+        ReasonCode.LIBRARY_VERSION_MISMATCH,
+        f"saved with {lib} {rec_s}{where}, older than this runtime's {lib} {run_s}; it loads, "
+        "but behaviour may differ",
+        f"re-save the model with {lib} {run[0]}.{run[1]} when convenient",
+        file, Severity.WARNING,
+        detail={"library": lib, "recorded": rec_s, "runtime": run_s},
+    )

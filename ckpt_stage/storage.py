@@ -1,0 +1,358 @@
+"""S3 adapter: resolve a version's location, list it, download it into a local cache, verify it.
+
+Downloads follow huggingface_hub's discipline: check free disk space, write ``*.incomplete``, hash
+while writing, verify against what S3 listed, rename atomically. Retries (tenacity) happen only on
+``TransientError`` (5xx, throttling, timeouts, connection resets), with exponential backoff, jitter,
+an attempt count and a deadline; botocore's own retries are switched off so they do not multiply.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from ckpt_stage.config import Settings
+from ckpt_stage.errors import (
+    ArtifactMissing,
+    ConfigError,
+    IntegrityMismatch,
+    StorageMisconfigured,
+    StorageUnavailable,
+    TransientError,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHUNK = 8 * 2**20
+
+# S3 error codes that mean "try again" although some arrive with a 4xx status.
+_TRANSIENT_CODES = {
+    "RequestTimeout", "RequestTimeoutException", "Throttling", "ThrottlingException", "SlowDown",
+    "RequestLimitExceeded", "TooManyRequestsException", "ProvisionedThroughputExceededException",
+    "InternalError", "ServiceUnavailable", "BandwidthLimitExceeded", "EC2ThrottledException",
+}
+_MISCONFIGURED_CODES = {
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+    "InvalidBucketName", "AuthorizationHeaderMalformed", "ExpiredToken", "InvalidToken", "PermanentRedirect",
+    "AccountProblem", "403", "301",
+}
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        parsed = urlparse(uri)
+        if parsed.scheme not in ("s3", "s3a", "s3n") or not parsed.netloc:
+            raise StorageMisconfigured(f"not an S3 location: {uri!r}")
+        return cls(parsed.netloc, parsed.path.lstrip("/"))
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    key: str
+    rel: str
+    size: int
+    etag: str = ""
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    rel: str
+    path: Path
+    size: int
+    sha256: str
+
+
+def resolve_artifact_uri(uri: str, settings: Settings) -> S3Location:
+    """Map a registry download URI onto S3.
+
+    ``mlflow-artifacts:/x`` (a proxying ``mlflow server``) is mapped onto the server's configured
+    ``--artifacts-destination``, which the stage learns from ``CKPT_STAGE_ARTIFACTS_DESTINATION``.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("s3", "s3a", "s3n"):
+        return S3Location.parse(uri)
+    if parsed.scheme == "mlflow-artifacts":
+        dest = settings.artifacts_destination
+        if not dest:
+            raise ConfigError(
+                f"the version's files are at {uri!r}, served through the MLflow server's artifact proxy; "
+                "set CKPT_STAGE_ARTIFACTS_DESTINATION to the server's --artifacts-destination "
+                "(for example s3://mlflow-artifacts/) so the stage can read them from S3 directly",
+                code=StorageMisconfigured.code,
+            )
+        base = S3Location.parse(dest)
+        tail = parsed.path.lstrip("/")
+        return S3Location(base.bucket, str(PurePosixPath(base.prefix, tail)) if base.prefix else tail)
+    raise StorageMisconfigured(
+        f"the version's files are at {uri!r}; only s3:// (and mlflow-artifacts: with "
+        "CKPT_STAGE_ARTIFACTS_DESTINATION) locations are supported"
+    )
+
+
+def classify(exc: BaseException, *, what: str) -> Exception:
+    """botocore/urllib3 exception → TransientError or PermanentError naming ``what``."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        msg = f"{what}: {code or status} {err.get('Message', '')}".strip()
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return ArtifactMissing(msg, hint="the registered version points at files that do not exist")
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return StorageUnavailable(msg)
+        if code in _MISCONFIGURED_CODES or status in (301, 400, 403):
+            return StorageMisconfigured(
+                msg, hint="check the stage's S3 credentials, endpoint (AWS_ENDPOINT_URL_S3) and bucket policy"
+            )
+        return StorageMisconfigured(msg)
+    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+        return StorageMisconfigured(f"{what}: no usable S3 credentials ({exc})",
+                                    hint="give the stage AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role")
+    if isinstance(
+        exc,
+        botocore.exceptions.EndpointConnectionError
+        | botocore.exceptions.ConnectionClosedError
+        | botocore.exceptions.ReadTimeoutError
+        | botocore.exceptions.ConnectTimeoutError
+        | botocore.exceptions.ResponseStreamingError
+        | botocore.exceptions.IncompleteReadError
+        | ConnectionError
+        | TimeoutError,
+    ):
+        return StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+    return exc  # type: ignore[return-value]
+
+
+class S3Storage:
+    """Thin adapter over one boto3 S3 client. ``sleep`` is injectable so tests never wait."""
+
+    def __init__(self, settings: Settings, *, client: Any = None, sleep: Callable[[float], None] = time.sleep):
+        self.settings = settings
+        self._sleep = sleep
+        self._client = client
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+                cfg = Config(
+                    retries={"total_max_attempts": 1, "mode": "standard"},  # tenacity retries; never both
+                    connect_timeout=10,
+                    read_timeout=60,
+                    max_pool_connections=max(10, self.settings.s3_max_concurrency * 2),
+                    s3={"addressing_style": "path"} if endpoint else None,
+                )
+                self._client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
+            return self._client
+
+    # -- retries -------------------------------------------------------------------------------
+    def _retry(self, fn: Callable[[], T], *, what: str) -> T:
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("%s failed (attempt %d), retrying: %s", what, state.attempt_number, exc)
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=stop_after_attempt(self.settings.s3_attempts) | stop_after_delay(self.settings.s3_deadline_s),
+            wait=wait_random_exponential(multiplier=0.5, max=10),
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+        def call() -> T:
+            try:
+                return fn()
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ConnectionError,
+                    TimeoutError) as exc:
+                raise classify(exc, what=what) from exc
+
+        return retrying(call)
+
+    # -- listing -------------------------------------------------------------------------------
+    def list(self, loc: S3Location) -> list[RemoteFile]:
+        prefix = loc.prefix.rstrip("/") + "/" if loc.prefix else ""
+
+        def pages() -> list[RemoteFile]:
+            out: list[RemoteFile] = []
+            kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
+            while True:
+                resp = self.client.list_objects_v2(**kwargs)
+                for obj in resp.get("Contents", []):
+                    key = obj["Key"]
+                    if key.endswith("/"):
+                        continue
+                    out.append(RemoteFile(key, key[len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"')))
+                if not resp.get("IsTruncated"):
+                    return out
+                kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+
+        files = self._retry(pages, what=f"listing {loc.uri}")
+        if not files:
+            # A single object (the URI names a file, not a folder)?
+            if loc.prefix and not loc.prefix.endswith("/"):
+                head = self._head_or_none(loc.bucket, loc.prefix)
+                if head is not None:
+                    return [RemoteFile(loc.prefix, PurePosixPath(loc.prefix).name, int(head["ContentLength"]),
+                                       head.get("ETag", "").strip('"'))]
+            raise ArtifactMissing(
+                f"no files at {loc.uri}: the bucket is readable but the version's location is empty",
+                hint="re-register the model version after its upload finished",
+            )
+        for f in files:
+            rel = PurePosixPath(f.rel)
+            if rel.is_absolute() or ".." in rel.parts:
+                raise StorageMisconfigured(f"refusing object key with a path outside the version: {f.key!r}")
+        return sorted(files, key=lambda f: f.rel)
+
+    def _head_or_none(self, bucket: str, key: str) -> dict | None:
+        try:
+            return self._retry(lambda: self.client.head_object(Bucket=bucket, Key=key), what=f"s3://{bucket}/{key}")
+        except ArtifactMissing:
+            return None
+
+    # -- download ------------------------------------------------------------------------------
+    def download(
+        self,
+        loc: S3Location,
+        dest: Path,
+        files: list[RemoteFile] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[LocalFile]:
+        """Download every file under ``loc`` into ``dest``; verified, hashed, atomically renamed."""
+        files = self.list(loc) if files is None else files
+        dest.mkdir(parents=True, exist_ok=True)
+        need = sum(f.size for f in files)
+        free = shutil.disk_usage(dest).free
+        if need > free:
+            raise StorageUnavailable(
+                f"not enough disk space in {dest}: need {need} bytes, {free} free",
+                hint="point CKPT_STAGE_CACHE_DIR at a larger volume",
+            )
+        workers = min(self.settings.s3_max_concurrency, max(1, len(files)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-s3") as pool:
+            results = list(pool.map(lambda f: self._download_verified(loc.bucket, f, dest, progress), files))
+        return results
+
+    def _download_verified(
+        self, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None
+    ) -> LocalFile:
+        local = self._retry(lambda: self._download_once(bucket, rf, dest, progress), what=f"s3://{bucket}/{rf.key}")
+        problem = self._integrity_problem(rf, local)
+        if problem:
+            log.warning("%s; downloading it again once", problem)
+            local = self._retry(lambda: self._download_once(bucket, rf, dest, progress), what=f"s3://{bucket}/{rf.key}")
+            problem = self._integrity_problem(rf, local)
+            if problem:
+                raise IntegrityMismatch(
+                    problem + " (also after a fresh re-download)",
+                    hint="the upload was truncated or altered; upload the file again and register a new version",
+                    file=rf.rel,
+                )
+        return local
+
+    @staticmethod
+    def _integrity_problem(rf: RemoteFile, local: LocalFile) -> str:
+        if local.size != rf.size:
+            return f"{rf.rel}: downloaded {local.size} bytes but S3 lists {rf.size}"
+        return ""
+
+    def _download_once(
+        self, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None
+    ) -> LocalFile:
+        target = dest / rf.rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".incomplete")
+        resp = self.client.get_object(Bucket=bucket, Key=rf.key, ChecksumMode="ENABLED")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with tmp.open("wb") as fh:
+                for chunk in resp["Body"].iter_chunks(CHUNK):
+                    digest.update(chunk)
+                    fh.write(chunk)
+                    size += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        sha = digest.hexdigest()
+        # Only a whole-object SHA-256 can be compared: multipart uploads carry COMPOSITE checksums
+        # (a checksum of part checksums), which would never match the file's own digest.
+        remote_sha = resp.get("ChecksumSHA256")
+        full_object = resp.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+        if remote_sha and full_object and "-" not in remote_sha and base64.b64decode(remote_sha).hex() != sha:
+            tmp.unlink(missing_ok=True)
+            raise IntegrityMismatch(
+                f"{rf.rel}: sha256 {sha} differs from the SHA-256 S3 recorded at upload",
+                hint="the object was altered after upload; upload it again", file=rf.rel,
+            )
+        os.replace(tmp, target)
+        return LocalFile(rf.rel, target, size, sha)
+
+    # -- upload (demo, tests, tools) -------------------------------------------------------------
+    def upload_dir(self, src: Path, loc: S3Location) -> list[str]:
+        keys = []
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            key = str(PurePosixPath(loc.prefix, path.relative_to(src).as_posix()))
+            self._retry(lambda p=path, k=key: self.client.upload_file(str(p), loc.bucket, k), what=f"upload {key}")
+            keys.append(key)
+        return keys
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            yield p
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def version_digest(files: list[tuple[str, str]]) -> str:
+    """The ``ckpt_stage.sha256`` tag: sha256 of ``<path>\\t<sha256>\\n`` lines sorted by path."""
+    text = "".join(f"{p}\t{h}\n" for p, h in sorted(files))
+    return hashlib.sha256(text.encode()).hexdigest()
