@@ -320,5 +320,19 @@ def demo(workdir: Path, keep_running: bool) -> None:
     sys.exit(run_demo(workdir.resolve(), keep_running=keep_running))
 
 
+def _add_optional_commands() -> None:
+    """Commands that live beside their feature (``webhook`` with the receiver, ``show`` with the dashboard)."""
+    import importlib
+
+    for mod, attr in (("ckpt_stage.cli_webhook", "webhook"), ("ckpt_stage.cli_show", "show")):
+        try:
+            main.add_command(getattr(importlib.import_module(mod), attr))
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+_add_optional_commands()
+
 if __name__ == "__main__":
     main()
