@@ -120,3 +120,26 @@ def devstack_ref(name, version):
     from ckpt_stage.domain import VersionRef
 
     return VersionRef(name, str(version))
+
+
+def test_a_model_logged_and_registered_the_usual_way(stack, stage_env):
+    """``log_model(registered_model_name=...)``: the version's source is ``models:/m-…`` and its files
+    resolve to the logged model's S3 location through get_model_version_download_uri."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    name = _name("logged")
+    mlflow.set_tracking_uri(stack.mlflow.url)
+    mlflow.set_experiment("ckpt-stage-test-logging")
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(torch.nn.Sequential(torch.nn.Linear(3, 2)), name="model",
+                                        input_example=np.zeros((1, 3), dtype=np.float32),
+                                        registered_model_name=name)
+    mv = MlflowClient().get_model_version(name, "1")
+    assert mv.source.startswith("models:/")
+    out = validate_version(devstack_ref(name, "1"), settings=Settings.from_env())
+    assert out.report.verdict is Verdict.PASS, out.report.to_dict()["reasons"]
+    paths = {f.path for f in out.report.files}
+    assert {"MLmodel", "data/model.pt2"} <= paths, paths
+    assert info.model_id
