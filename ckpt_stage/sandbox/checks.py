@@ -370,10 +370,6 @@ def shape_ok(expected: Sequence[int], got: Sequence[int]) -> bool:
     return len(expected) == len(got) and all(e == -1 or e == g for e, g in zip(expected, got, strict=True))
 
 
-def spec_str(spec: TensorSpec) -> str:
-    return f"{spec.dtype} {shape_str(spec.shape)}".replace("-1", "-1")
-
-
 def check_output(specs: Sequence[TensorSpec], output: Any) -> str | None:
     """What breaks the output signature, or None. Tensors, tuples/lists of tensors, dicts by name."""
     if isinstance(output, torch.Tensor):

@@ -230,9 +230,12 @@ def forced_weights_only() -> Iterator[list[str]]:
             if weights_only is False:
                 # deserialize_torch_artifact's fallback: refuse instead of retrying unsafely.
                 msg = " ".join(str(exc).split())
-                refusals.append(msg)
                 full = unsafe_global_in(msg)
-                raise RefusedUnsafeLoad(msg, [full] if full else []) from None
+                what = f"imports {full}" if full else f"is refused by weights_only ({msg[:200]})"
+                text = (f"holds a pickled payload that {what}; torch would retry it with weights_only=False "
+                        "(arbitrary code), the stage refuses")
+                refusals.append(text)
+                raise RefusedUnsafeLoad(text, [full] if full else []) from None
             raise
 
     saved_env = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
