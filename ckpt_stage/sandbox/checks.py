@@ -27,6 +27,11 @@ _BENIGN_MISSING = ("num_batches_tracked",)
 """BatchNorm buffers absent from checkpoints saved before torch 0.4.1; torch tolerates them."""
 
 
+def count(n: int, word: str, plural: str | None = None) -> str:
+    """``count(1, "tensor")`` → "1 tensor", ``count(3, "tensor")`` → "3 tensors"."""
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
 def listing(names: Sequence[str], limit: int = SHOW) -> str:
     shown = ", ".join(names[:limit])
     return shown + (", …" if len(names) > limit else "")
@@ -180,7 +185,7 @@ def compare_state(ckpt: Mapping[str, Meta], model: Mapping[str, Meta], *, file: 
     if fix is None and (missing or unexpected):
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing key{'s' if len(missing) != 1 else ''} ({listing(missing)})")
+            parts.append(f"{count(len(missing), 'missing key')} ({listing(missing)})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected ({listing(unexpected)})")
         findings.append(Finding(
@@ -198,7 +203,8 @@ def compare_state(ckpt: Mapping[str, Meta], model: Mapping[str, Meta], *, file: 
         more = f"; and {len(shapes) - SHOW} more" if len(shapes) > SHOW else ""
         findings.append(Finding(
             ReasonCode.SHAPE_MISMATCH,
-            f"{len(shapes)} tensor{'s' if len(shapes) != 1 else ''} differ in shape from {arch}: {first}{more}",
+            f"{count(len(shapes), 'tensor')} {'differs' if len(shapes) == 1 else 'differ'} in shape from {arch}: "
+            f"{first}{more}",
             "the architecture's constructor arguments differ from training: fix ckpt_stage.arch_kwargs "
             "(e.g. num_classes, hidden sizes) or re-export the weights",
             file,
@@ -237,10 +243,10 @@ def compare_dtypes(ckpt: Mapping[str, torch.dtype], model: Mapping[str, torch.dt
         first = "; ".join(f"{k}: checkpoint {dtype_name(c)} vs model {dtype_name(m)}" for k, c, m in items[:SHOW])
         more = f"; and {len(items) - SHOW} more" if len(items) > SHOW else ""
         if sev is Severity.ERROR:
-            msg = f"{len(items)} tensor{'s' if len(items) != 1 else ''} have a dtype the architecture cannot take: "
+            msg = f"{count(len(items), 'tensor')} with a dtype the architecture cannot take: "
             hint = "save the floating-point weights (not quantized/integer copies) or declare the matching architecture"
         else:
-            msg = f"{len(items)} tensor{'s' if len(items) != 1 else ''} use another float precision than the model: "
+            msg = f"{count(len(items), 'tensor')} in another float precision than the model: "
             hint = "fine if intended (mixed precision); the model will run in the checkpoint's precision"
         out.append(Finding(ReasonCode.DTYPE_MISMATCH, msg + first + more, hint, file, sev,
                            detail={"dtypes": [{"key": k, "checkpoint": dtype_name(c), "model": dtype_name(m)}
@@ -257,8 +263,14 @@ def nonfinite(state: Mapping[str, Any], *, file: str | None) -> Finding | None:
         if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
             continue
         with torch.no_grad():
-            if bool(torch.isfinite(t).all()):
-                continue
+            try:
+                if bool(torch.isfinite(t).all()):
+                    continue
+            except (RuntimeError, NotImplementedError):
+                # float8 and other exotic dtypes lack isfinite: check a float32 copy of this one tensor.
+                t = t.to(torch.float32)
+                if bool(torch.isfinite(t).all()):
+                    continue
             bad.append({"key": name, "nan": int(torch.isnan(t).sum()), "inf": int(torch.isinf(t).sum()),
                         "numel": int(t.numel())})
     if not bad:
@@ -271,7 +283,7 @@ def nonfinite(state: Mapping[str, Any], *, file: str | None) -> Finding | None:
     shown = ", ".join(one(b) for b in bad[:SHOW]) + (", …" if len(bad) > SHOW else "")
     return Finding(
         ReasonCode.NONFINITE_WEIGHTS,
-        f"{len(bad)} tensor{'s' if len(bad) != 1 else ''} hold non-finite values: {shown}",
+        f"{count(len(bad), 'tensor')} with non-finite values: {shown}",
         "the training run diverged or the weights were damaged: export them from an earlier healthy checkpoint",
         file,
         detail={"tensors": bad},

@@ -18,8 +18,8 @@ isolated, and this module makes sure the worker itself never weakens the safe lo
 * A failed safe load is never retried unsafely; it may be retried safely with one more allowlisted
   global, which is what ``load_allowlisted`` does for whole pickled modules.
 
-The allowlist below is the DESIGN.md default. TODO: switch to ``ckpt_stage.scan.allowlist`` once
-the scanner's module lands, so the scan and the load share one list.
+Which globals a load may add is decided by ``ckpt_stage.scan.allowlist`` (DESIGN.md's default list,
+shared with the static scan); this module imports an allowed name and re-checks the object.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
 import torch  # noqa: E402  (after the environment is cleaned)
 
 _GLOBAL_RE = re.compile(r"GLOBAL (\S+)")
+_BUILD_RE = re.compile(r"but got <class '([\w.]+)'>")
+# numpy scalars pickle as numpy.dtype(...) whose *instance* is a numpy.dtypes.<X>DType: never a
+# GLOBAL, but torch's BUILD wants its class allowlisted too (torch.load docs, "numpy" example).
+_NUMPY_DTYPE_CLASS = re.compile(r"^numpy\.dtypes\.[A-Za-z0-9]+DType$")
 
 
 class RefusedUnsafeLoad(pickle.UnpicklingError):
@@ -70,40 +74,18 @@ def unsafe_global_in(message: str) -> str | None:
     return m.group(1).rstrip(".") if m else None
 
 
+def unbuildable_class_in(message: str) -> str | None:
+    """The class torch's weights_only unpickler would not BUILD ("Can only build … but got <class X>")."""
+    m = _BUILD_RE.search(message)
+    return m.group(1) if m else None
+
+
 # --------------------------------------------------------------------------------------------------
-# allowlist (DESIGN.md "Default pickle allowlist"); torch's own defaults cover tensors, storages,
-# dtypes, Size, device, OrderedDict, set, complex, bytearray, Counter.
-
-_DATA_GLOBALS = frozenset(
-    {
-        "builtins.frozenset",
-        "builtins.slice",
-        "builtins.range",
-        "builtins.complex",
-        "builtins.bytearray",
-        "builtins.set",
-        "collections.OrderedDict",
-        "numpy.core.multiarray._reconstruct",
-        "numpy._core.multiarray._reconstruct",
-        "numpy.core.multiarray.scalar",
-        "numpy._core.multiarray.scalar",
-        "numpy.ndarray",
-        "numpy.dtype",
-    }
-)
-_NUMPY_DTYPE_CLASS = re.compile(r"^numpy\.dtypes\.[A-Za-z0-9]+DType$")
-_MODULE_GLOBALS = frozenset({"builtins.object", "copyreg._reconstructor"})
-_TORCH_MODULES_PREFIX = "torch.nn.modules."
+# allowlist: names are decided by ckpt_stage.scan.allowlist (the scanner's list, so the static scan
+# and the load agree); only then is anything imported, and the object is re-checked here.
 
 
-def _under(module: str, prefixes: Sequence[str]) -> bool:
-    return any(module == p or module.startswith(p + ".") for p in prefixes if p)
-
-
-def _resolve(full: str) -> Any:
-    module, _, name = full.rpartition(".")
-    if not module or not name.isidentifier():
-        raise ImportError(f"{full!r} is not module.name")
+def _resolve(module: str, name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
@@ -116,42 +98,53 @@ class PicklePolicy:
     pickle_modules: tuple[str, ...] = ()
     """Operator-allowed module prefixes for classes (``CKPT_STAGE_PICKLE_MODULES``)."""
 
-    def check(self, full: str) -> tuple[Any | None, str]:
-        """``(object, "")`` when ``full`` may be unpickled, else ``(None, why)``. Imports only
-        modules the policy already allows by name (the string is checked first)."""
-        module, _, name = full.rpartition(".")
-        if full in _DATA_GLOBALS or _NUMPY_DTYPE_CLASS.match(full):
-            try:
-                return _resolve(full), ""
-            except (ImportError, AttributeError):
-                return None, "not available in this runtime"
-        if not self.pickled_modules:
-            return None, "not a tensor or container type"
-        if full in _MODULE_GLOBALS:
-            return _resolve(full), ""
-        if module.startswith(_TORCH_MODULES_PREFIX) or _under(module, self.pickle_modules):
-            try:
-                obj = _resolve(full)
-            except (ImportError, AttributeError) as exc:
-                return None, f"cannot be resolved: {exc}"
-            if not isinstance(obj, type):
-                return None, "not a class"
-            # A module may re-export something from elsewhere (``from subprocess import Popen``):
-            # only classes really defined under the allowed prefix count.
-            if getattr(obj, "__module__", "") != module or obj.__qualname__ != name:
-                return None, f"defined in {obj.__module__}, not {module}"
-            if module.startswith(_TORCH_MODULES_PREFIX) and not issubclass(obj, torch.nn.Module):
-                return None, "not an nn.Module subclass"
+    def check(self, full: str, *, factory: bool = False) -> tuple[Any | None, str]:
+        """``(object, "")`` when ``full`` may be unpickled, else ``(None, why)``. The name is decided
+        first; only then is its module imported and the object checked for what the name claims."""
+        from ckpt_stage.config import Settings
+        from ckpt_stage.scan import allowlist
+
+        if _NUMPY_DTYPE_CLASS.match(full):
+            import numpy as np
+
+            obj = getattr(np.dtypes, full.rsplit(".", 1)[1], None)
+            ok = isinstance(obj, type) and issubclass(obj, np.dtype)
+            return (obj, "") if ok else (None, "not a numpy dtype class")
+
+        module, name = allowlist.split_global(full)
+        settings = Settings(allow_pickled_models=self.pickled_modules, pickle_modules=self.pickle_modules)
+        decision = allowlist.check(module, name, settings, factory=factory)
+        if not decision.allowed:
+            why = {"denied": "denied", "pickled-models-disabled": "pickled models are disabled",
+                   "not-allowlisted": "outside the allowlist", "malformed": "malformed name"}.get(
+                       decision.why, decision.why)
+            if module == "__main__" or module.startswith("cloudpickle"):
+                why = "code defined in __main__ or pickled by value by cloudpickle"
+            return None, why
+        module, name = allowlist.normalize(module, name)
+        try:
+            obj = _resolve(module, name)
+        except (ImportError, AttributeError) as exc:
+            return None, f"cannot be resolved: {exc}"
+        if decision.why == "default" or full in allowlist.PICKLED_MODEL_GLOBALS:
             return obj, ""
-        if module == "__main__" or module.startswith("cloudpickle"):
-            return None, "code defined in __main__ or by cloudpickle"
-        return None, "outside the allowlist"
+        if not isinstance(obj, type):
+            return None, "not a class"
+        # A module may re-export something from elsewhere (``from subprocess import Popen``): only
+        # classes really defined under the allowed name count.
+        if getattr(obj, "__module__", "") != module or obj.__qualname__ != name:
+            return None, f"is really {obj.__module__}.{obj.__qualname__}"
+        if module.startswith("torch.nn.modules.") and not issubclass(obj, torch.nn.Module):
+            return None, "not an nn.Module subclass"
+        return obj, ""
 
 
-def _allow(policy: PicklePolicy, names: Sequence[str]) -> list[tuple[Any, str]]:
+def _allow(policy: PicklePolicy, names: Sequence[str], context: Sequence[str] = ()) -> list[tuple[Any, str]]:
     allowed, refused = [], []
+    every = set(names) | set(context)
     for full in sorted(set(names)):
-        obj, why = policy.check(full)
+        # A defaultdict's factory (builtins.list…) is allowed only next to the defaultdict.
+        obj, why = policy.check(full, factory="collections.defaultdict" in every)
         if obj is None:
             refused.append((full, why))
         else:
@@ -167,6 +160,19 @@ def _torch_load(path: str, *, mmap: bool, extra: Sequence[tuple[Any, str]]) -> A
         return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
 
 
+def _globals_by_scanner(path: str) -> list[str]:
+    import zipfile
+
+    from ckpt_stage.scan.pickles import pickle_globals
+
+    with zipfile.ZipFile(path) as z:
+        member = next((n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+        if member is None:
+            raise pickle.UnpicklingError("no data.pkl in the checkpoint")
+        buf = z.read(member)
+    return [f"{m}.{n}" for m, n in pickle_globals(buf)]
+
+
 def load_allowlisted(path: str, *, zip_format: bool, policy: PicklePolicy, max_rounds: int = 64) -> Any:
     """``torch.load(weights_only=True)`` plus the policy's extra globals.
 
@@ -177,18 +183,23 @@ def load_allowlisted(path: str, *, zip_format: bool, policy: PicklePolicy, max_r
     extra: list[tuple[Any, str]] = []
     if zip_format:
         strip_force_env()
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except pickle.UnpicklingError:
+            # torch's static lister knows fewer opcodes than pickle (cloudpickle's POP, for one):
+            # ask the scanner's disassembler instead, so the refusal still names the globals.
+            names = _globals_by_scanner(path)
         extra = _allow(policy, names)
     seen = {full for _, full in extra}
     for _ in range(max_rounds):
         try:
             return _torch_load(path, mmap=zip_format, extra=extra)
         except pickle.UnpicklingError as exc:
-            full = unsafe_global_in(str(exc))
+            full = unsafe_global_in(str(exc)) or unbuildable_class_in(str(exc))
             if not full or full in seen:
                 raise
             seen.add(full)
-            extra += _allow(policy, [full])
+            extra += _allow(policy, [full], context=seen)
     raise pickle.UnpicklingError(f"more than {max_rounds} distinct globals")
 
 

@@ -1,0 +1,750 @@
+"""Child side of the worker: load one version's files safely and check them.
+
+``load_and_check(job) -> LoadResult`` runs inside the isolated, throw-away worker (``child.py``)
+and never raises: every problem is a Finding with a contract reason code, a message naming the
+concrete problem, a hint for the model's owner and the file it concerns.
+
+What is loaded, and how (see also ``safe_torch`` for the rules every unpickle follows):
+
+* an MLflow model directory (``MLmodel``): ``data/model.pt2`` (torch.export, MLflow 3.17's default)
+  through ``pt2.load``; ``data/model.pth`` (a whole module pickled by cloudpickle) only when pickled
+  models are allowed, with ``weights_only=True`` plus allowlisted classes; then the logged input
+  example is run through the model and its output checked against the signature;
+* bare checkpoints: torch zip (mmap) or legacy files, safetensors, several shards merged; the
+  weights (found inside training checkpoints when needed) are matched against ``job.arch``, built
+  on the meta device and filled with ``load_state_dict(assign=True)``, so no second copy is made.
+
+Importing this module runs no torch op: the fork server imports it before forking workers, and a
+process that has run ops must not fork (TRAPS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import posixpath
+import time
+import traceback
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# Before torch is imported anywhere in this process (safe_torch pops it too, at every load).
+os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+
+import torch  # noqa: E402
+
+from ckpt_stage.domain import FileFormat, Finding, ReasonCode, Severity  # noqa: E402
+from ckpt_stage.policy import NO_INPUT_EXAMPLE  # noqa: E402
+from ckpt_stage.sandbox import checks, mlflow_model, pt2, safe_torch  # noqa: E402
+from ckpt_stage.sandbox.job import LoadJob, LoadResult  # noqa: E402
+
+_CHECKPOINT_FORMATS = {FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY, FileFormat.SAFETENSORS,
+                       FileFormat.TORCH_EXPORT, FileFormat.TORCHSCRIPT, FileFormat.PICKLE}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_PICKLED_MODELS_HINT = ("re-log the model with serialization_format='pt2' (MLflow's default) or log a "
+                        "state_dict; an operator may allow pickled modules with "
+                        "CKPT_STAGE_ALLOW_PICKLED_MODELS=true")
+_CODE_PICKLE_HINT = ("classes defined in __main__ or a notebook are pickled as code: log with "
+                     "serialization_format='pt2' (MLflow's default) or a state_dict, or define the model class "
+                     "in a package installed in the serving runtime that the operator lists in "
+                     "CKPT_STAGE_PICKLE_MODULES")
+
+
+def preload() -> None:
+    """Import (never run) what loading needs, for a fork server to call before it forks: torch's pt2
+    package pulls in torch._inductor (~1.5 s here), paid once instead of per job. Imports only; a
+    fork after this still gets a fresh intra-op thread pool (checked with torch 2.13)."""
+    import numpy  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import yaml  # noqa: F401
+
+    import torch.export.pt2_archive._package  # noqa: F401
+    from ckpt_stage.scan import allowlist, pickles  # noqa: F401
+
+
+def runtime_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["mlflow"] = version("mlflow")  # no `import mlflow`: slow, and nothing else needs it here
+    except Exception:
+        pass
+    return out
+
+
+def _brief(exc: BaseException, limit: int = 400) -> str:
+    """One readable line of an exception: torch's weights_only essays shrink to the refused global."""
+    text = " ".join(str(exc).split())
+    full = safe_torch.unsafe_global_in(text)
+    built = safe_torch.unbuildable_class_in(text)
+    if full and ("Weights only load failed" in text or "GLOBAL" in text):
+        blocked = " (blocked module)" if "is blocked" in text else ""
+        text = f"weights_only refuses GLOBAL {full}{blocked}"
+    elif built and "Weights only load failed" in text:
+        text = f"weights_only cannot build {built}"
+    elif "Weights only load failed" in text:
+        text = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _Run:
+    def __init__(self, job: LoadJob):
+        self.job = job
+        self.findings: list[Finding] = []
+        self.runtime: dict[str, str] = {}
+        self.recorded: dict[str, str] = {}
+        self.timings: dict[str, float] = {"load": 0.0, "inference": 0.0}
+        self.info: dict[str, Any] = {}
+
+    def add(self, code: ReasonCode | None, message: str, hint: str = "", file: str | None = None,
+            severity: Severity = Severity.ERROR, **detail: Any) -> None:
+        self.findings.append(Finding(code, message, hint, file, severity, detail))
+
+    def extend(self, findings: list[Finding] | Finding | None) -> None:
+        if isinstance(findings, Finding):
+            self.findings.append(findings)
+        elif findings:
+            self.findings.extend(findings)
+
+    @property
+    def blocked(self) -> bool:
+        return any(f.blocking for f in self.findings)
+
+    @contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.job.root, rel)
+
+    def result(self) -> LoadResult:
+        return LoadResult(findings=tuple(self.findings), runtime=dict(self.runtime),
+                          recorded=dict(self.recorded), timings_s=dict(self.timings), info=dict(self.info))
+
+
+def load_and_check(job: LoadJob) -> LoadResult:
+    run = _Run(job)
+    try:
+        safe_torch.strip_force_env()
+        run.runtime = runtime_versions()
+        _check(run)
+    except MemoryError:
+        run.add(ReasonCode.RESOURCE_LIMIT, "the model needs more memory than this worker has",
+                "reduce the model size or ask the operator for a larger worker class")
+    except (Exception, SystemExit) as exc:  # SystemExit: an allowed architecture's code may call exit()
+        tb = traceback.format_exc()
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        run.add(ReasonCode.INTERNAL_ERROR, f"the loader failed unexpectedly: {last[:400]}",
+                "this is a bug in ckpt-stage, not in the model: report it with this report",
+                traceback=tb[-4000:])
+    return run.result()
+
+
+# --------------------------------------------------------------------------------------------------
+# formats
+
+
+def sniff(path: str) -> FileFormat:
+    """Content-based format for files the scan left ``unknown`` (the scan's answer wins otherwise)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return FileFormat.UNKNOWN
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return FileFormat.TORCH_ZIP  # let torch say what is wrong with it
+        if any(n.endswith("archive_format") for n in names):
+            return FileFormat.TORCH_EXPORT
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            return FileFormat.TORCHSCRIPT
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return FileFormat.TORCH_ZIP
+        return FileFormat.UNKNOWN
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n <= 100 * 2**20 and head[8:9] == b"{":
+            return FileFormat.SAFETENSORS
+    if head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == _LEGACY_MAGIC:
+        return FileFormat.TORCH_LEGACY
+    if head[:1] == b"\x80":
+        return FileFormat.PICKLE
+    return FileFormat.UNKNOWN
+
+
+def _formats(run: _Run) -> list[tuple[str, FileFormat]]:
+    out = []
+    for rel, fmt in run.job.files:
+        try:
+            f = FileFormat(fmt)
+        except ValueError:
+            f = FileFormat.UNKNOWN
+        if f is FileFormat.UNKNOWN and os.path.isfile(run.path(rel)):
+            f = sniff(run.path(rel))
+        out.append((rel, f))
+    return out
+
+
+def _check(run: _Run) -> None:
+    files = _formats(run)
+    mlmodels = sorted((rel for rel, _ in files if posixpath.basename(rel) == "MLmodel"),
+                      key=lambda r: (r.count("/"), r))
+    if mlmodels:
+        if len(mlmodels) > 1:
+            run.add(None, f"{len(mlmodels)} MLmodel files; validating {mlmodels[0]}", file=mlmodels[0],
+                    severity=Severity.INFO, others=mlmodels[1:])
+        _check_mlflow(run, posixpath.dirname(mlmodels[0]))
+        return
+    ckpts = [(rel, f) for rel, f in files if f in _CHECKPOINT_FORMATS]
+    if not ckpts:
+        shown = checks.listing(sorted(rel for rel, _ in files))
+        run.add(ReasonCode.NOT_A_CHECKPOINT,
+                f"none of the {len(files)} files is a model checkpoint or an MLflow model ({shown or 'no files'})",
+                "register the model's weights (.pt/.pth/.safetensors) or an MLflow model directory")
+        return
+    _check_bare(run, ckpts, files)
+
+
+# --------------------------------------------------------------------------------------------------
+# errors while loading
+
+
+def _load_error(run: _Run, rel: str, exc: BaseException) -> None:
+    if isinstance(exc, safe_torch.RefusedGlobals):
+        whys = {why for _, why in exc.refused}
+        if any(w.startswith("code") for w in whys):
+            hint = _CODE_PICKLE_HINT
+        elif whys == {"pickled models are disabled"}:
+            hint = _PICKLED_MODELS_HINT
+        else:
+            hint = ("save only tensors and plain containers (a state_dict), or ask the operator to allow the "
+                    "package in CKPT_STAGE_PICKLE_MODULES")
+        run.add(ReasonCode.UNSAFE_PICKLE, f"{rel} {exc}", hint, rel, globals=[n for n, _ in exc.refused])
+        return
+    if isinstance(exc, safe_torch.RefusedUnsafeLoad):
+        run.add(ReasonCode.UNSAFE_PICKLE, f"{rel} {exc}", "save only tensors in the archive", rel,
+                globals=list(exc.globals))
+        return
+    text = " ".join(str(exc).split())
+    if type(exc).__name__ == "SpecViolationError" and "not an allowed operator" in text:
+        # torch.export's verifier: the graph calls something that is not an ATen/higher-order op.
+        op = text.split("Operator ", 1)[-1].split(" is not", 1)[0]
+        run.add(ReasonCode.UNSAFE_PICKLE, f"{rel}: the exported graph calls {op}, which is not an allowed operator",
+                "export the model with torch.export.export; do not edit the archive's graph", rel)
+        return
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported operand" in text:
+        run.add(ReasonCode.UNSAFE_PICKLE,
+                f"{rel} uses pickle opcodes that torch's weights_only unpickler refuses ({_brief(exc)})",
+                "save only tensors and plain containers (a state_dict)", rel)
+        return
+    if isinstance(exc, pickle.UnpicklingError) and ("Weights only load failed" in text or "GLOBAL" in text):
+        run.add(ReasonCode.UNSAFE_PICKLE, f"{rel} cannot be loaded with weights_only=True: {_brief(exc)}",
+                "save only tensors and plain containers (a state_dict)", rel)
+        return
+    if isinstance(exc, MemoryError):
+        raise exc
+    low = text.lower()
+    if ("protocol version" in low or "file format version" in low or "unsupported version" in low
+            or ("version" in low and "max supported" in low)):
+        run.add(ReasonCode.LIBRARY_VERSION_MISMATCH,
+                f"{rel} was written in a format version torch {checks.public(torch.__version__)} cannot read: "
+                f"{_brief(exc)}", "re-save the checkpoint with the serving runtime's torch", rel)
+        return
+    run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel} cannot be loaded: {_brief(exc)}",
+            "the file is truncated or damaged: upload it again from the original", rel)
+
+
+def _zip_version_problem(run: _Run, rel: str) -> bool:
+    """A torch zip whose ``version`` record is newer than this torch reads (checked before loading)."""
+    try:
+        with zipfile.ZipFile(run.path(rel)) as z:
+            for name in z.namelist():
+                if name.endswith(("/version", "/.data/version")) and name.count("/") <= 2:
+                    raw = z.read(name).strip()
+                    if raw.isdigit() and int(raw) > pt2.MAX_FILE_FORMAT_VERSION:
+                        run.add(ReasonCode.LIBRARY_VERSION_MISMATCH,
+                                f"{rel} uses torch file format version {int(raw)}; torch "
+                                f"{checks.public(torch.__version__)} reads up to {pt2.MAX_FILE_FORMAT_VERSION}",
+                                "re-save the checkpoint with the serving runtime's torch", rel,
+                                recorded=int(raw), supported=pt2.MAX_FILE_FORMAT_VERSION)
+                        return True
+    except (zipfile.BadZipFile, OSError, KeyError):
+        pass  # torch.load reports corruption in its own words
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# bare checkpoints
+
+
+def _read_indexes(run: _Run, files: list[tuple[str, FileFormat]]) -> None:
+    """``*.index.json`` of sharded checkpoints: every shard its weight_map names must be present."""
+    present = {rel for rel, _ in files}
+    for rel, _ in files:
+        if not rel.endswith(".index.json"):
+            continue
+        try:
+            with open(run.path(rel), encoding="utf-8") as fh:
+                doc = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        wm = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(wm, dict):
+            continue
+        base = posixpath.dirname(rel)
+        shards = sorted({posixpath.join(base, str(v)) for v in wm.values()})
+        missing = [s for s in shards if s not in present]
+        if missing:
+            run.add(ReasonCode.ARTIFACT_MISSING,
+                    f"{rel} names {checks.count(len(missing), 'shard')} missing from the version: "
+                    f"{checks.listing(missing)}", "upload every shard listed in the index", rel,
+                    missing=missing)
+
+
+def _load_safetensors(run: _Run, rel: str) -> dict[str, torch.Tensor] | None:
+    from safetensors import safe_open
+
+    try:
+        state: dict[str, torch.Tensor] = {}
+        with safe_open(run.path(rel), framework="pt", device="cpu") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                state[key] = fh.get_tensor(key)
+        return state
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _load_error(run, rel, exc)
+        return None
+
+
+def _load_torch(run: _Run, rel: str, fmt: FileFormat) -> Any:
+    if fmt is FileFormat.TORCH_ZIP and _zip_version_problem(run, rel):
+        return None
+    policy = safe_torch.PicklePolicy(pickled_modules=run.job.allow_pickled_models,
+                                     pickle_modules=tuple(run.job.pickle_modules))
+    try:
+        return safe_torch.load_allowlisted(run.path(rel), zip_format=fmt is FileFormat.TORCH_ZIP, policy=policy)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _load_error(run, rel, exc)
+        return None
+
+
+def _merge(run: _Run, found: list[tuple[str, checks.Weights]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Shards of one state_dict merge; a second copy of the same weights (``model.safetensors`` next to
+    ``pytorch_model.bin``) is ignored, the first (safetensors sorts first) is used."""
+    merged: dict[str, torch.Tensor] = {}
+    used: list[str] = []
+    for rel, w in found:
+        assert w.state is not None
+        overlap = merged.keys() & w.state.keys()
+        if overlap and set(w.state) <= set(merged):
+            run.add(None, f"{rel} repeats weights already read from {checks.listing(used)}; ignored",
+                    file=rel, severity=Severity.INFO)
+            continue
+        if overlap:
+            run.add(ReasonCode.ARCHITECTURE_MISMATCH,
+                    f"{rel} and {checks.listing(used)} both define {len(overlap)} keys "
+                    f"({checks.listing(sorted(overlap))}); the shards do not form one state_dict",
+                    "upload the shards of a single checkpoint only", rel)
+        merged.update({k: v for k, v in w.state.items() if k not in merged})
+        used.append(rel)
+    return merged, used
+
+
+def _check_bare(run: _Run, ckpts: list[tuple[str, FileFormat]], files: list[tuple[str, FileFormat]]) -> None:
+    _read_indexes(run, files)
+    order = {FileFormat.SAFETENSORS: 0, FileFormat.TORCH_ZIP: 1, FileFormat.TORCH_LEGACY: 2}
+    found: list[tuple[str, checks.Weights]] = []
+    without: list[tuple[str, checks.Weights]] = []
+    exported: list[tuple[str, Any, torch.nn.Module]] = []
+    with run.timed("load"):
+        for rel, fmt in sorted(ckpts, key=lambda x: (order.get(x[1], 9), x[0])):
+            if fmt is FileFormat.TORCHSCRIPT:
+                run.add(ReasonCode.UNSUPPORTED_FORMAT,
+                        f"{rel} is a TorchScript archive; this stage does not run TorchScript code",
+                        "register a state_dict (with ckpt_stage.arch) or a torch.export / MLflow pt2 model", rel)
+                continue
+            if fmt is FileFormat.PICKLE:
+                run.add(ReasonCode.UNSUPPORTED_FORMAT,
+                        f"{rel} is a plain pickle, not a torch.save checkpoint",
+                        "save the weights with torch.save(model.state_dict()) or safetensors", rel)
+                continue
+            if fmt is FileFormat.TORCH_EXPORT:
+                got = _load_pt2(run, rel)
+                if got is not None:
+                    exported.append((rel, *got))
+                continue
+            if fmt is FileFormat.SAFETENSORS:
+                state = _load_safetensors(run, rel)
+                if state is None:
+                    continue
+                w = checks.Weights(state) if state else checks.Weights(None, problem="holds no tensors")
+            else:
+                obj = _load_torch(run, rel, fmt)
+                if obj is None:
+                    continue
+                w = checks.find_weights(obj)
+            (found if w.state is not None else without).append((rel, w))
+            if w.key is not None:
+                others = f" (also holds: {checks.listing(sorted(w.other_keys), 8)})" if w.other_keys else ""
+                run.add(None, f"{rel} is a training checkpoint; using the model weights under "
+                              f"{w.key!r}{others}", file=rel, severity=Severity.INFO, key=w.key)
+                run.info["weights_key"] = w.key
+            elif w.state is not None and w.other_keys:
+                run.add(None, f"{rel}: ignoring non-tensor entries {checks.listing(sorted(w.other_keys))}",
+                        file=rel, severity=Severity.INFO)
+
+    for rel, ep, module in exported:
+        _finish_module(run, module, dict(ep.state_dict), rel, kind="torch-export")
+        _smoke_exported(run, ep, module, rel)
+    if not found:
+        for rel, w in without:
+            run.add(ReasonCode.PARTIAL_CHECKPOINT, f"{rel} {w.problem}",
+                    "upload the model weights (model_state_dict) together with or instead of the optimizer "
+                    "state", rel, keys=list(w.other_keys))
+        return
+    for rel, w in without:
+        run.add(None, f"{rel} {w.problem}; not needed for validation", file=rel, severity=Severity.INFO)
+    state, used = _merge(run, found)
+    file = used[0] if len(used) == 1 else None
+    modules = [w.module for _, w in found if w.module is not None]
+    if modules:
+        _finish_module(run, modules[0], state, file, kind="pickled-module")
+        _no_example(run, file, "a pickled module file carries no input example")
+        return
+    run.extend(checks.nonfinite(state, file=file))
+    _record_layers(run, state)
+    run.info["model_kind"] = "state_dict"
+    if not run.job.arch:
+        run.add(ReasonCode.PARTIAL_CHECKPOINT,
+                f"{file or checks.listing(used)} holds a bare state_dict ({checks.count(len(state), 'tensor')}) "
+                "and no architecture was declared to load it into", checks.ARCH_TAG_HINT, file)
+        return
+    with run.timed("load"):
+        model = _build_arch(run, state, file)
+    if model is not None:
+        _no_example(run, file, f"bare weights loaded into {run.job.arch} have no input example")
+
+
+def _record_layers(run: _Run, state: dict[str, torch.Tensor]) -> None:
+    layers, count = checks.layers_info(state)
+    run.info["layers"] = layers
+    run.info["param_count"] = count
+
+
+def _build_arch(run: _Run, state: dict[str, torch.Tensor], file: str | None) -> torch.nn.Module | None:
+    job = run.job
+    arch = job.arch or ""
+    try:
+        cls = checks.resolve_arch(arch, job.arch_modules)
+    except checks.ArchError as exc:
+        run.add(ReasonCode.PARTIAL_CHECKPOINT, exc.message, exc.hint, file, arch=arch)
+        return None
+    except Exception as exc:  # importing the module itself failed (SyntaxError, its own imports…)
+        run.add(ReasonCode.PARTIAL_CHECKPOINT, f"architecture {arch!r}: importing it failed: {_brief(exc)}",
+                "fix the package that defines the architecture", file, arch=arch)
+        return None
+    kwargs = dict(job.arch_kwargs or {})
+    try:
+        # Built on the meta device: no memory for parameters; load_state_dict(assign=True) then
+        # adopts the checkpoint's (mmap-backed) tensors instead of copying into fresh ones.
+        with torch.device("meta"):
+            model = cls(**kwargs)
+    except Exception as exc:
+        run.add(ReasonCode.PARTIAL_CHECKPOINT,
+                f"constructing {arch}(**{json.dumps(kwargs)[:200]}) failed: {_brief(exc)}",
+                "fix ckpt_stage.arch_kwargs (a JSON object of constructor arguments)", file, arch=arch)
+        return None
+    run.info["arch"] = arch
+    found = checks.compare_state(checks.metas(state), checks.metas(model.state_dict()), file=file, arch=arch)
+    run.extend(found)
+    if any(f.blocking for f in found):
+        return None
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except Exception as exc:
+        run.add(ReasonCode.ARCHITECTURE_MISMATCH, f"{arch}.load_state_dict refused the weights: {_brief(exc)}",
+                "check that ckpt_stage.arch names the architecture these weights were trained with", file)
+        return None
+    model.eval()
+    return model
+
+
+def _finish_module(run: _Run, module: torch.nn.Module, state: dict[str, Any], file: str | None,
+                   *, kind: str) -> None:
+    run.info["model_kind"] = kind
+    run.extend(checks.nonfinite(state, file=file))
+    _record_layers(run, state)
+
+
+def _no_example(run: _Run, file: str | None, why: str) -> None:
+    run.add(None, f"no forward pass was run: {why}",
+            "log the model with MLflow and input_example=... so the stage can run a forward pass",
+            file, Severity.WARNING, kind=NO_INPUT_EXAMPLE)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.export archives
+
+
+def _load_pt2(run: _Run, rel: str, facts_out: list[pt2.Pt2Facts] | None = None) -> tuple[Any, torch.nn.Module] | None:
+    path = run.path(rel)
+    try:
+        facts = pt2.inspect(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel} is not a readable torch.export archive: {_brief(exc)}",
+                "re-export the model with torch.export.save / mlflow.pytorch.log_model", rel)
+        return None
+    if facts_out is not None:
+        facts_out.append(facts)
+    run.info.setdefault("pt2", {}).update({"archive_version": facts.archive_version,
+                                            "file_format_version": facts.file_format_version,
+                                            "schema": {k: list(v) for k, v in facts.schemas.items()}})
+    runtime_torch = checks.public(torch.__version__)
+    ok = True
+    if facts.archive_version is not None and facts.archive_version != pt2.ARCHIVE_VERSION:
+        run.add(ReasonCode.LIBRARY_VERSION_MISMATCH,
+                f"{rel} has pt2 archive version {facts.archive_version}; torch {runtime_torch} reads "
+                f"archive version {pt2.ARCHIVE_VERSION} only", "re-export the model with the serving runtime's torch",
+                rel, recorded=facts.archive_version)
+        ok = False
+    if facts.file_format_version is not None and facts.file_format_version > pt2.MAX_FILE_FORMAT_VERSION:
+        run.add(ReasonCode.LIBRARY_VERSION_MISMATCH,
+                f"{rel} uses torch file format version {facts.file_format_version}; torch {runtime_torch} "
+                f"reads up to {pt2.MAX_FILE_FORMAT_VERSION}", "re-export the model with the serving runtime's torch", rel)
+        ok = False
+    ours = pt2.schema_version()
+    for name, (major, minor) in facts.schemas.items():
+        if (major, minor) == (0, 0) or ours == (0, 0):
+            continue
+        if major != ours[0]:
+            run.add(ReasonCode.LIBRARY_VERSION_MISMATCH,
+                    f"{rel}: {name} uses torch.export schema {major}.{minor}; torch {runtime_torch} reads "
+                    f"schema {ours[0]}.x (it has {ours[0]}.{ours[1]})",
+                    "re-export the model with the serving runtime's torch", rel, schema=[major, minor])
+            ok = False
+        elif minor > ours[1]:
+            run.add(ReasonCode.LIBRARY_VERSION_MISMATCH,
+                    f"{rel}: {name} uses torch.export schema {major}.{minor}, newer than torch "
+                    f"{runtime_torch}'s {ours[0]}.{ours[1]}; newer fields may be ignored",
+                    "re-export the model with the serving runtime's torch", rel, Severity.WARNING)
+    if facts.compiled:
+        run.add(ReasonCode.UNSUPPORTED_FORMAT,
+                f"{rel} is an AOTInductor package with compiled code ({checks.listing(facts.compiled)}); the "
+                "stage does not load native libraries from a model", "register the torch.export program "
+                "(torch.export.save / mlflow.pytorch.log_model), not the AOTInductor-compiled package", rel,
+                records=facts.compiled)
+        ok = False
+    if facts.code:
+        run.add(ReasonCode.UNSAFE_PICKLE,
+                f"{rel} carries code, not just weights: {checks.listing(facts.code)}",
+                "export a model whose constants are tensors only (no opaque or TorchBind objects)", rel,
+                records=facts.code)
+        ok = False
+    if not ok:
+        return None
+    try:
+        ep, module, refusals = pt2.load(path)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _load_error(run, rel, exc)
+        return None
+    if refusals:  # torch swallowed our refusal and went on: still unsafe content
+        run.add(ReasonCode.UNSAFE_PICKLE, f"{rel}: {refusals[0][:300]}", "save only tensors in the archive", rel)
+        return None
+    return ep, module
+
+
+def _smoke_exported(run: _Run, ep: Any, module: torch.nn.Module, rel: str) -> None:
+    """A bare .pt2 has no MLflow example, but the exporter stored the example it traced with."""
+    example = getattr(ep, "example_inputs", None)
+    if not (isinstance(example, tuple) and len(example) == 2):
+        _no_example(run, rel, "the archive stores no example inputs")
+        return
+    args, kwargs = example
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            module(*args, **kwargs)
+    except Exception as exc:
+        run.add(ReasonCode.SMOKE_INFERENCE_FAILED,
+                f"forward pass on the archive's own example inputs raised {_brief(exc)}",
+                "the exported program does not run on this runtime; re-export it", rel)
+    finally:
+        run.timings["inference"] += time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------------
+# MLflow models
+
+
+def _check_mlflow(run: _Run, rel_dir: str) -> None:
+    root = run.path(rel_dir) if rel_dir else run.job.root
+    mlmodel_rel = posixpath.join(rel_dir, "MLmodel") if rel_dir else "MLmodel"
+    try:
+        model = mlflow_model.read(root, rel_dir)
+    except mlflow_model.ModelDirError as exc:
+        run.add(ReasonCode.CORRUPT_ARCHIVE, exc.message, exc.hint, mlmodel_rel)
+        return
+    run.recorded.update(model.recorded)
+    _compare_versions(run, model, mlmodel_rel)
+    if model.pytorch is None:
+        flavors = model.mlmodel.get("flavors")
+        names = ", ".join(flavors) if isinstance(flavors, dict) else "none"
+        run.add(ReasonCode.UNSUPPORTED_FORMAT, f"the MLflow model has no pytorch flavor (flavors: {names})",
+                "log the model with mlflow.pytorch.log_model", mlmodel_rel)
+        return
+    data_dir = str(model.pytorch.get("model_data") or "data")
+    try:
+        pt2_path = model.inside(posixpath.join(data_dir, "model.pt2"))
+        pth_path = model.inside(posixpath.join(data_dir, "model.pth"))
+    except mlflow_model.ModelDirError as exc:
+        run.add(ReasonCode.CORRUPT_ARCHIVE, exc.message, exc.hint, mlmodel_rel)
+        return
+    module: torch.nn.Module | None = None
+    state: dict[str, Any] = {}
+    if os.path.isfile(pt2_path):
+        rel = model.relpath(data_dir, "model.pt2")
+        facts: list[pt2.Pt2Facts] = []
+        with run.timed("load"):
+            got = _load_pt2(run, rel, facts)
+        if facts and facts[0].torch_version:
+            _compare_archive_torch(run, model, facts[0].torch_version, rel)
+        if got is None:
+            return
+        ep, module = got
+        state = dict(ep.state_dict)
+        kind = "mlflow-pt2"
+    elif os.path.isfile(pth_path):
+        rel = model.relpath(data_dir, "model.pth")
+        with run.timed("load"):
+            module = _load_pickled_module(run, rel, pth_path)
+        if module is None:
+            return
+        state = dict(module.state_dict())
+        kind = "mlflow-pickle"
+    else:
+        run.add(ReasonCode.ARTIFACT_MISSING,
+                f"the MLflow model's pytorch flavor names {data_dir}/ but it holds neither model.pt2 nor "
+                "model.pth", "upload the whole model directory that mlflow.pytorch.log_model wrote",
+                mlmodel_rel)
+        return
+    _finish_module(run, module, state, rel, kind=kind)
+    _smoke_mlflow(run, model, module, rel)
+
+
+def _compare_versions(run: _Run, model: mlflow_model.MlflowModel, file: str) -> None:
+    rt = run.runtime
+    run.extend(checks.compare_library("torch", model.recorded.get("torch"), rt.get("torch"), file=file,
+                                      newer_blocks=True, source=model.sources.get("torch", "")))
+    rec_mlflow, run_mlflow = checks.major_minor(model.recorded.get("mlflow")), checks.major_minor(rt.get("mlflow"))
+    # MLflow reads models of older versions; a newer major may have changed the MLmodel format.
+    if rec_mlflow and run_mlflow and rec_mlflow > run_mlflow:
+        run.extend(checks.compare_library("mlflow", model.recorded.get("mlflow"), rt.get("mlflow"), file=file,
+                                          newer_blocks=rec_mlflow[0] > run_mlflow[0],
+                                          source=model.sources.get("mlflow", "")))
+    run.extend(checks.compare_library("python", model.recorded.get("python"), rt.get("python"), file=file,
+                                      newer_blocks=False, source=model.sources.get("python", "")))
+
+
+def _compare_archive_torch(run: _Run, model: mlflow_model.MlflowModel, archived: str, rel: str) -> None:
+    """The torch version inside the pt2 archive, when it disagrees with the MLmodel's."""
+    if checks.major_minor(archived) == checks.major_minor(model.recorded.get("torch")):
+        return
+    run.recorded.setdefault("torch", archived)
+    run.extend(checks.compare_library("torch", archived, run.runtime.get("torch"), file=rel, newer_blocks=True,
+                                      source="models/model.json in the pt2 archive"))
+
+
+def _load_pickled_module(run: _Run, rel: str, path: str) -> torch.nn.Module | None:
+    if not run.job.allow_pickled_models:
+        run.add(ReasonCode.UNSAFE_PICKLE,
+                f"{rel} is a whole pickled nn.Module (MLflow serialization_format='pickle') and pickled "
+                "models are disabled on this stage", _PICKLED_MODELS_HINT, rel)
+        return None
+    fmt = sniff(path)
+    if fmt is FileFormat.TORCH_ZIP and _zip_version_problem(run, rel):
+        return None
+    policy = safe_torch.PicklePolicy(pickled_modules=True, pickle_modules=tuple(run.job.pickle_modules))
+    try:
+        obj = safe_torch.load_allowlisted(path, zip_format=fmt is FileFormat.TORCH_ZIP, policy=policy)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _load_error(run, rel, exc)
+        return None
+    if isinstance(obj, torch.nn.Module):
+        obj.eval()
+        return obj
+    w = checks.find_weights(obj)
+    what = "a state_dict" if w.state is not None else f"a {type(obj).__name__}"
+    run.add(ReasonCode.PARTIAL_CHECKPOINT,
+            f"{rel} holds {what} where MLflow expects a whole nn.Module",
+            "log the module itself (mlflow.pytorch.log_model(model, ...)), or register the state_dict as a "
+            "bare checkpoint with ckpt_stage.arch", rel)
+    return None
+
+
+def _smoke_mlflow(run: _Run, model: mlflow_model.MlflowModel, module: torch.nn.Module, rel: str) -> None:
+    if not model.example_info:
+        _no_example(run, model.relpath("MLmodel"), "the MLflow model was logged without an input example")
+        return
+    try:
+        inputs, used = mlflow_model.read_example(model)
+    except FileNotFoundError as exc:
+        run.add(ReasonCode.ARTIFACT_MISSING, f"MLmodel names the input example {exc.args[0]}, which is missing",
+                "upload the whole model directory that MLflow wrote", model.relpath("MLmodel"))
+        return
+    except (mlflow_model.ExampleError, mlflow_model.ModelDirError) as exc:
+        msg = getattr(exc, "message", None) or str(exc)
+        run.add(ReasonCode.SMOKE_INFERENCE_FAILED, f"the input example cannot be fed to the model: {msg}",
+                "log a numeric input example (numpy array, dict of arrays or a numeric DataFrame)",
+                model.relpath("MLmodel"))
+        return
+    used_rel = model.relpath(used)
+    described = ", ".join(f"{checks.dtype_name(t.dtype)} {checks.shape_str(t.shape)}" for t in inputs)
+    sig_notes = []
+    for i, (t, spec) in enumerate(zip(inputs, model.inputs or [], strict=False)):
+        if not checks.shape_ok(spec.shape, tuple(t.shape)):
+            label = spec.name or f"input {i}"
+            sig_notes.append(f"{label} is {checks.shape_str(t.shape)} but the input signature says "
+                             f"{checks.shape_str(spec.shape)}")
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            out = module(*inputs)
+    except Exception as exc:
+        note = f" ({'; '.join(sig_notes)})" if sig_notes else ""
+        run.add(ReasonCode.SMOKE_INFERENCE_FAILED,
+                f"forward pass on the input example {used} ({described}) raised {_brief(exc)}{note}",
+                "make the logged input example match what the model takes (shape, dtype), or fix the model",
+                used_rel, example=used)
+        return
+    finally:
+        run.timings["inference"] += time.perf_counter() - t0
+    if sig_notes:
+        run.add(None, "the input example disagrees with the input signature: " + "; ".join(sig_notes),
+                "log the signature inferred from the example", used_rel, Severity.WARNING)
+    if model.outputs:
+        problem = checks.check_output(model.outputs, out)
+        if problem:
+            run.add(ReasonCode.SMOKE_INFERENCE_FAILED,
+                    f"the output on the input example breaks the logged signature: {problem}",
+                    "re-log the model with the signature it really has (infer_signature on a real output), "
+                    "or fix the model's head", model.relpath("MLmodel"), problem=problem)
