@@ -1,17 +1,34 @@
-"""Static checks on bytes, before anything is unpickled or imported.
+"""Static checks on bytes, before anything is unpickled or imported (layer 1 of the security design).
 
 Entry point: ``scan_version(root, paths, settings) -> ScanResult``. Pure with respect to the
 outside world: reads the given files, runs no code from them, imports no torch.
+
+Modules: ``sniff`` (format by content), ``archives`` (zip structure from raw bytes),
+``pickles`` (pickle streams against ``allowlist``), ``safetensors`` (header rules),
+``formats`` (per-format checks, tensor metadata), ``estimate`` (memory needed).
+
+For the worker's loader (importable without torch): ``allowlist.check(module, name, settings,
+factory=False) -> Decision(allowed, why)``, ``allowlist.is_allowed``, ``allowlist.normalize``,
+``allowlist.split_global``, ``allowlist.NUMPY_DTYPE_CLASSES``; ``pickles.pickle_globals(bytes)``
+lists what a pickle imports.
 """
 
 from __future__ import annotations
 
+import os
+import posixpath
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt_stage.config import Settings
-from ckpt_stage.domain import FileFormat, Finding
+from ckpt_stage.domain import FileFormat, Finding, ReasonCode
+from ckpt_stage.scan._common import HINT_NOT_CKPT, FileScan, Region
+from ckpt_stage.scan.estimate import estimate_bytes, resource_finding
+from ckpt_stage.scan.formats import Ctx, scan_region
+
+__all__ = ["ScanResult", "scan_file", "scan_version"]
 
 
 @dataclass(frozen=True)
@@ -23,19 +40,65 @@ class ScanResult:
     """Memory a load needs, from tensor metadata (not file sizes where metadata is available)."""
 
 
-def _sniff(path: Path) -> FileFormat:
-    with path.open("rb") as fh:
-        head = fh.read(8)
-    if head.startswith(b"PK\x03\x04"):
-        return FileFormat.TORCH_ZIP
-    if head[:1] == b"\x80":
-        return FileFormat.PICKLE
-    if len(head) == 8 and int.from_bytes(head, "little") < 100 * 2**20:
-        return FileFormat.SAFETENSORS
-    return FileFormat.UNKNOWN
+def scan_file(root: Path, rel: str, settings: Settings, *, mlflow_dir: bool = False) -> tuple[FileFormat, FileScan, bool]:
+    """Scan one file: (format, what was found, counts as a checkpoint)."""
+    fs = FileScan(rel)
+    full = Path(root) / rel
+    try:
+        st = os.stat(full)
+    except FileNotFoundError:
+        fs.findings.append(Finding(ReasonCode.ARTIFACT_MISSING, f"{rel}: file does not exist",
+                                   "upload the file the model version names, or fix its path", file=rel))
+        return FileFormat.UNKNOWN, fs, False
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        fs.findings.append(Finding(ReasonCode.NOT_A_CHECKPOINT, f"{rel}: not a regular file", HINT_NOT_CKPT,
+                                   file=rel))
+        return FileFormat.UNKNOWN, fs, False
+    try:
+        fd = os.open(full, os.O_RDONLY)
+    except OSError as exc:
+        fs.findings.append(Finding(ReasonCode.INTERNAL_ERROR, f"{rel}: cannot open for scanning: {exc}",
+                                   "check the stage's cache directory permissions", file=rel))
+        return FileFormat.UNKNOWN, fs, False
+    try:
+        region = Region(fd, 0, os.fstat(fd).st_size, rel)
+        fmt, counts = scan_region(region, Ctx(settings, fs), rel, mlflow_dir=mlflow_dir)
+    except Exception as exc:  # a scanner bug must not pass a file, nor quarantine it as the model's fault
+        fs.findings.append(Finding(ReasonCode.INTERNAL_ERROR,
+                                   f"{rel}: the static scanner failed: {type(exc).__name__}: {str(exc)[:200]}",
+                                   "report this to the stage's operators; the version stays eligible for a re-run",
+                                   file=rel))
+        return FileFormat.UNKNOWN, fs, True
+    finally:
+        os.close(fd)
+    return fmt, fs, counts
 
 
 def scan_version(root: Path, paths: Sequence[str], settings: Settings) -> ScanResult:
-    formats = {p: (FileFormat.MLFLOW_MODEL if p.endswith("MLmodel") else _sniff(root / p)) for p in paths}
-    size = sum((root / p).stat().st_size for p in paths)
-    return ScanResult(formats=formats, findings=(), estimated_bytes=size)
+    """Scan every file of a version (``paths`` relative to ``root``).
+
+    Never raises for hostile or broken input: every problem is a Finding (CONTRACT.md codes)
+    naming the file, the concrete problem and what the model owner should do.
+    """
+    root = Path(root)
+    mlflow_dir = any(posixpath.basename(p) == "MLmodel" for p in paths)
+    formats: dict[str, FileFormat] = {}
+    findings: list[Finding] = []
+    scans: list[FileScan] = []
+    checkpoints = 0
+    for rel in paths:
+        fmt, fs, counts = scan_file(root, rel, settings, mlflow_dir=mlflow_dir)
+        formats[rel] = fmt
+        findings.extend(fs.findings)
+        scans.append(fs)
+        checkpoints += counts
+    if not checkpoints and not any(f.blocking for f in findings):
+        listing = ", ".join(f"{p} ({formats[p].value})" for p in list(paths)[:10]) or "no files"
+        findings.append(Finding(ReasonCode.NOT_A_CHECKPOINT,
+                                f"none of the {len(paths)} file(s) is a model checkpoint: {listing}",
+                                HINT_NOT_CKPT))
+    estimated = estimate_bytes(scans)
+    too_big = resource_finding(estimated, settings)
+    if too_big is not None:
+        findings.append(too_big)
+    return ScanResult(formats=formats, findings=tuple(findings), estimated_bytes=estimated)

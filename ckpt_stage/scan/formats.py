@@ -1,0 +1,694 @@
+"""Per-format checks: torch zip, TorchScript, torch.export ``.pt2``, legacy torch, plain pickle,
+safetensors, legacy tar. Each reads bytes only (``Region``), reports into a ``FileScan`` and
+returns the ``FileFormat`` it verified.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt_stage.config import Settings
+from ckpt_stage.domain import FileFormat, ReasonCode
+from ckpt_stage.scan._common import HINT_CORRUPT, HINT_NOT_CKPT, FileScan, Region, human
+from ckpt_stage.scan.archives import DEFLATED, STORED, ZipArchive, ZipEntry, gaps, read_entry, read_zip
+from ckpt_stage.scan.pickles import LEGACY_TORCH_MAGIC, Anomaly, StreamReport, TensorDecl, scan_stream, str_items
+from ckpt_stage.scan.safetensors import check_safetensors
+from ckpt_stage.scan.sniff import Kind, claims_checkpoint, describe, extension, sniff
+
+#: Nested archives: pt2 → sample inputs / pickled weights (torch zips) → nothing deeper is legit.
+MAX_NESTING = 3
+#: Archives scanned inside one file (pt2 sample inputs, pickled weights...).
+MAX_NESTED_SCANS = 256
+#: JSON configs inside pt2 archives are KBs; refuse to parse absurd ones.
+MAX_JSON_BYTES = 64 * 2**20
+
+HINT_UNSAFE_CODE = (
+    "this pickle would run code when loaded; do not deploy it. Save only the weights "
+    "(torch.save(model.state_dict(), path) or safetensors) and set the ckpt_stage.arch tag, or log the "
+    "model with mlflow.pytorch.log_model(..., serialization_format='pt2'); if you did not write this "
+    "file, treat it as compromised"
+)
+HINT_CLOUDPICKLE = (
+    "the model class was pickled by value (cloudpickle turns classes defined in __main__ or a notebook "
+    "into code): log a class importable from a package (mlflow.pytorch.log_model(..., code_paths=[...])), "
+    "or use serialization_format='pt2', or log a state_dict with the ckpt_stage.arch tag"
+)
+HINT_THIRD_PARTY = (
+    "save a state_dict instead (torch.save(model.state_dict(), path)) and set the ckpt_stage.arch tag, or "
+    "use serialization_format='pt2'; if the class comes from a trusted package, an operator can allow its "
+    "module prefix with CKPT_STAGE_PICKLE_MODULES"
+)
+HINT_MODELS_OFF = (
+    "whole pickled models are disabled here (CKPT_STAGE_ALLOW_PICKLED_MODELS=false): log a state_dict with "
+    "the ckpt_stage.arch tag, or serialization_format='pt2'"
+)
+HINT_CONFUSION = (
+    "the pickle is built to confuse scanners, which no checkpoint writer does; do not deploy it. Re-save "
+    "the weights with torch.save(model.state_dict(), path) or as safetensors"
+)
+HINT_PICKLE_LIMIT = (
+    "the pickle part of the checkpoint is larger than the scanner reads (CKPT_STAGE_MAX_PICKLE_BYTES): keep "
+    "large non-tensor data out of the checkpoint, or ask the operator to raise the limit"
+)
+
+#: torch.export serde ``ScalarType`` enum → element size (torch/_export/serde/schema.py).
+PT2_SCALAR_ITEMSIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 2, 7: 4, 8: 8, 9: 4, 10: 8, 11: 16, 12: 1, 13: 2,
+                       28: 2, 29: 1, 30: 1, 31: 1, 32: 1, 33: 1, 34: 4, 35: 8}
+
+
+@dataclass
+class Ctx:
+    settings: Settings
+    fs: FileScan
+    where: str = ""
+    """Location inside the file for messages (``model/data/sample_inputs/model.pt``)."""
+    nesting: int = 0
+
+    def add(self, code: ReasonCode, message: str, hint: str, **detail: Any) -> None:
+        self.fs.add(code, message, hint, where=self.where or self.fs.path, **detail)
+
+    def inner(self, name: str) -> Ctx:
+        where = f"{self.where or self.fs.path} › {name}"
+        return Ctx(self.settings, self.fs, where, self.nesting + 1)
+
+
+# -- pickles --------------------------------------------------------------------------------------
+
+
+def _global_hint(reports: list[StreamReport]) -> str:
+    unsafe = [g for r in reports for g in r.unsafe]
+    if any(g.module.split(".")[0] in ("cloudpickle", "__main__") for g in unsafe):
+        return HINT_CLOUDPICKLE
+    if any(g.why == "denied" or g.why == "malformed" for g in unsafe):
+        return HINT_UNSAFE_CODE
+    if all(g.why == "pickled-models-disabled" for g in unsafe):
+        return HINT_MODELS_OFF
+    return HINT_THIRD_PARTY
+
+
+def report_pickle(ctx: Ctx, reports: list[StreamReport], *, label: str) -> bool:
+    """Turn stream reports into findings. Returns True when something unsafe was reported."""
+    unsafe: dict[str, Any] = {}
+    for r in reports:
+        for g in r.unsafe:
+            unsafe.setdefault(g.full, g)
+    if unsafe:
+        names = list(unsafe)
+        shown = ", ".join(f"{n} ({unsafe[n].opcode} at offset {unsafe[n].offset})" for n in names[:8])
+        more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+        ctx.add(ReasonCode.UNSAFE_PICKLE,
+                f"{label} imports {shown}{more}, outside the pickle allowlist",
+                _global_hint(reports), globals=names[:50])
+    anomalies = [(r.start, a) for r in reports for a in r.anomalies]
+    if anomalies:
+        shown = "; ".join(f"{a.message} (offset {a.offset})" for _, a in anomalies[:5])
+        more = f"; and {len(anomalies) - 5} more" if len(anomalies) > 5 else ""
+        ctx.add(ReasonCode.UNSAFE_PICKLE, f"{label} is built to confuse scanners: {shown}{more}", HINT_CONFUSION,
+                anomalies=[a.message for _, a in anomalies[:20]])
+    hostile = bool(unsafe or anomalies)
+    for r in reports:
+        if r.limit:
+            ctx.add(ReasonCode.RESOURCE_LIMIT, f"{label}: the scanner stopped at its work limit: {r.limit}",
+                    HINT_PICKLE_LIMIT)
+        if r.error is None:
+            continue
+        if hostile:
+            ctx.add(ReasonCode.UNSAFE_PICKLE,
+                    f"{label} breaks off at offset {r.error.offset} ({r.error.message}) after the unsafe content "
+                    "above: a payload before a deliberately broken stream still runs when loaded",
+                    HINT_CONFUSION)
+        else:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"{label}: pickle stream starting at offset {r.start} is truncated or damaged at offset "
+                    f"{r.error.offset}: {r.error.message}", HINT_CORRUPT)
+    return hostile
+
+
+def scan_pickle_bytes(buf: bytes, settings: Settings, *, extra_allow: Any = None,
+                      all_streams: bool = True) -> tuple[list[StreamReport], int, str | None]:
+    """Scan every stream in ``buf`` back to back. Returns (reports, end offset, trailing problem)."""
+    reports: list[StreamReport] = []
+    pos = 0
+    trailing = None
+    while pos < len(buf) and len(reports) < 64:
+        rep = scan_stream(buf, pos, settings, extra_allow=extra_allow)
+        reports.append(rep)
+        if rep.end is None:
+            return reports, pos, None
+        pos = rep.end
+        if not all_streams:
+            break
+        nxt = buf[pos:pos + 1]
+        if nxt and not (nxt == b"\x80" or nxt in (b"(", b"c", b"}", b"]", b")")):
+            trailing = (f"{len(buf) - pos:,} byte(s) of data follow the STOP at offset {pos - 1} and are not "
+                        "another pickle stream")
+            break
+    if len(reports) >= 64 and pos < len(buf):
+        trailing = "more than 64 pickle streams back to back"
+    return reports, pos, trailing
+
+
+def _check_tensors(ctx: Ctx, tensors: list[TensorDecl], storage_bytes: dict[str, int], label: str) -> None:
+    """A tensor view must fit its storage: ``(offset + Σ(size-1)·stride + 1) · itemsize ≤ nbytes``."""
+    bad = 0
+    for t in tensors:
+        if t.storage_key is None or not t.concrete() or t.itemsize is None:
+            continue
+        name = f"tensor {t.name!r}" if t.name else f"tensor at pickle offset {t.offset}"
+        if len(t.size) != len(t.stride):
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"{label}: {name} has {len(t.size)} sizes but {len(t.stride)} strides", HINT_CORRUPT)
+            bad += 1
+        elif t.storage_offset < 0 or any(s < 0 for s in t.size) or any(s < 0 for s in t.stride):
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"{label}: {name} has negative size, stride or offset (size {list(t.size)}, stride "
+                    f"{list(t.stride)}, offset {t.storage_offset})", HINT_CORRUPT)
+            bad += 1
+        elif t.storage_key in storage_bytes:
+            need = t.needed_elements() * t.itemsize
+            have = storage_bytes[t.storage_key]
+            if need > have:
+                ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                        f"{label}: {name} (shape {list(t.size)}, stride {list(t.stride)}, offset "
+                        f"{t.storage_offset}) needs {human(need)} ({need:,} bytes) but its storage "
+                        f"{t.storage_key!r} holds {have:,} bytes", HINT_CORRUPT)
+                bad += 1
+        if bad >= 5:
+            return
+
+
+# -- zip-based formats ----------------------------------------------------------------------------
+
+
+def _archive_prefix(z: ZipArchive) -> str | None:
+    """torch's PyTorchStreamReader takes the folder of the *first* central-directory entry."""
+    if not z.entries or "/" not in z.entries[0].name:
+        return None
+    return z.entries[0].name.split("/", 1)[0]
+
+
+def _zip_kind(z: ZipArchive, region: Region, prefix: str | None) -> FileFormat | None:
+    if prefix is None:
+        return None
+    records = {e.name[len(prefix) + 1:] for e in z.entries if e.name.startswith(prefix + "/")}
+    if "archive_format" in records:
+        e = z.by_name()[f"{prefix}/archive_format"]
+        if (read_entry(region, e, 64) or b"").strip() == b"pt2":
+            return FileFormat.TORCH_EXPORT
+    if "constants.pkl" in records:
+        return FileFormat.TORCHSCRIPT
+    if "data.pkl" in records and records & {"version", ".data/version", "byteorder"}:
+        return FileFormat.TORCH_ZIP
+    return None
+
+
+def _ts_compressible(name: str, prefix: str) -> bool:
+    # torch.jit.save deflates the TorchScript sources and their debug pickles (code/...).
+    return name.startswith(f"{prefix}/code/")
+
+
+def _torchscript_allow(module: str, name: str) -> bool:
+    # TorchScript archives are read by torch.jit.load's C++ unpickler, which resolves __torch__.*
+    # from the archive's compiled code and torch.jit._pickle.* helpers itself (no Python import).
+    return module == "__torch__" or module.startswith("__torch__.") or module == "torch.jit._pickle"
+
+
+def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bool]:  # noqa: C901
+    """Returns (format, counts as a checkpoint)."""
+    settings = ctx.settings
+    z = read_zip(region, settings)
+    grouped: dict[tuple[ReasonCode, str], list] = {}
+    for p in z.problems:
+        grouped.setdefault((p.code, p.kind), []).append(p)
+    for (code, kind), problems in grouped.items():  # one finding per kind of problem
+        hint = ("decrypt/unpack it and register the plain checkpoint" if code is ReasonCode.UNSUPPORTED_FORMAT
+                else HINT_CORRUPT)
+        more = f" (and {len(problems) - 1} more like it)" if len(problems) > 1 else ""
+        ctx.add(code, problems[0].message + more, hint, kind=kind)
+    if not z.parsed:
+        return FileFormat.UNKNOWN, True
+    prefix = _archive_prefix(z)
+    fmt = _zip_kind(z, region, prefix)
+    by_name = z.by_name()
+    if fmt is None:
+        if claimed:
+            ctx.add(ReasonCode.NOT_A_CHECKPOINT,
+                    f"zip archive with {len(z.entries)} entries but none of the torch layouts (<folder>/data.pkl "
+                    "with version/byteorder, TorchScript, or torch.export .pt2)", HINT_NOT_CKPT)
+        # Still look inside: a pickle hidden in any zip is reported for what it is.
+        for e in z.entries:
+            _scan_nested_entry(region, ctx, e, require_known=True)
+        return FileFormat.UNKNOWN, claimed or bool(ctx.fs.findings)
+    assert prefix is not None
+    # torch-family archives: one folder, STORED entries, no hidden bytes.
+    for e in z.entries:
+        if not e.name.startswith(prefix + "/"):
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"entry {e.name!r} lies outside the archive folder {prefix!r} that torch reads", HINT_CORRUPT)
+        if e.method == DEFLATED and not (fmt is FileFormat.TORCHSCRIPT and _ts_compressible(e.name, prefix)):
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"entry {e.name!r} is deflate-compressed ({e.csize:,} → {e.usize:,} bytes); torch writes "
+                    "stored entries only, so the archive was rewritten by another tool", HINT_CORRUPT)
+    for start, end in gaps(z)[:3]:
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                f"{end - start:,} byte(s) at offset {start:,} belong to no entry (hidden data between entries)",
+                HINT_CORRUPT)
+    if fmt is FileFormat.TORCH_EXPORT:
+        _scan_pt2(region, ctx, z, prefix, by_name)
+        return fmt, True
+    extra = _torchscript_allow if fmt is FileFormat.TORCHSCRIPT else None
+    ctx.fs.has_metadata = True
+    pkl_names = [e for e in z.entries if e.name.endswith((".pkl", "debug_pkl"))]
+    for e in pkl_names:
+        reports = _scan_pickle_entry(region, ctx, e, extra)
+        rel = e.name[len(prefix) + 1:]
+        if "/" in rel or not rel.endswith(".pkl") or not e.name.startswith(prefix + "/"):
+            continue
+        # torch.save's data.pkl keeps its storages under data/; TorchScript's constants.pkl under
+        # constants/, traced_inputs.pkl under traced_inputs/ (the pickle's stem).
+        folder = f"{prefix}/{rel[:-len('.pkl')]}/"
+        records = {x.name[len(folder):]: x.usize for x in z.entries
+                   if x.name.startswith(folder) and x.readable and "/" not in x.name[len(folder):]}
+        ctx.fs.storage_bytes += sum(records.values())
+        # torch.jit.trace writes traced_inputs/ records empty (observed with torch 2.13): only the
+        # pickles torch reads at load time are held to their records.
+        if reports is not None and rel in ("data.pkl", "constants.pkl"):
+            _check_storages(ctx, reports, records, folder.rstrip("/"), label=e.name)
+    return fmt, True
+
+
+def _scan_pickle_entry(region: Region, ctx: Ctx, e: ZipEntry, extra_allow: Any) -> list[StreamReport] | None:
+    settings = ctx.settings
+    if not e.readable or e.method not in (STORED, DEFLATED):
+        return None
+    if e.usize > settings.max_pickle_bytes:
+        ctx.add(ReasonCode.RESOURCE_LIMIT,
+                f"pickle record {e.name!r} is {human(e.usize)}, above the scanner's limit of "
+                f"{human(settings.max_pickle_bytes)}", HINT_PICKLE_LIMIT)
+        return None
+    key = (region.base + e.data_offset, e.csize)
+    if key in ctx.fs.seen:
+        return None  # the same bytes under another name (overlap, already reported)
+    ctx.fs.seen.add(key)
+    # All pickles of one file together (TorchScript debug pickles, pt2 payloads) get twice the
+    # single-pickle limit, so forged entry lists cannot multiply the scanning work.
+    if ctx.fs.pickle_bytes_scanned + e.usize > 2 * settings.max_pickle_bytes:
+        ctx.add(ReasonCode.RESOURCE_LIMIT,
+                f"pickle records in this file add up to more than {human(2 * settings.max_pickle_bytes)}, twice "
+                "the scanner's per-pickle limit", HINT_PICKLE_LIMIT)
+        return None
+    ctx.fs.pickle_bytes_scanned += e.usize
+    buf = read_entry(region, e, settings.max_pickle_bytes)
+    if buf is None:
+        return None  # damaged deflate data: already a CORRUPT_ARCHIVE from the CRC check
+    reports, _end, trailing = scan_pickle_bytes(buf, settings, extra_allow=extra_allow)
+    if trailing:
+        reports[-1].anomalies.append(Anomaly(len(buf), trailing))
+    report_pickle(ctx, reports, label=f"pickle {e.name!r}")
+    return reports
+
+
+def _check_storages(ctx: Ctx, reports: list[StreamReport], records: dict[str, int], prefix: str,
+                    *, label: str) -> None:
+    declared: dict[str, tuple[int | None, int | None, str]] = {}
+    nbytes: dict[str, int] = {}
+    missing = 0
+    for r in reports:
+        for s in r.storages:
+            prev = declared.get(s.key)
+            if prev is not None and prev != (s.numel, s.itemsize, s.storage_type):
+                ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                        f"{label}: storage {s.key!r} is declared twice with different types or sizes "
+                        f"({prev[2]} × {prev[0]} vs {s.storage_type} × {s.numel})", HINT_CORRUPT)
+                continue
+            declared[s.key] = (s.numel, s.itemsize, s.storage_type)
+            if s.key not in records:
+                if missing < 3:
+                    ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                            f"{label}: storage {s.key!r} has no record {prefix}/{s.key} in the archive",
+                            HINT_CORRUPT)
+                missing += 1
+                continue
+            if s.numel is None or s.itemsize is None:
+                continue
+            want = s.numel * s.itemsize
+            have = records[s.key]
+            if want != have:
+                ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                        f"{label}: storage {s.key!r} declares {s.numel:,} elements of {s.storage_type} "
+                        f"({human(want)}) but its record {prefix}/{s.key} holds {have:,} bytes",
+                        HINT_CORRUPT)
+                continue
+            nbytes[s.key] = want
+    _check_tensors(ctx, [t for r in reports for t in r.tensors], nbytes, label)
+
+
+def _scan_nested_entry(region: Region, ctx: Ctx, e: ZipEntry, *, require_known: bool) -> None:
+    """Sniff one archive entry and scan it as what it is (pickle, nested zip, native code)."""
+    if not e.readable or e.method != STORED or e.csize == 0:
+        return
+    key = (region.base + e.data_offset, e.csize)
+    if key in ctx.fs.seen:
+        return
+    sub = region.sub(e.data_offset, e.csize, e.name)
+    kind, head = sniff(sub)
+    inner = ctx.inner(e.name)
+    if kind is Kind.ZIP:
+        ctx.fs.seen.add(key)
+        if ctx.nesting + 1 >= MAX_NESTING:
+            inner.add(ReasonCode.CORRUPT_ARCHIVE, f"archives nested more than {MAX_NESTING} deep", HINT_CORRUPT)
+            return
+        ctx.fs.nested_scans += 1
+        if ctx.fs.nested_scans > MAX_NESTED_SCANS:
+            if ctx.fs.nested_scans == MAX_NESTED_SCANS + 1:
+                inner.add(ReasonCode.CORRUPT_ARCHIVE, f"more than {MAX_NESTED_SCANS} archives inside one file",
+                          HINT_CORRUPT)
+            return
+        scan_zip(sub, inner, claimed=not require_known)
+    elif kind is Kind.PICKLE:
+        _scan_pickle_entry(region, ctx, e, None)
+    elif kind is Kind.NATIVE:
+        inner.add(ReasonCode.UNSUPPORTED_FORMAT,
+                  f"archive holds {describe(kind, head)} (native code, e.g. an AOTInductor package)",
+                  "export with torch.export.save / mlflow.pytorch.log_model(serialization_format='pt2') without "
+                  "AOTInductor compilation; compiled code cannot be validated")
+
+
+def _json_entry(region: Region, ctx: Ctx, e: ZipEntry) -> Any:
+    data = read_entry(region, e, MAX_JSON_BYTES)
+    if data is None:
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"{e.name!r} is unreadable or larger than {human(MAX_JSON_BYTES)}",
+                HINT_CORRUPT)
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"{e.name!r} is not valid JSON ({str(exc)[:120]})", HINT_CORRUPT)
+        return None
+
+
+def _pt2_int(v: Any) -> int | None:
+    if isinstance(v, dict) and isinstance(v.get("as_int"), int) and not isinstance(v.get("as_int"), bool):
+        return v["as_int"]
+    return None
+
+
+def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dict[str, ZipEntry]) -> None:  # noqa: C901
+    """torch.export archives: JSON graph + payload configs + raw weights. Payloads marked
+    ``use_pickle`` and the sample inputs are torch.save archives that torch.export.load unpickles
+    with ``weights_only=False`` (torch/export/pt2_archive/_package.py; sample inputs fall back to it
+    after a failed safe load), so they get the full pickle scan."""
+    ctx.fs.has_metadata = True
+    models = [e for e in z.entries if e.name.startswith(f"{prefix}/models/") and e.name.endswith(".json")]
+    if not models:
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"pt2 archive has no {prefix}/models/*.json (no exported program)",
+                HINT_CORRUPT)
+    raw_payloads: set[str] = set()
+    counted: set[str] = set()
+    for e in z.entries:
+        rel = e.name[len(prefix) + 1:]
+        is_weights = rel.startswith("data/weights/") and rel.endswith("_weights_config.json")
+        is_consts = rel.startswith("data/constants/") and rel.endswith("_constants_config.json")
+        if not (is_weights or is_consts):
+            continue
+        base = "data/weights/" if is_weights else "data/constants/"
+        cfg = _json_entry(region, ctx, e)
+        if cfg is None:
+            continue
+        config = cfg.get("config") if isinstance(cfg, dict) else None
+        if not isinstance(config, dict):
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"{e.name!r} has no 'config' object", HINT_CORRUPT)
+            continue
+        for fqn, meta in list(config.items())[:1_000_000]:
+            if not isinstance(meta, dict) or not isinstance(meta.get("path_name"), str):
+                ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"{e.name!r}: payload {fqn!r} has no path_name", HINT_CORRUPT)
+                continue
+            path_name = meta["path_name"]
+            if "/" in path_name or path_name in ("", ".", ".."):
+                ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                        f"{e.name!r}: payload {fqn!r} points outside {base} ({path_name!r})", HINT_CORRUPT)
+                continue
+            record = f"{prefix}/{base}{path_name}"
+            entry = by_name.get(record)
+            if entry is None:
+                ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"{e.name!r}: payload {fqn!r} has no record {record}",
+                        HINT_CORRUPT)
+                continue
+            if meta.get("use_pickle"):
+                continue  # a torch.save archive: scanned (and counted) below like every non-raw record
+            if record not in counted:
+                counted.add(record)
+                ctx.fs.storage_bytes += entry.usize
+            raw_payloads.add(record)
+            tm = meta.get("tensor_meta")
+            if not isinstance(tm, dict):
+                ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"{e.name!r}: payload {fqn!r} has no tensor_meta", HINT_CORRUPT)
+                continue
+            dtype = tm.get("dtype")
+            itemsize = PT2_SCALAR_ITEMSIZE.get(dtype) if isinstance(dtype, int) else None
+            raw_sizes, raw_strides = tm.get("sizes"), tm.get("strides")
+            if not isinstance(raw_sizes, list) or not isinstance(raw_strides, list):
+                ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"{e.name!r}: payload {fqn!r} has no sizes/strides lists",
+                        HINT_CORRUPT)
+                continue
+            sizes = [_pt2_int(s) for s in raw_sizes]
+            strides = [_pt2_int(s) for s in raw_strides]
+            offset = _pt2_int(tm.get("storage_offset")) if "storage_offset" in tm else 0
+            if itemsize is None or None in sizes or None in strides or offset is None or len(sizes) != len(strides):
+                continue  # symbolic or unknown: torch.export.load validates these itself
+            t = TensorDecl(record, offset, tuple(sizes), tuple(strides), itemsize, "pt2", 0, name=fqn)
+            # torch.export.load turns a 0-byte record into torch.zeros(sizes): a tiny file could
+            # declare terabytes, so an empty record is held to the declared size like any other.
+            if entry.usize % itemsize:
+                ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                        f"payload {fqn!r}: record {record} holds {entry.usize:,} bytes, not a whole number of "
+                        f"{itemsize}-byte elements", HINT_CORRUPT)
+                continue
+            _check_tensors(ctx, [t], {record: entry.usize}, f"pt2 {e.name!r}")
+    for e in z.entries:
+        if e.name in raw_payloads or e.name.endswith(".json"):
+            continue
+        _scan_nested_entry(region, ctx, e, require_known=False)
+
+
+# -- legacy torch, plain pickles --------------------------------------------------------------------
+
+
+#: A legacy torch file's pickles are KBs followed by gigabytes of raw storage: read this much first.
+PICKLE_PREFIX = 4 * 2**20
+
+
+def _pickle_prefix(region: Region, settings: Settings) -> bytes:
+    """The bytes holding the file's pickle streams: a small prefix when the streams (at most the
+    five of a legacy file) end inside it, else up to ``max_pickle_bytes``."""
+    limit = min(region.size, settings.max_pickle_bytes)
+    small = region.read(0, min(limit, PICKLE_PREFIX))
+    if len(small) >= limit:
+        return small
+    pos = 0
+    for _ in range(5):
+        rep = scan_stream(small, pos, settings)
+        if rep.end is None:
+            return region.read(0, limit)  # ran out of prefix (or broken): decide on the full window
+        pos = rep.end
+        if pos >= len(small):
+            return small if len(small) == region.size else region.read(0, limit)
+        if small[pos:pos + 1] != b"\x80":
+            break
+    return small
+
+
+def scan_pickle_file(region: Region, ctx: Ctx, kind: Kind, *, claimed: bool) -> tuple[FileFormat | None, bool]:
+    """A file that starts like a pickle: legacy torch (five streams + raw storages) or plain."""
+    settings = ctx.settings
+    limit = settings.max_pickle_bytes
+    buf = _pickle_prefix(region, settings)
+    first = scan_stream(buf, 0, settings)
+    if kind is Kind.PICKLE_TEXT and not first.looks_like_pickle:
+        return None, False  # text that merely starts with an opcode letter
+    if first.end is not None and first.result == LEGACY_TORCH_MAGIC and not first.hostile:
+        return _scan_legacy(region, ctx, buf, first)
+    reports, end, trailing = scan_pickle_bytes(buf, settings)
+    truncated_by_limit = region.size > len(buf) and (reports[-1].end is None or end >= len(buf))
+    if truncated_by_limit:
+        reports[-1].error = None
+        ctx.add(ReasonCode.RESOURCE_LIMIT,
+                f"pickle of {human(region.size)} is larger than the scanner's limit of {human(limit)}",
+                HINT_PICKLE_LIMIT)
+    elif trailing:
+        reports[-1].anomalies.append(Anomaly(end, trailing))
+    before = len(ctx.fs.findings)
+    report_pickle(ctx, reports, label="pickle")
+    if len(ctx.fs.findings) > before or truncated_by_limit:
+        ctx.fs.storage_bytes += region.size
+        return FileFormat.PICKLE, True
+    # A clean pickle without torch's legacy header: torch.load cannot read it (it checks the magic
+    # number first), and loading it any other way would be plain pickle.load.
+    if claimed:
+        ctx.add(ReasonCode.NOT_A_CHECKPOINT,
+                "a plain Python pickle without torch's header (no magic number): torch.load cannot read it",
+                "save the weights with torch.save(model.state_dict(), path) (or as safetensors) instead of "
+                "pickle.dump / joblib")
+    return FileFormat.PICKLE, False
+
+
+def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport) -> tuple[FileFormat, bool]:  # noqa: C901
+    """torch.save(..., _use_new_zipfile_serialization=False): magic, protocol version, sys_info,
+    the object, the storage keys, then for each key an int64 element count and the raw bytes."""
+    settings = ctx.settings
+    reports = [first]
+    pos = first.end or 0
+    for _ in range(4):
+        if pos >= len(buf):
+            break
+        rep = scan_stream(buf, pos, settings)
+        reports.append(rep)
+        if rep.end is None:
+            break
+        pos = rep.end
+    if region.size > len(buf):
+        for r in reports:
+            if r.end is None:
+                r.error = None  # cut by the scanner's own limit, reported as RESOURCE_LIMIT below
+    hostile = report_pickle(ctx, reports, label="legacy torch pickle")
+    ctx.fs.has_metadata = True
+    if len(reports) < 5 or any(r.end is None for r in reports):
+        if region.size > len(buf):
+            ctx.add(ReasonCode.RESOURCE_LIMIT,
+                    f"legacy torch pickles run past the scanner's limit of {human(settings.max_pickle_bytes)}",
+                    HINT_PICKLE_LIMIT)
+        elif not any(r.error for r in reports):
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"legacy torch file ends after {len(reports)} of its 5 pickle streams (truncated)", HINT_CORRUPT)
+        ctx.fs.storage_bytes += region.size
+        return FileFormat.TORCH_LEGACY, True
+    if hostile:
+        ctx.fs.storage_bytes += region.size
+        return FileFormat.TORCH_LEGACY, True
+    keys = str_items(reports[4].result)
+    if keys is None:
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE, "legacy torch file: the fifth stream is not the list of storage keys",
+                HINT_CORRUPT)
+        ctx.fs.storage_bytes += region.size
+        return FileFormat.TORCH_LEGACY, True
+    decls = {}
+    for s in reports[3].storages:
+        decls.setdefault(s.key, s)
+    off = pos
+    nbytes: dict[str, int] = {}
+    for key in keys:
+        d = decls.get(key)
+        if d is None or d.itemsize is None:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"legacy torch file: storage key {key!r} is listed but never declared by the pickle", HINT_CORRUPT)
+            return FileFormat.TORCH_LEGACY, True
+        head = region.read(off, 8)
+        if len(head) < 8:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"legacy torch file: truncated before storage {key!r} (offset {off:,})", HINT_CORRUPT)
+            return FileFormat.TORCH_LEGACY, True
+        (numel,) = struct.unpack("<q", head)
+        size = numel * d.itemsize
+        if numel < 0 or (d.numel is not None and numel != d.numel):
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"legacy torch file: storage {key!r} at offset {off:,} records {numel:,} elements of "
+                    f"{d.storage_type} but the pickle declares {d.numel}", HINT_CORRUPT)
+            return FileFormat.TORCH_LEGACY, True
+        if off + 8 + size > region.size:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"legacy torch file: storage {key!r} needs {size:,} bytes at offset {off + 8:,} but only "
+                    f"{max(region.size - off - 8, 0):,} remain (truncated)", HINT_CORRUPT)
+            return FileFormat.TORCH_LEGACY, True
+        nbytes[key] = size
+        ctx.fs.storage_bytes += size
+        off += 8 + size
+    if off != region.size:
+        rest = region.read(off, min(region.size - off, settings.max_pickle_bytes))
+        tail, _, _ = scan_pickle_bytes(rest, settings)
+        if any(t.hostile for t in tail):
+            report_pickle(ctx, tail, label=f"data after the last storage (offset {off:,})")
+        else:
+            ctx.add(ReasonCode.UNSAFE_PICKLE,
+                    f"legacy torch file: {region.size - off:,} byte(s) after the last storage (offset {off:,}) "
+                    "belong to nothing torch reads (hidden data)", HINT_CONFUSION)
+    _check_tensors(ctx, reports[3].tensors, nbytes, "legacy torch pickle")
+    return FileFormat.TORCH_LEGACY, True
+
+
+# -- tar, safetensors -------------------------------------------------------------------------------
+
+
+def _tar_names(region: Region, limit: int = 64) -> list[str]:
+    names = []
+    off = 0
+    while len(names) < limit and off + 512 <= region.size:
+        h = region.read(off, 512)
+        if h == b"\x00" * 512:
+            break
+        name = h[:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
+        try:
+            size = int(h[124:136].split(b"\x00", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            break
+        names.append(name)
+        off += 512 + (size + 511) // 512 * 512
+    return names
+
+
+def scan_tar(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bool]:
+    names = {posixpath.basename(n.rstrip("/")) for n in _tar_names(region)}
+    if {"storages", "tensors", "pickle"} <= names or {"sys_info", "pickle"} <= names:
+        ctx.add(ReasonCode.UNSUPPORTED_FORMAT,
+                "legacy tar-format torch checkpoint (torch < 0.4): this runtime does not load it",
+                "load it with an old torch in a trusted environment and re-save: torch.save(model.state_dict(), "
+                "path) with a current torch, or as safetensors")
+        return FileFormat.TORCH_LEGACY, True
+    if claimed:
+        ctx.add(ReasonCode.NOT_A_CHECKPOINT, "a tar archive, not a model checkpoint",
+                "unpack it and register the checkpoint file itself")
+    return FileFormat.UNKNOWN, claimed
+
+
+def scan_safetensors(region: Region, ctx: Ctx) -> tuple[FileFormat, bool]:
+    info = check_safetensors(region)
+    for p in info.problems[:10]:
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"safetensors header: {p}", HINT_CORRUPT)
+    ctx.fs.storage_bytes += info.data_bytes if not info.problems else region.size
+    ctx.fs.has_metadata = not info.problems
+    return FileFormat.SAFETENSORS, True
+
+
+# -- one file --------------------------------------------------------------------------------------
+
+
+def scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tuple[FileFormat, bool]:
+    """Scan one file; returns (format, counts as a checkpoint)."""
+    claimed = claims_checkpoint(path, mlflow_dir=mlflow_dir)
+    kind, head = sniff(region)
+    if kind is Kind.ZIP:
+        return scan_zip(region, ctx, claimed=claimed)
+    if kind in (Kind.PICKLE, Kind.PICKLE_TEXT):
+        fmt, counts = scan_pickle_file(region, ctx, kind, claimed=claimed)
+        if fmt is not None:
+            return fmt, counts
+        kind = Kind.TEXT if head and b"\x00" not in head else Kind.BINARY
+    if kind is Kind.SAFETENSORS or (extension(path) == ".safetensors" and kind in (Kind.BINARY, Kind.TEXT)):
+        return scan_safetensors(region, ctx)
+    if kind is Kind.TAR:
+        return scan_tar(region, ctx, claimed=claimed)
+    if kind is Kind.SEVEN_ZIP:
+        ctx.add(ReasonCode.UNSUPPORTED_FORMAT, "a 7-Zip archive: its content cannot be scanned or loaded",
+                "unpack it and register the checkpoint file itself")
+        return FileFormat.UNKNOWN, True
+    if posixpath.basename(path) == "MLmodel" and kind is Kind.TEXT:
+        return FileFormat.MLFLOW_MODEL, False
+    if claimed:
+        what = describe(kind, head)
+        ctx.add(ReasonCode.NOT_A_CHECKPOINT,
+                f"{what}{f' ({region.size:,} bytes)' if kind is not Kind.EMPTY else ' (0 bytes)'}, not a model "
+                "checkpoint", HINT_NOT_CKPT, content=kind.value)
+    return FileFormat.UNKNOWN, False

@@ -1,0 +1,705 @@
+"""Pickle streams, statically: every global they import, every trick they play, every tensor they
+declare. No unpickling, no imports of anything the stream names.
+
+``scan_stream`` walks one stream with ``pickletools.genops`` and a small abstract stack machine:
+values are tracked symbolically (constants, containers, imported globals, calls, persistent ids)
+so that ``STACK_GLOBAL`` operands fetched through the memo resolve to the names the real
+unpickler would import, and torch's ``_rebuild_tensor_v2`` calls yield tensor metadata.
+
+What a scanner must not trust (DESIGN.md "scanner confusion"; picklescan bypasses such as
+CVE-2025-1716 (pip.main missing from a denylist: hence an allowlist here), CVE-2025-1889 (pickles
+under other extensions: hence sniffing by content) and the memo/STACK_GLOBAL trick of
+mmaitre314/picklescan#22):
+
+* a broken stream after a payload: the unpickler has already run the payload when it hits the
+  break, so a parse error never hides what came before it;
+* several streams back to back (torch's legacy format reads five): every stream is scanned;
+* ``STACK_GLOBAL`` operands that are not plain string constants, memo gets of unset indices, memo
+  slots written twice, ``FRAME`` lengths that lie, ``EXT*`` registry lookups, opcodes above the
+  declared protocol, values left on the stack: legitimate picklers never produce them, so each is
+  an anomaly reported as ``UNSAFE_PICKLE``;
+* dotted global names (protocol 4 resolves ``A.b.c`` attribute by attribute).
+
+Bounded work: the caller hands at most ``max_pickle_bytes``; the machine caps opcodes per stream,
+memo entries (both reported as the scanner's own limit, RESOURCE_LIMIT), stack size and nesting
+depth (anomalies: no writer produces them), and remembers only a bounded number of container items.
+"""
+
+from __future__ import annotations
+
+import io
+import pickletools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckpt_stage.config import Settings
+from ckpt_stage.scan import allowlist
+
+#: A legitimate checkpoint nests a few dozen levels; anything deeper than CPython's default
+#: recursion limit crashes whatever walks it recursively afterwards (resource exhaustion).
+MAX_NESTING = 1000
+#: Items alive on the stack (and under marks). CPython's pickler batches 1000 items per MARK.
+MAX_STACK = 1_000_000
+MAX_MEMO = 2_000_000
+#: Container items remembered per container / in total (only needed for names and shapes).
+MAX_TRACKED_ITEMS = 100_000
+MAX_TRACKED_TOTAL = 2_000_000
+
+LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+
+_UNICODE_OPS = frozenset({"UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"})
+_BYTESTR_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING"})
+_BYTES_OPS = frozenset({"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"})
+_SCALAR_OPS = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT",
+                         "BINFLOAT"})
+_PUSH_OPS = _UNICODE_OPS | _BYTESTR_OPS | _BYTES_OPS | _SCALAR_OPS | {"NONE", "NEWTRUE", "NEWFALSE"}
+#: Opcodes per stream: ~3 µs each here, so the cap bounds one stream to well under a minute.
+MAX_OPS = 10_000_000
+
+
+class BStr(str):
+    """A str that came from a protocol-0/1 STRING opcode (not a unicode constant)."""
+
+    __slots__ = ()
+
+
+class Glob:
+    __slots__ = ("module", "name", "offset", "opcode", "decision", "called", "factory_ok", "use")
+
+    def __init__(self, module: str, name: str, offset: int, opcode: str):
+        self.module, self.name, self.offset, self.opcode = module, name, offset, opcode
+        self.decision: allowlist.Decision | None = None
+        self.called = False
+        self.factory_ok = False
+        self.use: GlobalUse | None = None
+
+    @property
+    def full(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+class Box:
+    """A container built by the stream: tuple, list, dict (items are key, value, key, ...), set."""
+
+    __slots__ = ("kind", "items", "truncated", "state")
+
+    def __init__(self, kind: str, items: list | None = None):
+        self.kind = kind
+        self.items = items if items is not None else []
+        self.truncated = False
+        self.state: Any = None
+
+
+class Call:
+    """The result of REDUCE / NEWOBJ / OBJ / INST: ``callee(*args)``; ``state`` from BUILD."""
+
+    __slots__ = ("callee", "args", "kind", "state", "tensor", "extra")
+
+    def __init__(self, callee: Any, args: Any, kind: str):
+        self.callee, self.args, self.kind = callee, args, kind
+        self.state: Any = None
+        self.tensor: TensorDecl | None = None
+        self.extra: list = []
+
+
+class Pid:
+    __slots__ = ("value", "decl")
+
+    def __init__(self, value: Any):
+        self.value = value
+        self.decl: StorageDecl | None = None
+
+
+class Opaque:
+    __slots__ = ()
+
+
+@dataclass
+class GlobalUse:
+    module: str
+    name: str
+    offset: int
+    opcode: str
+    allowed: bool
+    why: str
+
+    @property
+    def full(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+@dataclass
+class Anomaly:
+    offset: int
+    message: str
+
+
+@dataclass
+class StorageDecl:
+    key: str
+    storage_type: str
+    itemsize: int | None
+    numel: int | None
+    location: str | None
+    offset: int
+
+
+@dataclass
+class TensorDecl:
+    storage_key: str | None
+    storage_offset: Any
+    size: Any
+    stride: Any
+    itemsize: int | None
+    rebuild: str
+    offset: int
+    name: str | None = None
+
+    def concrete(self) -> bool:
+        ints = (isinstance(self.storage_offset, int) and isinstance(self.size, tuple)
+                and isinstance(self.stride, tuple))
+        return ints and all(isinstance(x, int) and not isinstance(x, bool) for x in (*self.size, *self.stride))
+
+    def needed_elements(self) -> int:
+        """Elements of storage the view touches (``offset + Σ(size-1)·stride + 1``), 0 if empty."""
+        if any(s == 0 for s in self.size):
+            return 0
+        return self.storage_offset + sum((s - 1) * st for s, st in zip(self.size, self.stride, strict=True)) + 1
+
+
+@dataclass
+class StreamReport:
+    start: int
+    end: int | None = None
+    """Offset just after STOP; None when the stream did not parse to its STOP."""
+    protocol: int = 0
+    globals: list[GlobalUse] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
+    error: Anomaly | None = None
+    storages: list[StorageDecl] = field(default_factory=list)
+    tensors: list[TensorDecl] = field(default_factory=list)
+    result: Any = None
+    limit: str | None = None
+    """Set when the scanner stopped at one of its own work limits (reported as RESOURCE_LIMIT)."""
+    looks_like_pickle: bool = False
+    """For sniffing protocol 0/1 text: reached STOP, or imported a well-formed global."""
+
+    @property
+    def unsafe(self) -> list[GlobalUse]:
+        return [g for g in self.globals if not g.allowed]
+
+    @property
+    def hostile(self) -> bool:
+        return bool(self.unsafe or self.anomalies)
+
+
+class _Broken(Exception):
+    def __init__(self, offset: int, message: str):
+        super().__init__(message)
+        self.offset, self.message = offset, message
+
+
+class _Limit(_Broken):
+    """The scanner's own work limit, not a property of the stream."""
+
+
+def _children(v: Any) -> list:
+    if isinstance(v, Box):
+        return v.items if v.state is None else [*v.items, v.state]
+    if isinstance(v, Call):
+        out = [v.args]
+        if v.state is not None:
+            out.append(v.state)
+        out.extend(v.extra)
+        return out
+    if isinstance(v, Pid):
+        return [v.value]
+    return []
+
+
+def nesting_depth(root: Any, limit: int = MAX_NESTING) -> int:
+    """Longest chain of containment below ``root`` (cycles ignored), stopping once past ``limit``."""
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    while stack:
+        node, state = stack.pop()
+        nid = id(node)
+        kids = [k for k in _children(node) if isinstance(k, Box | Call | Pid)]
+        if state == 0:
+            if nid in depth or nid in on_path:
+                continue
+            on_path.add(nid)
+            stack.append((node, 1))
+            if len(on_path) > limit:
+                return len(on_path)
+            stack.extend((k, 0) for k in kids if id(k) not in depth and id(k) not in on_path)
+        else:
+            on_path.discard(nid)
+            depth[nid] = 1 + max((depth.get(id(k), 0) for k in kids), default=0)
+            if depth[nid] > limit:
+                return depth[nid]
+    return depth.get(id(root), 0)
+
+
+class _Machine:
+    def __init__(self, buf: bytes, report: StreamReport, settings: Settings,
+                 extra_allow: Callable[[str, str], bool] | None):
+        self.buf = buf
+        self.r = report
+        self.settings = settings
+        self.extra_allow = extra_allow
+        self.stack: list = []
+        self.meta: list[list] = []
+        self.live = 0
+        self.memo: dict[int, Any] = {}
+        self.tracked = 0
+        self.declared_proto: int | None = None
+        self.frame_end: int | None = None
+        self.pending: list[Glob] = []
+
+    # -- stack helpers ----------------------------------------------------------------------
+    def push(self, v: Any, pos: int) -> None:
+        self.stack.append(v)
+        self.live += 1
+        if self.live > MAX_STACK:
+            msg = f"more than {MAX_STACK:,} values on the stack (resource exhaustion)"
+            self.anomaly(pos, msg)
+            raise _Broken(pos, msg)
+
+    def pop(self, pos: int, op: str) -> Any:
+        if not self.stack:
+            raise _Broken(pos, f"{op} pops from an empty stack")
+        self.live -= 1
+        return self.stack.pop()
+
+    def top(self, pos: int, op: str) -> Any:
+        if not self.stack:
+            raise _Broken(pos, f"{op} needs a value but the stack is empty")
+        return self.stack[-1]
+
+    def pop_mark(self, pos: int, op: str) -> list:
+        if not self.meta:
+            raise _Broken(pos, f"{op} without a MARK")
+        items = self.stack
+        self.stack = self.meta.pop()
+        self.live -= len(items)
+        return items
+
+    def anomaly(self, pos: int, msg: str) -> None:
+        if len(self.r.anomalies) < 50:
+            self.r.anomalies.append(Anomaly(pos, msg))
+
+    def track(self, box: Box, items: list) -> None:
+        room = min(MAX_TRACKED_ITEMS - len(box.items), MAX_TRACKED_TOTAL - self.tracked)
+        if room <= 0:
+            box.truncated = box.truncated or bool(items)
+            return
+        if len(items) > room:
+            items = items[:room]
+            box.truncated = True
+        box.items.extend(items)
+        self.tracked += len(items)
+
+    # -- globals ------------------------------------------------------------------------------
+    def make_global(self, module: str, name: str, pos: int, opcode: str) -> Glob:
+        g = Glob(module, name, pos, opcode)
+        nm, nn = allowlist.normalize(module, name)
+        if not (allowlist.valid_module(nm) and allowlist.valid_name(nn)):
+            self.anomaly(pos, f"{opcode} imports a malformed name {module!r} {name!r} "
+                         "(not a plain dotted module and identifier)")
+            g.decision = allowlist.Decision(False, "malformed")
+        elif self.extra_allow is not None and self.extra_allow(nm, nn):
+            g.decision = allowlist.Decision(True, "format")
+        else:
+            g.decision = allowlist.check(nm, nn, self.settings)
+            if not g.decision.allowed and allowlist.check(nm, nn, self.settings, factory=True).allowed:
+                self.pending.append(g)  # only OK as a defaultdict factory; decided at STOP
+                return g
+        self.record(g, nm, nn)
+        return g
+
+    def record(self, g: Glob, module: str, name: str) -> None:
+        assert g.decision is not None
+        use = GlobalUse(module, name, g.offset, g.opcode, g.decision.allowed, g.decision.why)
+        g.use = use
+        if len(self.r.globals) < 10_000 or not use.allowed:
+            self.r.globals.append(use)
+
+    def callee(self, v: Any, pos: int, op: str) -> None:
+        if isinstance(v, Glob):
+            v.called = True
+        elif isinstance(v, Call) and isinstance(v.callee, Glob) and v.callee.use is not None \
+                and not v.callee.use.allowed:
+            pass  # calling what an unsafe global returned: the global itself is already reported
+        else:
+            self.anomaly(pos, f"{op} calls something that is not an imported global "
+                         f"({_describe(v)}): legitimate checkpoints only call imported names")
+
+    def _raw_global(self, pos: int) -> tuple[str, str]:
+        """GLOBAL/INST operands straight from the bytes, decoded as CPython does (UTF-8)."""
+        end1 = self.buf.find(b"\n", pos + 1)
+        end2 = self.buf.find(b"\n", end1 + 1) if end1 >= 0 else -1
+        if end1 < 0 or end2 < 0:
+            raise _Broken(pos, "GLOBAL operand is not terminated")
+        try:
+            return (self.buf[pos + 1:end1].decode("utf-8"), self.buf[end1 + 1:end2].decode("utf-8"))
+        except UnicodeDecodeError:
+            self.anomaly(pos, "GLOBAL operand is not valid UTF-8")
+            return (self.buf[pos + 1:end1].decode("latin-1"), self.buf[end1 + 1:end2].decode("latin-1"))
+
+    # -- tensors ------------------------------------------------------------------------------
+    def tensor_call(self, call: Call, fn: str, args: Any, pos: int) -> None:
+        if not isinstance(args, Box) or args.kind != "tuple":
+            return
+        a = args.items
+        if fn == "torch._tensor._rebuild_from_type_v2":
+            if len(a) >= 3 and isinstance(a[0], Glob) and isinstance(a[2], Box):
+                inner = a[0].full
+                if inner in ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3"):
+                    self.tensor_call(call, inner, a[2], pos)
+            return
+        if fn == "torch._utils._rebuild_parameter" or fn == "torch._utils._rebuild_parameter_with_state":
+            if a and isinstance(a[0], Call) and a[0].tensor is not None:
+                call.tensor = a[0].tensor
+            return
+        if fn not in ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
+                      "torch._utils._rebuild_qtensor") or len(a) < 4:
+            return
+        storage = self.storage_of(a[0])
+        itemsize = storage.itemsize if storage else None
+        if fn == "torch._utils._rebuild_tensor_v3" and len(a) >= 7 and isinstance(a[6], Glob):
+            itemsize = allowlist.DTYPE_ITEMSIZE.get(a[6].name) if a[6].module == "torch" else None
+        t = TensorDecl(
+            storage_key=storage.key if storage else None,
+            storage_offset=a[1],
+            size=_ints(a[2]),
+            stride=_ints(a[3]),
+            itemsize=itemsize,
+            rebuild=fn.rsplit(".", 1)[-1],
+            offset=pos,
+        )
+        call.tensor = t
+        if len(self.r.tensors) < 1_000_000:
+            self.r.tensors.append(t)
+
+    def storage_of(self, v: Any) -> StorageDecl | None:
+        return v.decl if isinstance(v, Pid) else None
+
+    def persistent(self, pid: Any, pos: int) -> Pid:
+        p = Pid(pid)
+        if isinstance(pid, Box) and pid.kind == "tuple" and len(pid.items) >= 5 and pid.items[0] == "storage":
+            _, stype, key, location, numel = pid.items[:5]
+            if isinstance(stype, Glob) and isinstance(key, str):
+                if stype.name in allowlist.STORAGE_ITEMSIZE:
+                    itemsize: int | None = allowlist.STORAGE_ITEMSIZE[stype.name]
+                elif stype.name in ("UntypedStorage", "TypedStorage"):
+                    itemsize = 1
+                else:
+                    itemsize = None
+                decl = StorageDecl(
+                    key=key,
+                    storage_type=stype.full,
+                    itemsize=itemsize,
+                    numel=numel if isinstance(numel, int) and not isinstance(numel, bool) else None,
+                    location=location if isinstance(location, str) else None,
+                    offset=pos,
+                )
+                p.decl = decl
+                if len(self.r.storages) < 1_000_000:
+                    self.r.storages.append(decl)
+        return p
+
+    # -- the step function ----------------------------------------------------------------------
+    def step(self, op: pickletools.OpcodeInfo, arg: Any, pos: int) -> bool:  # noqa: C901 - one dispatch
+        name = op.name
+        if self.frame_end is not None:
+            if pos > self.frame_end:
+                self.anomaly(pos, f"an opcode straddles the end of the FRAME ending at {self.frame_end}")
+                self.frame_end = None
+            elif pos == self.frame_end:
+                self.frame_end = None
+        proto = self.declared_proto if self.declared_proto is not None else 1
+        if op.proto > proto and name != "PROTO":
+            self.anomaly(pos, f"{name} needs pickle protocol {op.proto} but the stream declares {proto}")
+
+        if name in _PUSH_OPS:
+            self.push(BStr(arg) if name in _BYTESTR_OPS and isinstance(arg, str) else arg, pos)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            idx = len(self.memo) if name == "MEMOIZE" else arg
+            if not isinstance(idx, int) or idx < 0:
+                raise _Broken(pos, f"{name} with a negative index")
+            if idx in self.memo:
+                self.anomaly(pos, f"{name} overwrites memo slot {idx} (memo trick)")
+            if len(self.memo) >= MAX_MEMO:
+                raise _Limit(pos, f"more than {MAX_MEMO:,} memo entries")
+            self.memo[idx] = self.top(pos, name)
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            if arg not in self.memo:
+                self.anomaly(pos, f"{name} {arg} reads a memo slot that was never set (memo trick)")
+                self.push(Opaque(), pos)
+            else:
+                self.push(self.memo[arg], pos)
+        elif name == "MARK":
+            self.meta.append(self.stack)
+            self.stack = []
+        elif name == "PROTO":
+            if pos != self.r.start:
+                self.anomaly(pos, "PROTO opcode in the middle of a stream")
+            self.declared_proto = arg
+            self.r.protocol = arg
+        elif name == "FRAME":
+            if self.frame_end is not None:
+                self.anomaly(pos, f"FRAME starts inside the previous frame (which ends at {self.frame_end})")
+            end = pos + 9 + arg
+            if end > len(self.buf):
+                self.anomaly(pos, f"FRAME declares {arg:,} bytes but only {len(self.buf) - pos - 9:,} follow")
+            self.frame_end = end
+        elif name == "STOP":
+            value = self.pop(pos, name)
+            self.r.result = value
+            if self.stack or self.meta:
+                self.anomaly(pos, f"{len(self.stack) + sum(len(m) for m in self.meta)} value(s) and "
+                             f"{len(self.meta)} mark(s) left on the stack at STOP")
+            return True
+        elif name == "POP":
+            if not self.stack:
+                # CPython's POP pops a MARK when the stack is empty; other tools disagree.
+                self.anomaly(pos, "POP on an empty stack (discards a MARK)")
+                self.pop_mark(pos, name)
+            else:
+                self.pop(pos, name)
+        elif name == "POP_MARK":
+            self.pop_mark(pos, name)
+        elif name == "DUP":
+            self.push(self.top(pos, name), pos)
+        elif name in ("EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
+            self.push(Box({"EMPTY_TUPLE": "tuple", "EMPTY_LIST": "list", "EMPTY_DICT": "dict",
+                           "EMPTY_SET": "set"}[name]), pos)
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            n = int(name[-1])
+            items = [self.pop(pos, name) for _ in range(n)][::-1]
+            b = Box("tuple")
+            self.track(b, items)
+            self.push(b, pos)
+        elif name in ("TUPLE", "LIST", "FROZENSET", "DICT"):
+            items = self.pop_mark(pos, name)
+            if name == "DICT" and len(items) % 2:
+                raise _Broken(pos, "DICT with an odd number of items")
+            b = Box({"TUPLE": "tuple", "LIST": "list", "FROZENSET": "frozenset", "DICT": "dict"}[name])
+            self.track(b, items)
+            if name == "DICT":
+                self.name_tensors(items)
+            self.push(b, pos)
+        elif name == "GLOBAL":
+            module, gname = self._raw_global(pos)
+            self.push(self.make_global(module, gname, pos, name), pos)
+        elif name == "STACK_GLOBAL":
+            gname = self.pop(pos, name)
+            module = self.pop(pos, name)
+            if type(module) is not str or type(gname) is not str:
+                self.anomaly(pos, "STACK_GLOBAL operands are not unicode string constants "
+                             f"({_describe(module)}, {_describe(gname)}): built to confuse scanners")
+                if isinstance(module, str) and isinstance(gname, str):
+                    self.push(self.make_global(str(module), str(gname), pos, name), pos)
+                else:
+                    self.push(Opaque(), pos)
+            else:
+                self.push(self.make_global(module, gname, pos, name), pos)
+        elif name == "INST":
+            module, gname = self._raw_global(pos)
+            g = self.make_global(module, gname, pos, name)
+            g.called = True
+            args = self.pop_mark(pos, name)
+            b = Box("tuple")
+            self.track(b, args)
+            self.push(Call(g, b, "inst"), pos)
+        elif name == "OBJ":
+            items = self.pop_mark(pos, name)
+            if not items:
+                raise _Broken(pos, "OBJ without a class")
+            self.callee(items[0], pos, name)
+            b = Box("tuple")
+            self.track(b, items[1:])
+            self.push(Call(items[0], b, "obj"), pos)
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            self.anomaly(pos, f"{name} {arg} imports through the copyreg extension registry, "
+                         "which hides the imported name from scanners")
+            self.push(Opaque(), pos)
+        elif name == "REDUCE":
+            args = self.pop(pos, name)
+            fn = self.pop(pos, name)
+            self.callee(fn, pos, name)
+            call = Call(fn, args, "reduce")
+            if isinstance(fn, Glob):
+                full = f"{allowlist.normalize(fn.module, fn.name)[0]}.{fn.name}"
+                if full in allowlist.TENSOR_REBUILDERS:
+                    self.tensor_call(call, full, args, pos)
+                elif full == "collections.defaultdict" and isinstance(args, Box) and args.items:
+                    factory = args.items[0]
+                    if isinstance(factory, Glob):
+                        factory.factory_ok = True
+            self.push(call, pos)
+        elif name in ("NEWOBJ", "NEWOBJ_EX"):
+            kwargs = self.pop(pos, name) if name == "NEWOBJ_EX" else None
+            args = self.pop(pos, name)
+            cls = self.pop(pos, name)
+            self.callee(cls, pos, name)
+            call = Call(cls, args, "newobj")
+            if kwargs is not None:
+                call.extra.append(kwargs)
+            self.push(call, pos)
+        elif name == "BUILD":
+            state = self.pop(pos, name)
+            target = self.top(pos, name)
+            if isinstance(target, Glob):
+                self.anomaly(pos, f"BUILD sets attributes on the imported global {target.full} "
+                             "itself (monkey-patching), not on an instance")
+            elif isinstance(target, Call | Box):
+                if target.state is None:
+                    target.state = state
+                elif isinstance(target, Call):
+                    target.extra.append(state)
+        elif name in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"):
+            if name in ("APPEND", "SETITEM"):
+                items = [self.pop(pos, name) for _ in range(1 if name == "APPEND" else 2)][::-1]
+            else:
+                items = self.pop_mark(pos, name)
+            target = self.top(pos, name)
+            if name.startswith("SET") and len(items) % 2:
+                raise _Broken(pos, f"{name} with an odd number of items")
+            if isinstance(target, Glob):
+                self.anomaly(pos, f"{name} mutates the imported global {target.full} itself")
+            elif isinstance(target, Box):
+                self.track(target, items)
+            elif isinstance(target, Call):
+                # OrderedDict()/defaultdict()/list subclasses filled after construction.
+                holder = next((e for e in target.extra if isinstance(e, Box) and e.kind == "items"), None)
+                if holder is None:
+                    holder = Box("items")
+                    target.extra.append(holder)
+                self.track(holder, items)
+            if name.startswith("SET"):
+                self.name_tensors(items)
+        elif name == "PERSID":
+            self.anomaly(pos, "text PERSID (protocol 0 persistent id): torch never writes one")
+            self.push(Pid(arg), pos)
+        elif name == "BINPERSID":
+            self.push(self.persistent(self.pop(pos, name), pos), pos)
+        elif name in ("NEXT_BUFFER", "READONLY_BUFFER"):
+            self.anomaly(pos, f"{name}: out-of-band buffers are never used by checkpoints")
+            if name == "NEXT_BUFFER":
+                self.push(Opaque(), pos)
+        else:  # pragma: no cover - genops knows no other opcodes
+            self.anomaly(pos, f"unexpected opcode {name}")
+        return False
+
+    def name_tensors(self, items: list) -> None:
+        for k, v in zip(items[::2], items[1::2], strict=False):
+            if isinstance(k, str) and isinstance(v, Call) and v.tensor is not None and v.tensor.name is None:
+                v.tensor.name = k
+
+    def finish(self) -> None:
+        for g in self.pending:
+            ok = g.factory_ok and not g.called
+            if ok:
+                g.decision = allowlist.Decision(True, "defaultdict-factory")
+            self.record(g, *allowlist.normalize(g.module, g.name))
+
+
+def _ints(v: Any) -> Any:
+    if isinstance(v, Box) and v.kind == "tuple" and not v.truncated:
+        return tuple(v.items)
+    return v
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, BStr):
+        return f"STRING {str(v)[:40]!r}"
+    if isinstance(v, str):
+        return f"str {v[:40]!r}"
+    if isinstance(v, Glob):
+        return f"global {v.full}"
+    if isinstance(v, Call):
+        inner = v.callee.full if isinstance(v.callee, Glob) else type(v.callee).__name__
+        return f"the result of calling {inner}"
+    if isinstance(v, Box):
+        return f"a {v.kind}"
+    if isinstance(v, Opaque):
+        return "an unresolvable value"
+    return type(v).__name__
+
+
+def scan_stream(buf: bytes, start: int, settings: Settings, *,
+                extra_allow: Callable[[str, str], bool] | None = None) -> StreamReport:
+    """Scan the pickle stream that begins at ``buf[start]``. Never raises on hostile input."""
+    report = StreamReport(start=start)
+    machine = _Machine(buf, report, settings, extra_allow)
+    f = io.BytesIO(buf)
+    f.seek(start)
+    pos = start
+    try:
+        for n_ops, (op, arg, pos) in enumerate(pickletools.genops(f)):
+            if n_ops >= MAX_OPS:
+                report.limit = f"more than {MAX_OPS:,} opcodes in one stream"
+                break
+            if machine.step(op, arg, pos):
+                report.end = f.tell()
+                break
+        else:  # pragma: no cover - genops raises before running out without STOP
+            raise _Broken(f.tell(), "stream ends without STOP")
+        if report.limit:
+            report.end = None
+    except _Limit as exc:
+        report.limit = f"{exc.message} (at offset {exc.offset})"
+    except _Broken as exc:
+        report.error = Anomaly(exc.offset, exc.message)
+    except RecursionError:  # pragma: no cover - genops is iterative; belt and braces
+        report.error = Anomaly(pos, "stream nests too deeply to parse")
+    except Exception as exc:  # genops raises ValueError & co. on truncated or malformed streams
+        text = str(exc) or type(exc).__name__
+        report.error = Anomaly(max(pos, f.tell() if not f.closed else pos), f"cannot parse: {text[:200]}")
+    machine.finish()
+    if report.end is not None and machine.frame_end is not None and report.end != machine.frame_end:
+        machine.anomaly(report.end, f"STOP at {report.end - 1} leaves {machine.frame_end - report.end:,} "
+                        "byte(s) of its FRAME unread")
+    if report.end is not None and report.result is not None:
+        depth = nesting_depth(report.result)
+        if depth > MAX_NESTING:
+            machine.anomaly(start, f"values nest more than {MAX_NESTING} levels deep (resource exhaustion)")
+    report.looks_like_pickle = report.end is not None or any(
+        allowlist.valid_module(g.module) and allowlist.valid_name(g.name) for g in report.globals
+    )
+    return report
+
+
+def pickle_globals(buf: bytes, settings: Settings | None = None) -> list[tuple[str, str]]:
+    """Every ``(module, name)`` the streams in ``buf`` import, in order, after Python 2 → 3
+    renaming. For the loader: intersect with ``allowlist.is_allowed`` to build safe_globals."""
+    settings = settings or Settings()
+    out: dict[tuple[str, str], None] = {}
+    pos = 0
+    while pos < len(buf):
+        rep = scan_stream(buf, pos, settings)
+        for g in rep.globals:
+            out.setdefault((g.module, g.name), None)
+        if rep.end is None or rep.end <= pos:
+            break
+        pos = rep.end
+    return list(out)
+
+
+def first_int_result(rep: StreamReport) -> int | None:
+    v = rep.result
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def str_items(v: Any) -> list[str] | None:
+    """The items of a list/tuple of str constants, or None if it is anything else."""
+    if not isinstance(v, Box) or v.kind not in ("list", "tuple") or v.truncated:
+        return None
+    items = v.items
+    if not all(type(x) is str for x in items):
+        return None
+    return list(items)
