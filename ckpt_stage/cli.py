@@ -128,8 +128,9 @@ def validate(model: str, version: str, as_json: bool) -> None:
 
         settings = Settings.from_env()
         with _stdout_to_stderr() as real:
-            outcome = validate_version(VersionRef(model, str(version)), settings=settings,
-                                       progress=_progress_bar(as_json))
+            ref = VersionRef(model, str(version))
+            with _progress_bar(as_json, str(ref)) as progress:
+                outcome = validate_version(ref, settings=settings, progress=progress)
             if outcome.report is None:
                 raise CkptStageError(outcome.skipped, code=ReasonCode.INTERNAL_ERROR,
                                      hint="wait for the lease to expire, or run `ckpt-stage rerun`")
@@ -142,18 +143,43 @@ def validate(model: str, version: str, as_json: bool) -> None:
     _run(body)
 
 
-def _progress_bar(as_json: bool) -> Callable[[int], None] | None:
-    """Download progress on a terminal only (never with --json, never in logs)."""
+@contextlib.contextmanager
+def _progress_bar(as_json: bool, label: str = "download") -> Iterator[Callable[[int], None] | None]:
+    """Download progress (bytes, rate, elapsed) on a terminal only: never with --json, never in logs.
+
+    Yields the ``progress(n_bytes)`` callback ``validate_version`` passes to the parallel download
+    (rich's ``advance`` is thread-safe). The total is unknown up front, so the bar pulses. Log records
+    are routed through the live display while it runs, so they print above the bar instead of
+    tearing it; the bar is transient and the per-version line stays.
+    """
     if as_json or not sys.stderr.isatty():
-        return None
-    total = [0]
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
 
-    def progress(n: int) -> None:
-        total[0] += n
-        sys.stderr.write(f"\r  downloaded {total[0] / 2**20:8.1f} MiB")
-        sys.stderr.flush()
-
-    return progress
+    original = sys.stderr
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                   TransferSpeedColumn(), TimeElapsedColumn(), console=Console(file=original), transient=True)
+    task = bar.add_task(label, total=None)
+    with bar:
+        handlers = [h for h in logging.getLogger().handlers
+                    if type(h) is logging.StreamHandler and h.stream is original]
+        for h in handlers:
+            h.setStream(sys.stderr)  # rich's proxy while the live display runs
+        try:
+            yield lambda n: bar.advance(task, n)
+        finally:
+            for h in handlers:
+                h.setStream(original)
 
 
 def _batch_summary(outcomes: list, as_json: bool, real: Any) -> int:
@@ -205,13 +231,34 @@ def sweep(as_json: bool) -> None:
 
 
 def _line_per_version(as_json: bool) -> Callable[[VersionRef, Any], None]:
+    """One line per finished version: coloured on a terminal, a plain log record otherwise."""
+    console = None
+    if not as_json and sys.stderr.isatty():
+        from rich.console import Console
+
+        console = Console(stderr=True, highlight=False)
+    marks = {Verdict.PASS: ("✓", "green"), Verdict.QUARANTINE: ("✗", "red"), Verdict.ERROR: ("!", "yellow")}
+
     def on_result(ref: VersionRef, outcome: Any) -> None:
+        log = logging.getLogger("ckpt_stage")
         if outcome.report is None:
-            logging.getLogger("ckpt_stage").info("%s skipped: %s", ref, outcome.skipped)
-        else:
-            r = outcome.report
-            codes = ",".join(sorted({f.code.value for f in r.reasons if f.code}))
-            logging.getLogger("ckpt_stage").info("%s → %s %s", ref, r.verdict.value, codes)
+            if console:
+                console.print(f"[dim]– {ref} skipped: {outcome.skipped}[/dim]")
+            else:
+                log.info("%s skipped: %s", ref, outcome.skipped)
+            return
+        r = outcome.report
+        codes = ",".join(sorted({f.code.value for f in r.reasons if f.code}))
+        if console is None:
+            log.info("%s → %s %s", ref, r.verdict.value, codes)
+            return
+        from rich.markup import escape
+
+        mark, colour = marks[r.verdict]
+        total = float(r.timings_s.get("total", 0.0))
+        console.print(f"[{colour}]{mark} {escape(str(ref))} {r.verdict.value}[/{colour}] "
+                      f"[bold]{escape(codes)}[/bold] [dim]attempt {r.attempt} · {total:.1f} s[/dim]"
+                      + (f"\n    [dim]{escape(r.summary)}[/dim]" if r.verdict is not Verdict.PASS else ""))
 
     return on_result
 
@@ -242,9 +289,12 @@ def rerun(model: str | None, version: str | None, status: str | None, reason: st
             refs = [VersionRef(model, str(version))] if version else [
                 s.ref for s in registry.iter_versions(model=model, status=status, reason=reason)]
             outcomes = []
-            for ref in refs:
-                outcome = pipeline.validate_one_safely(ref, settings=settings, registry=registry, force=True)
-                _line_per_version(as_json)(ref, outcome)
+            line = _line_per_version(as_json)
+            for i, ref in enumerate(refs, 1):
+                with _progress_bar(as_json, f"[{i}/{len(refs)}] {ref}") as progress:
+                    outcome = pipeline.validate_one_safely(ref, settings=settings, registry=registry, force=True,
+                                                           progress=progress)
+                line(ref, outcome)
                 outcomes.append(outcome)
             code = _batch_summary(outcomes, as_json, real)
         return code
@@ -280,17 +330,33 @@ def ls_cmd(status: str | None, model: str | None, reason: str | None, as_json: b
             if as_json:
                 _emit_json(real, rows)
         if not as_json:
-            from rich.console import Console
-            from rich.table import Table
-
-            table = Table("model", "version", "status", "reasons", "attempt", "summary")
-            for r in rows:
-                table.add_row(r["model"], r["version"], r["status"] or "-", ",".join(r["reasons"]),
-                              str(r["attempt"]), (r["summary"] or "")[:100])
-            Console().print(table)
+            _print_versions(rows)
         return 0
 
     _run(body)
+
+
+def _print_versions(rows: list[dict]) -> None:
+    """The ``ls`` table: status in colour, reasons, attempts, age of the verdict, summary."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from ckpt_stage.dashboard.data import human_age
+    from ckpt_stage.registry import now_utc, parse_iso
+
+    styles = {"quarantined": "bold red", "error": "bold yellow", "promoted": "green", "validating": "blue"}
+    now = now_utc()
+    table = Table("model", "version", "status", "reasons", "attempt", "age", "summary",
+                  caption=f"{len(rows)} version{'s' if len(rows) != 1 else ''}")
+    table.columns[1].justify = table.columns[4].justify = table.columns[5].justify = "right"
+    table.columns[6].overflow = "fold"
+    for r in rows:
+        at = parse_iso(r["validated_at"] or "")
+        table.add_row(r["model"], r["version"], Text(r["status"] or "-", style=styles.get(r["status"] or "", "dim")),
+                      Text(",".join(r["reasons"]), style="bold"), str(r["attempt"]),
+                      human_age((now - at).total_seconds()) if at else "—", (r["summary"] or "")[:160])
+    Console().print(table)
 
 
 def _int(text: str) -> int:

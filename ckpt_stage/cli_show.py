@@ -1,0 +1,156 @@
+"""``ckpt-stage show --model M --version V``: one version, its attempts and reports, in the terminal.
+
+Reads exactly what the dashboard's version page reads (``DashboardData.detail``), so ``--json``
+prints the same document as ``GET /api/versions/{model}/{version}``. ``cli.py`` adds this command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ckpt_stage.config import Settings
+from ckpt_stage.errors import UsageError
+
+STATUS_STYLE = {"quarantined": "bold red", "error": "bold yellow", "promoted": "bold green",
+                "validating": "bold blue", "pending": "dim", None: "dim"}
+VERDICT_STYLE = {"pass": "green", "quarantine": "red", "error": "yellow"}
+SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "dim"}
+
+
+@click.command()
+@click.option("--model", required=True, help="Registered model name.")
+@click.option("--version", "version", required=True, help="Model version number.")
+@click.option("--attempts", "full", default=1, show_default=True, type=click.IntRange(min=0),
+              help="How many attempts (newest first) to print in full; 0 prints every one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the version, attempts and reports as JSON on stdout.")
+def show(model: str, version: str, full: int, as_json: bool) -> None:
+    """Show one version: its status, every attempt, and the full report of the latest ones."""
+    from ckpt_stage import cli
+
+    def body() -> int:
+        from ckpt_stage.dashboard.data import DashboardData
+
+        with cli._stdout_to_stderr() as real:
+            detail = DashboardData(Settings.from_env()).detail(model, str(version))
+            if detail is None:
+                raise UsageError(f"MLflow has no version {version} of model {model!r}",
+                                 hint="list versions with `ckpt-stage ls --model NAME`")
+            if as_json:
+                cli._emit_json(real, detail)
+        if not as_json:
+            render(detail, full=full)
+        return 0
+
+    cli._run(body)
+
+
+def render(detail: dict[str, Any], *, full: int = 1, console: Any = None) -> None:
+    """Print a version's detail document (``DashboardData.detail``) as rich tables."""
+    from rich.console import Console, Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    from ckpt_stage.dashboard.data import human_age, human_bytes, human_seconds
+
+    console = console or Console()
+    st = detail["state"]
+    status = st.get("status")
+    head = Text()
+    head.append(f"{detail['model']} v{detail['version']}  ", style="bold")
+    head.append(status or "not validated", style=STATUS_STYLE.get(status, ""))
+    for alias in st.get("aliases") or []:
+        head.append(f"  @{alias}", style="green")
+    lines: list[Any] = [head]
+    if st.get("summary"):
+        lines.append(Text(st["summary"]))
+    if st.get("reasons"):
+        lines.append(Text("reasons: ", style="dim") + Text(", ".join(st["reasons"]), style="bold"))
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="dim")
+    facts.add_column()
+    facts.add_row("attempts", str(st.get("attempt", 0)))
+    facts.add_row("validated at", f"{st.get('validated_at') or '—'} ({human_age(st.get('age_s'))} ago)")
+    facts.add_row(f"@{detail.get('alias', 'validated')}", f"v{detail['promoted_version']}"
+                  if detail.get("promoted_version") else "none")
+    if st.get("lease_owner"):
+        facts.add_row("being validated by", f"{st['lease_owner']} until {st.get('lease_until')}")
+    for name, url in (detail.get("links") or {}).items():
+        if url:
+            facts.add_row(name.replace("_", " "), url)
+    lines.append(facts)
+    console.print(Panel(Group(*lines), expand=False))
+
+    attempts = detail.get("attempts") or []
+    if attempts:
+        table = Table("#", "started", "verdict", "reasons", "total", "run", title="Attempts (newest first)",
+                      title_justify="left")
+        for a in attempts:
+            total = ((a.get("report") or {}).get("timings_s") or {}).get("total", a.get("metrics", {}).get(
+                "timings_s.total"))
+            table.add_row(str(a.get("attempt") or "?"), a.get("started_at") or "",
+                          Text(a.get("verdict") or "?", style=VERDICT_STYLE.get(a.get("verdict"), "")),
+                          ", ".join(a.get("reasons") or []), human_seconds(total), a.get("run_id") or "")
+        console.print(table)
+    else:
+        console.print("[dim]No validation attempt recorded yet.[/dim]")
+
+    for a in attempts if full == 0 else attempts[:full]:
+        report = a.get("report")
+        if not report:
+            continue
+        console.rule(f"Attempt {a.get('attempt')}: {report.get('verdict')}")
+        findings = report.get("findings") or report.get("reasons") or []
+        if findings:
+            t = Table("severity", "code", "message", "hint", "file", title="Findings", title_justify="left")
+            for f in findings:
+                sev = f.get("severity") or "error"
+                t.add_row(Text(sev, style=SEVERITY_STYLE.get(sev, "")), f.get("code") or "—", f.get("message", ""),
+                          f.get("hint") or "", f.get("file") or "")
+            console.print(t)
+        else:
+            console.print("[green]No findings: every check passed.[/green]")
+        if report.get("files"):
+            t = Table("path", "format", "size", "sha256", title="Files", title_justify="left")
+            for f in report["files"]:
+                t.add_row(f.get("path", ""), f.get("format", ""), human_bytes(f.get("size")), f.get("sha256", ""))
+            console.print(t)
+        recorded, runtime = report.get("recorded") or {}, report.get("runtime") or {}
+        if recorded or runtime:
+            t = Table("", "recorded by the model", "serving runtime", title="Library versions", title_justify="left")
+            for k in dict.fromkeys([*recorded, *runtime]):
+                rec, run = recorded.get(k), runtime.get(k)
+                style = "yellow" if rec and run and rec != run else ""
+                t.add_row(k, Text(rec or "—", style=style), Text(run or "—", style=style))
+            console.print(t)
+        timings, res = report.get("timings_s") or {}, report.get("resources") or {}
+        t = Table.grid(padding=(0, 2))
+        t.add_column(style="dim")
+        t.add_column(justify="right")
+        for k in ("download", "scan", "load", "inference", "total"):
+            t.add_row(f"{k} time", human_seconds(timings.get(k, 0)))
+        t.add_row("peak memory (anon)", human_bytes(res.get("peak_anon_bytes", 0)))
+        t.add_row("estimated memory", human_bytes(res.get("estimated_bytes", 0)))
+        t.add_row("worker limit", human_bytes(res.get("limit_bytes", 0)))
+        for k, v in (report.get("isolation") or {}).items():
+            t.add_row(f"isolation: {k}", "yes" if v is True else "no" if v in (False, None) else str(v))
+        console.print(t)
+
+    drift = detail.get("drift")
+    if drift:
+        console.rule(f"Architecture drift{' vs promoted v' + str(drift['against']) if drift.get('against') else ''}")
+        for f in drift.get("findings") or []:
+            console.print(f"[dim]{f.get('severity', 'info')}:[/dim] {f.get('message', '')}")
+        if drift.get("added") or drift.get("removed") or drift.get("changed"):
+            t = Table("", "layer", "promoted", "this version")
+            for layer in drift.get("removed") or []:
+                t.add_row(Text("−", style="red"), layer["name"], f"{layer.get('shape')} {layer.get('dtype')}", "—")
+            for layer in drift.get("added") or []:
+                t.add_row(Text("+", style="green"), layer["name"], "—", f"{layer.get('shape')} {layer.get('dtype')}")
+            for c in drift.get("changed") or []:
+                b, a = c.get("before") or {}, c.get("after") or {}
+                t.add_row(Text("~", style="yellow"), c["name"], f"{b.get('shape')} {b.get('dtype')}",
+                          f"{a.get('shape')} {a.get('dtype')}")
+            console.print(t)

@@ -1,0 +1,242 @@
+"""Re-runs asked for from the dashboard: through Airflow when it is configured, in-process otherwise.
+
+With ``CKPT_STAGE_AIRFLOW_URL`` set, the request becomes a run of DAG ``ckpt_stage_rerun`` (conf
+``{"model", "versions"}`` or ``{"status", "reason", "model"}``, the DAG's params) through Airflow's
+REST API, so it runs where validations always run, with the same pools and logs. Without Airflow the
+dashboard validates in a background thread (``pipeline.validate_one_safely(ref, force=True)``) and
+the request returns at once; one worker thread, because each validation already uses a whole
+isolated worker process and the MLflow write order must not interleave for one version.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckpt_stage.config import Settings
+from ckpt_stage.dashboard.data import RERUN_DAG, RERUNNABLE_STATUSES, DashboardData
+from ckpt_stage.domain import ReasonCode, VersionRef
+
+log = logging.getLogger(__name__)
+
+MAX_VERSIONS = 1000
+"""One request re-runs at most this many versions in-process (a DAG run batches them itself)."""
+
+
+class RerunError(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@dataclass(frozen=True)
+class RerunRequest:
+    model: str | None = None
+    versions: tuple[str, ...] = ()
+    status: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> RerunRequest:
+        """Validate a JSON body: either model + versions, or status (+ reason, + model)."""
+        if not isinstance(body, dict):
+            raise RerunError(422, "the body must be a JSON object")
+        model, versions, status, reason = body.get("model"), body.get("versions"), body.get("status"), body.get("reason")
+        if model is not None and (not isinstance(model, str) or not model.strip()):
+            raise RerunError(422, "model must be a non-empty string")
+        if versions is not None:
+            if isinstance(versions, str | int):
+                versions = [versions]
+            if not isinstance(versions, list) or not versions or not all(isinstance(v, str | int) for v in versions):
+                raise RerunError(422, "versions must be a non-empty list of version numbers")
+            if not model:
+                raise RerunError(422, "versions need a model")
+            if status or reason:
+                raise RerunError(422, "give either model + versions, or status (+ reason, + model), not both")
+            return cls(model=model, versions=tuple(dict.fromkeys(str(v) for v in versions)))
+        if status not in RERUNNABLE_STATUSES:
+            raise RerunError(422, f"status must be one of {', '.join(RERUNNABLE_STATUSES)} (or give model + versions)")
+        if reason is not None and reason not in ReasonCode.__members__:
+            raise RerunError(422, f"reason {reason!r} is not a reason code")
+        return cls(model=model or None, status=status, reason=reason or None)
+
+    def conf(self) -> dict[str, Any]:
+        """The ``ckpt_stage_rerun`` DAG's params."""
+        if self.versions:
+            return {"model": self.model, "versions": list(self.versions)}
+        return {"status": self.status, "reason": self.reason, "model": self.model}
+
+    def describe(self) -> str:
+        if self.versions:
+            return f"{self.model} version{'s' if len(self.versions) > 1 else ''} {', '.join(self.versions)}"
+        parts = [f"every {self.status} version"]
+        if self.model:
+            parts.append(f"of {self.model}")
+        if self.reason:
+            parts.append(f"with {self.reason}")
+        return " ".join(parts)
+
+
+@dataclass
+class Job:
+    id: str
+    request: RerunRequest
+    refs: list[VersionRef]
+    requested_by: str
+    created_at: str
+    state: str = "queued"
+    """queued → running → done (or failed when the job itself broke)."""
+    results: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.id, "mode": "in-process", "state": self.state, "requested_by": self.requested_by,
+            "created_at": self.created_at, "request": self.request.conf(),
+            "versions": [r.to_dict() for r in self.refs], "done": len(self.results), "results": list(self.results),
+            "error": self.error,
+        }
+
+
+def _airflow_client_class() -> Any:
+    """``ckpt_stage.airflow_client.AirflowClient`` when it is installed (written beside the DAGs)."""
+    try:
+        from ckpt_stage.airflow_client import AirflowClient
+    except ImportError as exc:
+        log.warning("ckpt_stage.airflow_client is unavailable (%s); re-runs run in-process", exc)
+        return None
+    return AirflowClient
+
+
+class Rerunner:
+    def __init__(self, settings: Settings, data: DashboardData, *,
+                 validate: Callable[..., Any] | None = None, airflow_client: Callable[[Settings], Any] | None = None):
+        """``validate`` and ``airflow_client`` (a class or factory taking settings) are for tests."""
+        self.settings, self.data = settings, data
+        self._validate = validate
+        self._airflow_client = airflow_client
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._active: dict[VersionRef, str] = {}
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-stage-rerun")
+        self._airflow: Any = None
+
+    @property
+    def mode(self) -> str:
+        """``airflow`` when Airflow's URL and credentials are configured, else ``in-process``."""
+        client = self._client()
+        return "airflow" if client is not None and client.configured() else "in-process"
+
+    def _client(self) -> Any:
+        # One client for the app's lifetime: it caches Airflow's JWT and is thread-safe.
+        if self._airflow is None and self.settings.airflow_url:
+            cls = self._airflow_client or _airflow_client_class()
+            self._airflow = cls(self.settings) if cls is not None else None
+        return self._airflow
+
+    def submit(self, req: RerunRequest, requested_by: str) -> dict[str, Any]:
+        if self.mode == "airflow":
+            return self._trigger_airflow(req, requested_by)
+        return self._submit_local(req, requested_by)
+
+    def _trigger_airflow(self, req: RerunRequest, requested_by: str) -> dict[str, Any]:
+        conf = req.conf()
+        try:
+            result = self._client().trigger_dag(RERUN_DAG, conf)
+        except Exception as exc:  # noqa: BLE001 - Airflow refused or is down: tell the person, do not guess
+            raise RerunError(502, f"Airflow did not accept the re-run of {req.describe()}: {exc}")
+        run_id = None
+        if isinstance(result, dict):
+            run_id = result.get("dag_run_id") or result.get("run_id")
+        elif isinstance(result, str):
+            run_id = result
+        base = self.settings.airflow_url.rstrip("/")
+        link = f"{base}/dags/{RERUN_DAG}/runs/{run_id}" if run_id else f"{base}/dags/{RERUN_DAG}"
+        log.info("re-run of %s triggered in Airflow by %s: %s", req.describe(), requested_by, run_id)
+        return {"mode": "airflow", "dag_id": RERUN_DAG, "dag_run_id": run_id, "conf": conf, "link": link,
+                "requested_by": requested_by, "message": f"Airflow re-runs {req.describe()}"}
+
+    def _resolve(self, req: RerunRequest) -> list[VersionRef]:
+        if req.versions:
+            assert req.model is not None
+            return [VersionRef(req.model, v) for v in req.versions]
+        states = self.data.registry.iter_versions(model=req.model, status=req.status, reason=req.reason)
+        refs = []
+        for s in states:
+            refs.append(s.ref)
+            if len(refs) > MAX_VERSIONS:
+                raise RerunError(413, f"{req.describe()} matches more than {MAX_VERSIONS} versions; narrow the "
+                                      "filter or configure Airflow (CKPT_STAGE_AIRFLOW_URL) to run it as a DAG")
+        return refs
+
+    def _submit_local(self, req: RerunRequest, requested_by: str) -> dict[str, Any]:
+        refs = self._resolve(req)
+        if not refs:
+            raise RerunError(404, f"nothing to re-run: no {req.describe()}")
+        job = Job(uuid.uuid4().hex[:12], req, refs, requested_by,
+                  dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"))
+        with self._lock:
+            # Pressing the button twice must not queue the same versions twice.
+            fresh = [r for r in refs if r not in self._active]
+            if not fresh:
+                existing = self._jobs.get(self._active[refs[0]])
+                doc = existing.to_dict() if existing else {"mode": "in-process", "state": "running"}
+                return {**doc, "message": f"already re-running {req.describe()}"}
+            job.refs = fresh
+            for r in fresh:
+                self._active[r] = job.id
+            self._jobs[job.id] = job
+            while len(self._jobs) > 100:
+                self._jobs.popitem(last=False)
+        log.info("re-run of %s (%d versions) queued in-process by %s", req.describe(), len(fresh), requested_by)
+        self._pool.submit(self._run, job)
+        return {**job.to_dict(), "message": f"re-running {req.describe()} in the dashboard process"}
+
+    def _run(self, job: Job) -> None:
+        if self._validate is None:
+            from ckpt_stage.pipeline import validate_one_safely
+
+            validate = validate_one_safely
+        else:
+            validate = self._validate
+        job.state = "running"
+        try:
+            for ref in list(job.refs):
+                try:
+                    outcome = validate(ref, settings=self.settings, registry=self.data.registry, force=True)
+                    report = getattr(outcome, "report", None)
+                    job.results.append({
+                        **ref.to_dict(),
+                        "verdict": report.verdict.value if report else None,
+                        "attempt": report.attempt if report else None,
+                        "run_id": getattr(outcome, "run_id", None),
+                        "skipped": getattr(outcome, "skipped", "") or None,
+                    })
+                except Exception as exc:  # noqa: BLE001 - one broken version must not stop the batch
+                    log.exception("re-run of %s failed", ref)
+                    job.results.append({**ref.to_dict(), "verdict": None, "error": f"{type(exc).__name__}: {exc}"})
+                finally:
+                    with self._lock:
+                        self._active.pop(ref, None)
+                    self.data.invalidate()
+            job.state = "done"
+        except BaseException as exc:  # noqa: BLE001 - record why the job stopped, then let it propagate
+            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        return job.to_dict() if job else None
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._airflow is not None and hasattr(self._airflow, "close"):
+            self._airflow.close()
