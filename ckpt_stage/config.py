@@ -113,6 +113,9 @@ class Settings:
     worker_python: str = ""
     worker_timeout_s: float = 300.0
     worker_cpu_s: float = 600.0
+    worker_cgroup: str = ""
+    """Parent cgroup directory for per-job memory cgroups; "" picks <memory v1 mount>/ckpt-stage or
+    /sys/fs/cgroup/ckpt-stage (v2). On cgroup v2 it must be a delegated subtree without processes."""
     worker_classes: tuple[WorkerClass, ...] = (
         WorkerClass("small", 4 * 2**30, "ckpt_stage_small"),
         WorkerClass("large", 16 * 2**30, "ckpt_stage_large"),
@@ -167,6 +170,7 @@ class Settings:
             worker_python=env.get(PREFIX + "WORKER_PYTHON", ""),
             worker_timeout_s=_float(env, "WORKER_TIMEOUT_S", d.worker_timeout_s),
             worker_cpu_s=_float(env, "WORKER_CPU_S", d.worker_cpu_s),
+            worker_cgroup=env.get(PREFIX + "WORKER_CGROUP", ""),
             worker_classes=parse_worker_classes(classes_raw) if classes_raw else d.worker_classes,
             lease_s=_float(env, "LEASE_S", d.lease_s),
             owner=env.get(PREFIX + "OWNER", ""),

@@ -149,9 +149,17 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
         "masked_paths": [],
     }
     model_root, work = job_root, spec["fallback_dir"]
-    if info["mount_namespace"]:
-        # Private propagation first, or every mount below would leak into the host's namespace.
-        iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
+    mounts = info["mount_namespace"]
+    if mounts:
+        # Private propagation first, or every mount below would leak into the host's namespace. An
+        # LSM (AppArmor's container profile) may refuse mount(2) even with CAP_SYS_ADMIN: then no
+        # mounts at all, and the report says so.
+        try:
+            iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
+        except OSError as exc:
+            mounts = False
+            notes.append(f"mounts refused: {exc}")
+    if mounts:
         if info["pid_namespace"]:
             try:
                 iso.mount("proc", "/proc", "proc", iso.MS_NOSUID | iso.MS_NODEV | iso.MS_NOEXEC)
@@ -169,13 +177,29 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
             info["readonly_model"] = True
             model_root = MODEL
             os.makedirs(WORK, mode=0o700)
-            if spec.get("drop_to"):
-                os.chown(WORK, *spec["drop_to"])
+            # Owner set by mount options: the pod template grants no CAP_CHOWN.
+            owner = ",uid={},gid={}".format(*spec["drop_to"]) if spec.get("drop_to") else ""
+            size = int(spec.get("tmp_bytes") or 64 * 2**20)
+            iso.mount("tmpfs", WORK, "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, f"mode=0700,size={size}{owner}")
             work = WORK
             info["private_tmp"] = True
         except OSError as exc:
             notes.append(str(exc))
     os.close(root_fd)
+    if spec.get("drop_to"):
+        # Without the binds, the unprivileged loader reads the host's paths directly. If it cannot reach
+        # them, the loader's errors would look like the model's fault (a false quarantine): stop here
+        # with an infrastructure error instead.
+        blocked = [] if info["masked_paths"] else sorted(MASK_PLAN)
+        if model_root == job_root and not _reachable(job_root):
+            blocked.append(job_root)
+        if blocked:
+            status.send(ev="isolated", iso=info)
+            status.send(ev="error", msg=(
+                f"no mount namespace to bind {', '.join(blocked)} for the unprivileged worker, and "
+                "they are not reachable by other users; grant CAP_SYS_ADMIN (mounts) or use "
+                "world-traversable directories for the interpreter and CKPT_STAGE_CACHE_DIR"))
+            return 1
     info["unprivileged_user"] = bool(spec.get("drop_to")) or os.getuid() != 0
     info["no_new_privs"] = True
     info["rlimits"] = True
@@ -204,6 +228,11 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
     return 0
 
 
+def _reachable(path: str) -> bool:
+    parts = os.path.realpath(path).split("/")
+    return all(iso.traversable_by_others("/".join(parts[:i]) or "/") for i in range(2, len(parts) + 1))
+
+
 def _private_tmps(spec: dict) -> None:
     """Fresh, size-capped tmpfs on the shared scratch dirs: the worker sees none of the host's temp
     files, and what it writes vanishes with it (and is charged to its memory cgroup)."""
@@ -212,10 +241,12 @@ def _private_tmps(spec: dict) -> None:
         if not os.path.isdir(d):
             continue
         # Needed interpreter dirs that live under a scratch dir (a venv in /tmp) are bound back.
-        keep = [p for p in NEEDED_PATHS if p == d or p.startswith(d.rstrip("/") + "/")]
+        keep = [p for p in NEEDED_PATHS if p.startswith(d.rstrip("/") + "/")]
         fds = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in keep if os.path.isdir(p)]
         try:
-            iso.mount("tmpfs", d, "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, f"mode=1777,size={size}")
+            # /tmp itself stays root's (0755): the loader writes only to its own /tmp/work.
+            opts = "mode=0755,size=1m" if d == "/tmp" else f"mode=1777,size={size}"
+            iso.mount("tmpfs", d, "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, opts)
             for p, fd in fds:
                 os.makedirs(p, mode=0o755, exist_ok=True)
                 iso.bind_readonly(f"/proc/self/fd/{fd}", p, recursive=True)
@@ -249,6 +280,9 @@ def _loader_main(spec: dict, result_w: int, status_w: int, model_root: str, work
         if spec.get("drop_to"):
             iso.drop_privileges(*spec["drop_to"])
         iso.prctl(iso.PR_SET_NO_NEW_PRIVS, 1)
+        # After the drop: a credential change clears the parent-death signal. Without a PID namespace
+        # this is what takes the loader down with init.
+        iso.set_parent_death_signal()
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
         os._exit(SETUP_FAILED)

@@ -1,44 +1,620 @@
-"""Parent side of the worker: run one ``LoadJob`` in a throw-away process, always return a result.
+"""Parent side of the worker: run one ``LoadJob`` in a throw-away isolated process, always return a
+``LoadResult``.
 
-Lifecycle: start → (child loads and checks, writes its result) → stop. ``stop`` never raises and
-always runs; a child that dies or overruns becomes a finding, never an exception in the parent.
+``run_job(job, settings)`` never raises and is thread-safe (Airflow/Celery may call it from several
+threads at once); each call gets its own process tree, pipes and cgroup. The fork server
+(``forkserver.py``) starts lazily on first use, is restarted once if it died, and is stopped by
+``shutdown()`` (idempotent, registered atexit).
+
+Lifecycle of one job::
+
+    idle      pipes, spec memfd, fallback work dir and memory cgroup prepared; job.root made
+              world-readable (a+r files, a+rx dirs) for the unprivileged loader
+    forked    the fork server forked the supervisor: setsid, joins the cgroup, new namespaces
+              (deadline starts here, not at fork-server start-up)
+    isolated  init (PID 1 of the new PID namespace) reported the measures in force
+    loading   the loader (nobody, rlimits) runs ``load_and_check``; the parent samples its RssAnon
+    reported  the loader's result (JSON, size-capped) and init's record of its exit status arrived,
+              or the deadline passed and the process group and cgroup were SIGKILLed
+    reaped    the fork server reaped the supervisor; ``stop()``: kill whatever is left, remove the
+              cgroup, close every fd, remove the work dir. ``stop()`` never raises and always runs.
+
+Outcomes are classified here, in the parent, which always survives (see ``_Run.classify``):
+cgroup OOM kill → RESOURCE_LIMIT, deadline or CPU limit → TIMEOUT, SEGV/BUS/ILL/ABRT/FPE →
+WORKER_CRASH, another SIGKILL/SIGTERM (an operator, the host) → WORKER_LOST, a non-zero exit or a
+malformed result → INTERNAL_ERROR with the stderr tail.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
-import subprocess
+import pwd
+import selectors
+import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
+import time
+import uuid
+from typing import Any
 
+import ckpt_stage
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import Finding, ReasonCode
+from ckpt_stage.sandbox import child, isolation
+from ckpt_stage.sandbox.forkserver import ForkServer, ServerGone, ServerStartError
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
 
+log = logging.getLogger(__name__)
 
-def run_job(job: LoadJob, settings: Settings) -> LoadResult:
+DEFAULT_ENTRY = "ckpt_stage.sandbox.loader:load_and_check"
+RESULT_CAP = 32 * 2**20
+"""A result bigger than this is malformed (layer tables of huge models fit well below it)."""
+STDERR_TAIL = 64 * 2**10
+STATUS_CAP = 256 * 2**10
+TMP_BYTES = 256 * 2**20
+"""Size of the worker's private /tmp (tmpfs, charged to its memory cgroup)."""
+SAMPLE_S = 0.02
+KILL_GRACE_S = 5.0
+PID_TIMEOUT_S = 30.0
+
+_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGFPE,
+                  signal.SIGSYS, signal.SIGTRAP, signal.SIGPIPE}
+
+_lock = threading.Lock()
+_servers: dict[tuple, ForkServer] = {}
+_active: dict[str, _Run] = {}
+
+
+def run_job(job: LoadJob, settings: Settings, *, entry: str | None = None) -> LoadResult:
+    """Run ``job`` in a fresh isolated worker; never raises.
+
+    ``entry`` (``module:function`` taking a LoadJob, returning a LoadResult) is for tests only; the
+    production path is always ``ckpt_stage.sandbox.loader:load_and_check``.
+    """
+    run = _Run(job, settings, entry or DEFAULT_ENTRY)
+    try:
+        return run.execute()
+    except Exception as exc:  # noqa: BLE001 - the contract: a result, never an exception
+        log.exception("worker runner failed")
+        return run.fail(ReasonCode.INTERNAL_ERROR, f"the worker runner failed: {type(exc).__name__}: {exc}",
+                        "this is a bug in ckpt-stage; the version stays eligible for a re-run")
+    finally:
+        run.stop()
+
+
+def shutdown() -> None:
+    """Stop every fork server. Idempotent; registered atexit. The next run_job starts a new one."""
+    with _lock:
+        servers = list(_servers.values())
+        _servers.clear()
+    for server in servers:
+        server.stop()
+
+
+atexit.register(shutdown)
+
+
+def active_workers() -> list[dict[str, Any]]:
+    """Jobs in flight (diagnostics, tests): job id, supervisor/init/loader pids, cgroup."""
+    with _lock:
+        runs = list(_active.values())
+    return [r.describe() for r in runs]
+
+
+def fork_server_pids() -> list[int]:
+    with _lock:
+        return [s.pid for s in _servers.values() if s.pid]
+
+
+# --- fork server management ----------------------------------------------------------------------
+
+
+def _worker_pythonpath(python: str, settings: Settings) -> list[str]:
+    """Where the worker finds ckpt_stage and the operator's architecture packages (the repo's
+    ``tests`` package in tests). The worker's cwd is an empty private dir, so the parent's sys.path
+    entries that are not the interpreter's own go along; never the cwd (from a bare ``-m`` run) and
+    never anything under the cache dir, which holds untrusted files."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    cache = os.path.realpath(str(settings.cache_dir))
+    cwd = os.path.realpath(os.getcwd())
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.realpath(ckpt_stage.__file__)))
+
+    def ok(p: str) -> bool:
+        rp = os.path.realpath(p)
+        return os.path.isdir(rp) and not _inside(rp, cache) and "site-packages" not in rp.split(os.sep) \
+            and not any(_inside(rp, b) for b in prefixes)
+
+    out = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if ok(pkg_parent):
+        out.append(pkg_parent)
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        out += [p for p in sys.path if p and os.path.realpath(p) != cwd and ok(p)]
+    return list(dict.fromkeys(os.path.realpath(p) for p in out))
+
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def _server_env(pythonpath: list[str]) -> dict[str, str]:
+    env = isolation.scrub_env(os.environ)
+    env.update(PYTHONPATH=os.pathsep.join(pythonpath), PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1",
+               PYTHONSAFEPATH="1")
+    # numpy's OpenBLAS starts a thread pool at import; fork() copies only the forking thread, so a lock
+    # one of those threads held would stay locked in every worker. One BLAS thread: no pool, and the
+    # fork server is single-threaded as fork() wants (torch's own pools start lazily, at the first op).
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return env
+
+
+def _server_key(settings: Settings) -> tuple:
     python = settings.worker_python or sys.executable
-    with tempfile.TemporaryDirectory(prefix="ckpt-stage-worker-") as tmp:
-        out = os.path.join(tmp, "result.json")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "TORCH_FORCE"))}
-        proc = subprocess.Popen(
-            [python, "-m", "ckpt_stage.sandbox.child", out],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            cwd=tmp, env=env, start_new_session=True,
-        )
+    return (python, tuple(_worker_pythonpath(python, settings)))
+
+
+def _get_server(key: tuple) -> ForkServer:
+    with _lock:
+        server = _servers.get(key)
+        if server is not None and server.alive():
+            return server
+        if server is not None:
+            server.stop()
+        python, pythonpath = key
+        if not _servers:
+            isolation.sweep_stale_cgroups()  # left behind by a stage process that crashed mid-job
+        # Only the production loader is preloaded; a test entry is imported by the worker itself.
+        server = ForkServer(python, _server_env(list(pythonpath)), [DEFAULT_ENTRY])
+        t0 = time.monotonic()
+        server.start()
+        log.info("fork server %s started in %.1f s (%s)", server.pid, time.monotonic() - t0, python)
+        _servers[key] = server
+        return server
+
+
+def _restart_server(key: tuple, dead: ForkServer) -> None:
+    with _lock:
+        if _servers.get(key) is dead:
+            del _servers[key]
+    dead.stop()
+
+
+# --- one job -------------------------------------------------------------------------------------
+
+
+def _nobody() -> tuple[int, int] | None:
+    if os.geteuid() != 0:
+        return None  # already unprivileged: nothing to drop
+    if not isolation.has_caps(isolation.CAP_SETUID, isolation.CAP_SETGID):
+        return None  # root without CAP_SETUID/SETGID cannot drop: recorded as unprivileged_user=false
+    try:
+        pw = pwd.getpwnam("nobody")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+def _make_readable(root: str) -> None:
+    """The unprivileged loader reads job.root through a read-only bind; a file written 0600 (mkstemp
+    and rename) would be unreadable to it. The parent owns these files; adding read bits is safe."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name, bits in [(d, 0o555) for d in dirnames] + [(f, 0o444) for f in filenames] + [("", 0o555)]:
+            p = os.path.join(dirpath, name) if name else dirpath
+            try:
+                st = os.lstat(p)
+                if not os.path.islink(p) and st.st_mode & bits != bits:
+                    os.chmod(p, st.st_mode | bits)
+            except OSError:
+                pass
+
+
+class _Run:
+    def __init__(self, job: LoadJob, settings: Settings, entry: str):
+        self.job, self.settings, self.entry = job, settings, entry
+        self.id = uuid.uuid4().hex[:12]
+        self.fds: dict[str, int] = {}
+        self.reply: socket.socket | None = None
+        self.cgroup: isolation.MemoryCgroup | None = None
+        self.cgroup_note = ""
+        self.workdir = ""
+        self.server: ForkServer | None = None
+        self.supervisor_pid: int | None = None
+        self.init_pid: int | None = None
+        self.worker_pid: int | None = None
+        self.supervisor_status: int | None = None
+        self.server_lost = False
+        self.events: list[dict[str, Any]] = []
+        self.result_buf = bytearray()
+        self.result_overflow = False
+        self.status_buf = bytearray()
+        self.stderr_tail = bytearray()
+        self.peak_anon = 0
+        self.baseline_anon = 0
+        self.t_start = time.monotonic()
+        self.t_forked = 0.0
+        self.t_loading = 0.0
+        self.deadline_hit = False
+        self.killed_at = 0.0
+        self.stuck = False
+
+    # -- lifecycle --
+
+    def execute(self) -> LoadResult:
+        drop_to = _nobody()
+        if drop_to:
+            _make_readable(self.job.root)
+        self.workdir = tempfile.mkdtemp(prefix="ckpt-stage-job-")
+        os.chmod(self.workdir, 0o711)
+        fallback = os.path.join(self.workdir, "work")
+        os.mkdir(fallback, 0o700)
+        if drop_to:
+            try:
+                os.chown(fallback, *drop_to)  # only used without a mount namespace
+            except OSError:
+                os.chmod(fallback, 0o777)  # no CAP_CHOWN (the pod template drops it)
+        self.cgroup, self.cgroup_note = isolation.MemoryCgroup.create(
+            f"{os.getpid()}-{self.id}", int(self.job.memory_bytes), self.settings.worker_cgroup)
+        spec = {
+            "job": {**self.job.to_dict(), "root": os.path.realpath(self.job.root)},
+            "entry": self.entry,
+            "cgroup_procs": self.cgroup.procs_file if self.cgroup else None,
+            "drop_to": list(drop_to) if drop_to else None,
+            "tmp_bytes": TMP_BYTES,
+            "fallback_dir": fallback,
+            "namespaces": True,
+        }
+        key = _server_key(self.settings)
+        with _lock:
+            _active[self.id] = self
+        for attempt in (1, 2):
+            try:
+                self.server = _get_server(key)
+            except ServerStartError as exc:
+                return self.fail(ReasonCode.INTERNAL_ERROR, str(exc),
+                                 "check CKPT_STAGE_WORKER_PYTHON and that it can import torch and ckpt_stage")
+            try:
+                self._launch(spec)
+                break
+            except ServerGone as exc:
+                log.warning("fork server %s gone (%s); %s", self.server.pid, exc,
+                            "restarting it" if attempt == 1 else "giving up")
+                self._close_fds()
+                if self.cgroup:
+                    self.cgroup.kill_all()
+                _restart_server(key, self.server)
+                if attempt == 2:
+                    return self.fail(ReasonCode.WORKER_LOST, f"the worker fork server died twice: {exc}",
+                                     "the validation will be retried")
+        self._wait()
+        return self.classify()
+
+    def _launch(self, spec: dict[str, Any]) -> None:
+        spec_fd = os.memfd_create("ckpt-stage-job", os.MFD_CLOEXEC)
+        self.fds["spec"] = spec_fd
+        os.write(spec_fd, json.dumps(spec).encode())
+        for name in ("result", "status", "stderr"):
+            r, w = os.pipe()
+            self.fds[name], self.fds[name + "_w"] = r, w
+        assert self.server is not None
+        self.reply = self.server.submit(
+            [spec_fd, self.fds["result_w"], self.fds["status_w"], self.fds["stderr_w"]])
+        # Our copies of the write ends go, so EOF arrives when the worker's side is done.
+        for name in ("result_w", "status_w", "stderr_w", "spec"):
+            os.close(self.fds.pop(name))
+        self.reply.settimeout(PID_TIMEOUT_S)
         try:
-            _, err = proc.communicate(json.dumps(job.to_dict()).encode(), timeout=job.timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            return LoadResult(findings=(Finding(ReasonCode.TIMEOUT, f"loading ran past its {job.timeout_s:.0f} s deadline",
-                                                "make the model load faster or raise CKPT_STAGE_WORKER_TIMEOUT_S"),))
-        if proc.returncode == 0 and os.path.exists(out):
-            with open(out) as fh:
-                return LoadResult.from_dict(json.load(fh))
-        tail = err.decode(errors="replace")[-2000:]
-        if proc.returncode < 0:
-            return LoadResult(findings=(Finding(ReasonCode.WORKER_CRASH, f"the worker died by signal {-proc.returncode}",
-                                                "the checkpoint crashes the loader; check the file", detail={"stderr": tail}),))
-        return LoadResult(findings=(Finding(ReasonCode.INTERNAL_ERROR, f"the worker exited with status {proc.returncode}: {tail[-500:]}"),))
+            msg = self.reply.recv(4096)
+        except OSError as exc:
+            raise ServerGone(f"no answer from the fork server: {exc}") from None
+        if not msg:
+            raise ServerGone("the fork server closed the job's socket before forking")
+        self.supervisor_pid = int(json.loads(msg)["pid"])
+        self.t_forked = time.monotonic()
+        self.reply.setblocking(False)
+
+    def _wait(self) -> None:
+        sel = selectors.DefaultSelector()
+        streams = {"result": self.fds["result"], "status": self.fds["status"], "stderr": self.fds["stderr"]}
+        for name, fd in streams.items():
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ, name)
+        assert self.reply is not None
+        sel.register(self.reply, selectors.EVENT_READ, "reply")
+        deadline = self.t_forked + float(self.job.timeout_s)
+        exited_at = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if not self.killed_at and now >= deadline:
+                    self.deadline_hit = True
+                    self.kill()
+                if self.killed_at and now >= self.killed_at + KILL_GRACE_S:
+                    self.stuck = True  # unkillable (D state?): classify with what we have
+                    break
+                ended = self.supervisor_status is not None or self.server_lost
+                if ended and not exited_at:
+                    exited_at = now
+                open_streams = [k.data for k in sel.get_map().values() if k.data in streams]
+                if ended and (not open_streams or now >= exited_at + 1.0):
+                    break  # a straggler holding a pipe (no PID namespace) does not hold us up
+                timeout = SAMPLE_S if self.killed_at else max(0.0, min(SAMPLE_S, deadline - now))
+                for key, _ in sel.select(timeout):
+                    self._read(sel, key)
+                self._sample()
+        finally:
+            sel.close()
+
+    def _read(self, sel: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
+        name = key.data
+        if name == "reply":
+            try:
+                msg = self.reply.recv(4096) if self.reply else b""
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = b""
+            if not msg:
+                sel.unregister(key.fileobj)
+                if self.supervisor_status is None:
+                    self.server_lost = True  # the fork server died mid-job; its children went with it
+                return
+            data = json.loads(msg)
+            if "exit" in data:
+                self.supervisor_status = int(data["exit"])
+            return
+        try:
+            chunk = os.read(key.fd, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            sel.unregister(key.fd)
+            return
+        if name == "result":
+            if len(self.result_buf) + len(chunk) > RESULT_CAP:
+                self.result_overflow = True  # keep draining so the worker is not blocked; drop it
+            else:
+                self.result_buf += chunk
+        elif name == "stderr":
+            self.stderr_tail += chunk
+            if len(self.stderr_tail) > STDERR_TAIL:
+                del self.stderr_tail[:-STDERR_TAIL]
+        elif name == "status" and len(self.status_buf) < STATUS_CAP:
+            self.status_buf += chunk
+            *lines, rest = self.status_buf.split(b"\n")
+            self.status_buf = bytearray(rest)
+            for line in lines:
+                try:
+                    self._event(json.loads(line))
+                except ValueError:
+                    pass
+
+    def _event(self, ev: dict[str, Any]) -> None:
+        self.events.append(ev)
+        kind = ev.get("ev")
+        if kind == "supervisor":
+            self.init_pid = int(ev["init_pid"])
+        elif kind == "loading":
+            self.t_loading = time.monotonic()
+
+    def _sample(self) -> None:
+        if self.worker_pid is None and self.t_loading and self.init_pid:
+            self.worker_pid = self._find_worker()
+        if self.worker_pid is not None:
+            anon = isolation.rss_anon(self.worker_pid)
+            if anon:
+                self.baseline_anon = self.baseline_anon or anon
+                self.peak_anon = max(self.peak_anon, anon)
+
+    def _find_worker(self) -> int | None:
+        # Its pid in our namespace (inside its own PID namespace it is 2): the cgroup's member that is
+        # neither supervisor nor init, else init's child.
+        skip = {self.supervisor_pid, self.init_pid}
+        if self.cgroup:
+            pids = [p for p in self.cgroup.pids() if p not in skip]
+            if pids:
+                return min(pids)
+        kids = isolation.children_of(self.init_pid) if self.init_pid else []
+        return kids[0] if kids else None
+
+    def kill(self) -> None:
+        self.killed_at = time.monotonic()
+        if self.supervisor_pid and self.supervisor_status is None:
+            try:
+                os.killpg(self.supervisor_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self.cgroup:
+            self.cgroup.kill_all()
+
+    def stop(self) -> None:
+        """Never raises, always runs: kill what is left, remove the cgroup, close fds, remove dirs."""
+        for step in (self._stop_processes, self._close_fds, self._remove_cgroup, self._remove_workdir):
+            try:
+                step()
+            except Exception:  # noqa: BLE001
+                log.debug("worker stop step %s failed", step.__name__, exc_info=True)
+        with _lock:
+            _active.pop(self.id, None)
+
+    def _stop_processes(self) -> None:
+        if self.supervisor_pid and self.supervisor_status is None and not self.server_lost:
+            self.kill()
+        elif self.cgroup:
+            self.cgroup.kill_all()
+
+    def _close_fds(self) -> None:
+        for name in list(self.fds):
+            try:
+                os.close(self.fds.pop(name))
+            except OSError:
+                pass
+        if self.reply is not None:
+            # Closing the reply socket also tells the fork server to kill the job if it still runs.
+            self.reply.close()
+            self.reply = None
+
+    def _remove_cgroup(self) -> None:
+        if self.cgroup and not self.cgroup.remove():
+            log.warning("could not remove cgroup %s", self.cgroup.path)
+
+    def _remove_workdir(self) -> None:
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {"job_id": self.id, "supervisor_pid": self.supervisor_pid, "init_pid": self.init_pid,
+                "worker_pid": self.worker_pid, "cgroup": str(self.cgroup.path) if self.cgroup else None}
+
+    # -- outcome --
+
+    def isolation_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"net_namespace": False, "pid_namespace": False, "mount_namespace": False,
+                                "unprivileged_user": False, "rlimits": False, "no_new_privs": False}
+        for ev in self.events:
+            if ev.get("ev") == "isolated":
+                info.update(ev.get("iso") or {})
+        info["env_stripped"] = True
+        info["cgroup_memory"] = bool(self.cgroup) and bool(info.get("cgroup_memory"))
+        if self.cgroup:
+            info["memory_limit_bytes"] = self.cgroup.limit
+            info["cgroup_version"] = self.cgroup.version
+        elif self.cgroup_note:
+            info.setdefault("notes", []).append(f"no memory cgroup: {self.cgroup_note}")
+        if self.server is not None and self.server.hello.get("masks"):
+            info.setdefault("masked_paths", self.server.hello["masks"])
+        return info
+
+    def _base(self) -> dict[str, Any]:
+        timings = {}
+        if self.t_loading:
+            timings["worker_start"] = self.t_loading - self.t_start
+        runtime = dict(self.server.hello.get("runtime") or {}) if self.server else {}
+        return {"runtime": runtime, "timings_s": timings, "peak_anon_bytes": self.peak_anon,
+                "isolation": self.isolation_info(),
+                "info": {"worker_baseline_anon_bytes": self.baseline_anon} if self.baseline_anon else {}}
+
+    def fail(self, code: ReasonCode, message: str, hint: str = "", **detail: Any) -> LoadResult:
+        base = self._base()
+        tail = self.stderr_text()
+        if tail:
+            detail.setdefault("stderr_tail", tail[-2000:])
+        return LoadResult(findings=(Finding(code, message, hint, detail=detail),), **base)
+
+    def stderr_text(self) -> str:
+        return bytes(self.stderr_tail).decode(errors="replace").strip()
+
+    def classify(self) -> LoadResult:
+        exit_ev = next((e for e in reversed(self.events) if e.get("ev") == "exit"), None)
+        job = self.job
+        if exit_ev is not None and exit_ev.get("code") == 0 and self.result_buf and not self.result_overflow:
+            try:
+                result = LoadResult.from_dict(json.loads(bytes(self.result_buf)))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                return self.fail(ReasonCode.INTERNAL_ERROR,
+                                 f"the worker's result is malformed ({type(exc).__name__}: {exc})"[:500],
+                                 "this is a bug in ckpt-stage or the loader")
+            return self._merge(result)
+        oom = self.cgroup.oom_kills() if self.cgroup else 0
+        if oom:
+            peak = self.cgroup.peak() if self.cgroup else 0
+            return self.fail(
+                ReasonCode.RESOURCE_LIMIT,
+                f"the worker was killed by the out-of-memory killer at its memory limit of "
+                f"{isolation.format_bytes(job.memory_bytes)} (peak usage {isolation.format_bytes(peak)}, "
+                f"peak anonymous memory {isolation.format_bytes(self.peak_anon)})",
+                "the model needs more memory than its worker class allows: add a larger class to "
+                "CKPT_STAGE_WORKER_CLASSES, or shrink/shard the checkpoint",
+                limit_bytes=int(job.memory_bytes), peak_bytes=peak)
+        if self.deadline_hit:
+            return self.fail(
+                ReasonCode.TIMEOUT,
+                f"loading ran past its {job.timeout_s:g} s deadline; the worker was killed",
+                "the checkpoint or its architecture loops or blocks; if it is legitimately slow, raise "
+                "CKPT_STAGE_WORKER_TIMEOUT_S", timeout_s=job.timeout_s)
+        if exit_ev is not None and "signal" in exit_ev:
+            sig = int(exit_ev["signal"])
+            name = _signame(sig)
+            cpu = float(exit_ev.get("cpu_s") or 0.0)
+            if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= float(job.cpu_s) - 0.5):
+                return self.fail(
+                    ReasonCode.TIMEOUT,
+                    f"the worker used up its CPU budget of {job.cpu_s:g} s ({name} after {cpu:.1f} s of CPU)",
+                    "the checkpoint or its architecture computes without end; if it is legitimately slow, "
+                    "raise CKPT_STAGE_WORKER_CPU_S", signal=name, cpu_s=cpu)
+            if sig == signal.SIGXFSZ:
+                return self.fail(
+                    ReasonCode.RESOURCE_LIMIT,
+                    f"the worker tried to write a file larger than {isolation.format_bytes(isolation.FSIZE_BYTES)}",
+                    "loading a checkpoint must not write large files", signal=name)
+            if sig in _CRASH_SIGNALS:
+                return self.fail(
+                    ReasonCode.WORKER_CRASH,
+                    f"the worker died by signal {name} ({sig}) while loading and checking the model",
+                    "the checkpoint or its architecture crashes the runtime (native code, a corrupt "
+                    "tensor); load it with the serving runtime to see the crash", signal=name)
+            return self.fail(
+                ReasonCode.WORKER_LOST,
+                f"the worker was killed by {name} from outside the stage (not by its own limits)",
+                "an operator or the host killed the worker; the validation will be retried", signal=name)
+        if exit_ev is not None:
+            code = exit_ev.get("code")
+            if code == 0:
+                why = f"its result exceeded {isolation.format_bytes(RESULT_CAP)}" if self.result_overflow \
+                    else "no result"
+                return self.fail(ReasonCode.INTERNAL_ERROR, f"the worker exited cleanly with {why}",
+                                 "this is a bug in ckpt-stage or the loader")
+            what = {child.SETUP_FAILED: "could not set up its isolation",
+                    child.LOADER_RAISED: "raised instead of reporting"}.get(code, f"exited with status {code}")
+            return self.fail(ReasonCode.INTERNAL_ERROR,
+                             f"the worker {what}: {self.stderr_text()[-500:] or 'no output'}",
+                             "this is a bug in ckpt-stage or the loader, or the platform refuses an "
+                             "isolation measure", exit_status=code)
+        errors = [e.get("msg", "") for e in self.events if e.get("ev") == "error"]
+        if errors:
+            return self.fail(ReasonCode.INTERNAL_ERROR, f"the worker failed: {errors[-1]}"[:500],
+                             "the platform refused an isolation measure, or this is a bug in ckpt-stage")
+        if self.stuck:
+            return self.fail(ReasonCode.WORKER_LOST, "the worker could not be killed and did not report",
+                             "the host may be overloaded; the validation will be retried")
+        if self.server_lost:
+            return self.fail(ReasonCode.WORKER_LOST, "the worker's fork server died during the job",
+                             "the host or an operator killed it; the validation will be retried")
+        st = self.supervisor_status
+        if st is not None and os.WIFSIGNALED(st):
+            name = _signame(os.WTERMSIG(st))
+            return self.fail(ReasonCode.WORKER_LOST,
+                             f"the worker was killed by {name} from outside the stage before it reported",
+                             "an operator or the host killed the worker; the validation will be retried",
+                             signal=name)
+        return self.fail(ReasonCode.INTERNAL_ERROR,
+                         f"the worker ended without reporting: {self.stderr_text()[-500:] or 'no output'}",
+                         "this is a bug in ckpt-stage")
+
+    def _merge(self, result: LoadResult) -> LoadResult:
+        base = self._base()
+        # The parent's view of the isolation wins: the loader's own claims are untrusted.
+        isolation_info = {**result.isolation, **base["isolation"]}
+        info = {**base["info"], **result.info}
+        return LoadResult(
+            findings=result.findings,
+            runtime=result.runtime or base["runtime"],
+            recorded=result.recorded,
+            timings_s={**base["timings_s"], **result.timings_s},
+            peak_anon_bytes=max(result.peak_anon_bytes, self.peak_anon),
+            isolation=isolation_info,
+            info=info,
+        )
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"

@@ -1,0 +1,515 @@
+"""Isolation primitives of the worker: environment scrubbing, namespaces, mounts, privileges,
+rlimits, memory cgroups and /proc sampling.
+
+Everything here is small and does one thing; ``child.py`` strings the child-side pieces together
+and ``runner.py`` the parent-side ones. Every measure is best effort at the call site: a platform
+that cannot apply one (not root, no namespaces, no writable cgroup) degrades, and the caller
+records which measures were in force (``LoadResult.isolation``).
+
+Linux only. Python 3.11 has no ``os.unshare``/``os.mount`` (``os.unshare`` arrived in 3.12), so
+the syscalls go through ``ctypes``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import resource
+import signal
+import stat
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# --- environment --------------------------------------------------------------------------------
+
+# Allowlist first: an unknown variable is dropped, because a denylist can never know every way a
+# deployment spells a secret (Airflow alone has AIRFLOW_CONN_*, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN,
+# ...). What the worker needs: how to find Python and its libraries, locale, thread counts, torch
+# knobs and the stage's own non-secret settings.
+_ENV_KEEP_NAMES = frozenset(
+    {"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX",
+     "CUDA_VISIBLE_DEVICES", "SOURCE_DATE_EPOCH"}
+)
+_ENV_KEEP_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "NUMEXPR_",
+                      "TORCH_", "PYTORCH_", "CKPT_STAGE_")
+# Then the denylist, which wins over the allowlist. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 silently turns
+# weights_only off for every torch.load that does not pass it (torch >= 2.6), so it must never reach
+# the worker. PYTHONSTARTUP/PYTHONINSPECT/PYTHONBREAKPOINT run code; PYTHONHOME would repoint stdlib.
+_ENV_DROP_NAMES = frozenset(
+    {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "PYTHONSTARTUP", "PYTHONINSPECT", "PYTHONBREAKPOINT",
+     "PYTHONHOME", "PYTHONUSERBASE", "PYTHONEXECUTABLE"}
+)
+_ENV_DROP_PREFIXES = ("AWS_", "MLFLOW_", "AZURE_", "GOOGLE_", "AIRFLOW", "GCS_", "S3_")
+_SECRET_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|_KEY$|_KEY_ID$|APIKEY|AUTH|COOKIE|SESSION)",
+                        re.IGNORECASE)
+# A value that carries user:password@ (database URLs and the like) is dropped whatever its name.
+_URL_WITH_PASSWORD_RE = re.compile(r"://[^/@\s]*:[^/@\s]*@")
+
+
+def scrub_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment a worker may see: allowlisted names minus anything secret-looking."""
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        up = key.upper()
+        if not (up in _ENV_KEEP_NAMES or up.startswith(_ENV_KEEP_PREFIXES)):
+            continue
+        if up in _ENV_DROP_NAMES or up.startswith(_ENV_DROP_PREFIXES):
+            continue
+        if _SECRET_RE.search(up) or _URL_WITH_PASSWORD_RE.search(value):
+            continue
+        out[key] = value
+    return out
+
+
+def env_is_clean(env: Mapping[str, str]) -> bool:
+    return scrub_env(env) == dict(env)
+
+
+# --- syscalls through ctypes ---------------------------------------------------------------------
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+
+_libc: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_lib().unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+
+
+def _enc(s: str | None) -> bytes | None:
+    return s.encode() if s is not None else None
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(_lib().mount(_enc(source), _enc(target), _enc(fstype), ctypes.c_ulong(flags), _enc(data)),
+           f"mount {source} on {target}")
+
+
+def prctl(option: int, arg: int) -> None:
+    _check(_lib().prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                        ctypes.c_ulong(0)), f"prctl({option})")
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    # Note PR_SET_PDEATHSIG fires when the parent *thread* exits; only use it under a
+    # single-threaded parent (the fork server, and our own forks below it).
+    prctl(PR_SET_PDEATHSIG, sig)
+
+
+def unshare_best_effort(wanted: Iterable[int]) -> dict[int, bool]:
+    """Enter as many of the wanted namespaces as the platform allows: all at once (one syscall),
+    else one by one, recording which worked."""
+    wanted = list(wanted)
+    flags = 0
+    for f in wanted:
+        flags |= f
+    try:
+        unshare(flags)
+        return {f: True for f in wanted}
+    except OSError:
+        pass
+    out = {}
+    for f in wanted:
+        try:
+            unshare(f)
+            out[f] = True
+        except OSError:
+            out[f] = False
+    return out
+
+
+# --- mounts --------------------------------------------------------------------------------------
+
+
+def traversable_by_others(path: str) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & stat.S_IXOTH)
+    except OSError:
+        return False
+
+
+def plan_masks(needed: Iterable[str]) -> dict[str, list[str]]:
+    """Directories an unprivileged worker needs (the interpreter's prefix, sys.path) that sit below
+    a directory it cannot traverse (``/root`` is 0700 on this machine and pyenv lives in it).
+
+    Returns ``{blocked ancestor: [needed dirs below it]}``: the child masks each blocked ancestor with
+    an empty tmpfs (mode 0755) and binds back only the needed dirs, so the worker can import the
+    standard library but still sees nothing else of, say, ``/root`` (no ``~/.aws``, no ``~/.netrc``).
+    """
+    dirs = sorted({os.path.realpath(p) for p in needed if p and os.path.isdir(p)})
+    # Keep outermost only: binding /a binds /a/b too.
+    outer: list[str] = []
+    for d in dirs:
+        if not any(d == o or d.startswith(o.rstrip("/") + "/") for o in outer):
+            outer.append(d)
+    plan: dict[str, list[str]] = {}
+    for d in outer:
+        parts = Path(d).parts
+        for i in range(1, len(parts)):  # ancestors, not d itself
+            anc = str(Path(*parts[:i]))
+            if anc != "/" and not traversable_by_others(anc):
+                plan.setdefault(anc, []).append(d)
+                break
+    # A blocked ancestor below another blocked ancestor is covered by the outer mask.
+    for anc in sorted(plan, key=len, reverse=True):
+        for other in plan:
+            if other != anc and anc.startswith(other.rstrip("/") + "/"):
+                plan[other].extend(plan.pop(anc))
+                break
+    return plan
+
+
+def apply_masks(plan: Mapping[str, list[str]]) -> list[str]:
+    """In a private mount namespace: tmpfs over each blocked ancestor, needed dirs bound back
+    read-only. Returns the masked ancestors."""
+    done = []
+    for anc, keep in plan.items():
+        fds = [(d, os.open(d, os.O_PATH | os.O_DIRECTORY)) for d in keep]
+        try:
+            mount("tmpfs", anc, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+            for d, fd in fds:
+                os.makedirs(d, mode=0o755, exist_ok=True)
+                bind_readonly(f"/proc/self/fd/{fd}", d, recursive=True)
+        finally:
+            for _, fd in fds:
+                os.close(fd)
+        done.append(anc)
+    return done
+
+
+def bind_readonly(source: str, target: str, *, recursive: bool = False, noexec: bool = False) -> None:
+    rec = MS_REC if recursive else 0
+    mount(source, target, None, MS_BIND | rec)
+    # A bind mount takes the flags of its first mount; read-only needs a second, remount, call.
+    extra = MS_NOEXEC if noexec else 0
+    mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | extra)
+
+
+# --- privileges and limits -----------------------------------------------------------------------
+
+FSIZE_BYTES = 64 * 2**20
+NOFILE = 256
+NPROC = 1024
+"""RLIMIT_NPROC counts every task (threads too) of the *real uid*, system wide: all concurrent workers
+share the one ``nobody`` budget, and torch starts one OpenMP thread per core. 1024 stops a fork bomb
+without starving a big node's thread pools."""
+
+
+def set_rlimits(cpu_s: float, *, nproc: bool) -> dict[str, int]:
+    """RLIMIT_AS/RLIMIT_DATA are deliberately absent: they break torch.load(mmap=True), which maps
+    the file privately-writable; memory is capped by the cgroup instead."""
+    soft_cpu = max(1, int(-(-cpu_s // 1)))
+    limits = {
+        "RLIMIT_CPU": (soft_cpu, soft_cpu + 2),  # SIGXCPU at soft, SIGKILL at hard
+        "RLIMIT_FSIZE": (FSIZE_BYTES, FSIZE_BYTES),
+        "RLIMIT_NOFILE": (NOFILE, NOFILE),
+        "RLIMIT_CORE": (0, 0),
+    }
+    if nproc:
+        limits["RLIMIT_NPROC"] = (NPROC, NPROC)
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, name), value)
+    return {k: v[0] for k, v in limits.items()}
+
+
+CAP_KILL = 5
+CAP_SETGID = 6
+CAP_SETUID = 7
+CAP_SYS_ADMIN = 21
+
+
+def has_caps(*caps: int) -> bool:
+    """Whether this process holds the given effective capabilities (a root in a container may not:
+    the pod template grants SYS_ADMIN, SETUID, SETGID and KILL only; another platform may grant none)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    eff = int(line.split()[1], 16)
+                    return all(eff >> c & 1 for c in caps)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getuid() != uid or os.geteuid() != uid or os.getgid() != gid:
+        raise OSError(errno.EPERM, "privileges were not dropped")
+    # Changing credentials already sets dumpable to fs.suid_dumpable (normally 0); make it explicit:
+    # a non-dumpable process cannot be ptraced by another process of the same uid (a concurrent job).
+    prctl(PR_SET_DUMPABLE, 0)
+
+
+def close_fds_except(keep: Iterable[int]) -> None:
+    keep = set(keep)
+    try:
+        fds = [int(x) for x in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 4096))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def write_oom_score_adj(value: int, pid: int | str = "self") -> bool:
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as fh:
+            fh.write(str(value))
+        return True
+    except OSError:
+        return False
+
+
+# --- /proc sampling ------------------------------------------------------------------------------
+
+
+def rss_anon(pid: int) -> int | None:
+    """RssAnon of a process in bytes (anonymous resident memory: what a load really allocates;
+    RSS would also count the mmapped checkpoint file's page cache)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def children_of(ppid: int) -> list[int]:
+    """Children of a process. This kernel has no CONFIG_PROC_CHILDREN (no /proc/PID/task/TID/children),
+    so scan /proc/*/stat; called once per job, not per sample."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        # comm may contain spaces and parentheses: fields resume after the last ')'.
+        rest = data[data.rfind(b")") + 2:].split()
+        if len(rest) > 1 and int(rest[1]) == ppid:
+            out.append(int(name))
+    return out
+
+
+# --- memory cgroups ------------------------------------------------------------------------------
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass
+class MemoryCgroup:
+    """One job's memory cgroup (v1 ``memory`` controller, or v2 ``memory.max``).
+
+    ``create`` returns None plus a reason when cgroups are not writable here; the job then runs
+    without a memory cap and the report says so (``isolation.cgroup_memory = false``).
+    """
+
+    path: Path
+    version: int
+    limit: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def procs_file(self) -> str:
+        return str(self.path / "cgroup.procs")
+
+    @classmethod
+    def create(cls, name: str, limit: int, parent: str = "") -> tuple[MemoryCgroup | None, str]:
+        try:
+            base, version = _cgroup_parent(parent)
+        except OSError as exc:
+            return None, str(exc)
+        path = base / name
+        try:
+            base.mkdir(exist_ok=True)
+            if version == 2:
+                _enable_v2_memory(base)
+            path.mkdir()
+        except OSError as exc:
+            return None, f"cannot create {path}: {exc.strerror or exc}"
+        cg = cls(path, version, limit)
+        try:
+            if version == 1:
+                _write(path / "memory.limit_in_bytes", limit)
+                # memsw = memory + swap; without it a job could spill into swap past its limit.
+                # EINVAL/ENOENT when the kernel has no swap accounting (swapaccount=0): fine.
+                if (path / "memory.memsw.limit_in_bytes").exists():
+                    try:
+                        _write(path / "memory.memsw.limit_in_bytes", limit)
+                    except OSError as exc:
+                        cg.notes.append(f"memsw not limited: {exc.strerror}")
+                try:
+                    _write(path / "memory.swappiness", 0)
+                except OSError:
+                    pass
+            else:
+                _write(path / "memory.max", limit)
+                try:
+                    _write(path / "memory.swap.max", 0)
+                except OSError:
+                    pass
+        except OSError as exc:
+            cg.remove()
+            return None, f"cannot set the memory limit in {path}: {exc.strerror or exc}"
+        return cg, ""
+
+    def oom_kills(self) -> int:
+        """How many processes the cgroup's OOM killer killed (kernel >= 4.13 for v1's counter)."""
+        try:
+            if self.version == 1:
+                text = (self.path / "memory.oom_control").read_text()
+                m = re.search(r"^oom_kill (\d+)", text, re.M)
+                if m:
+                    return int(m.group(1))
+                # Older kernels: no counter. Hitting the limit with the worker SIGKILLed is the sign.
+                return 1 if int((self.path / "memory.failcnt").read_text()) > 0 else 0
+            text = (self.path / "memory.events").read_text()
+            m = re.search(r"^oom_kill (\d+)", text, re.M)
+            return int(m.group(1)) if m else 0
+        except (OSError, ValueError):
+            return 0
+
+    def peak(self) -> int:
+        """Peak usage charged to the cgroup (includes page cache: not the contract's RssAnon)."""
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        try:
+            return int((self.path / name).read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(x) for x in Path(self.procs_file).read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+    def kill_all(self) -> None:
+        if self.version == 2 and (self.path / "cgroup.kill").exists():
+            try:
+                _write(self.path / "cgroup.kill", 1)
+                return
+            except OSError:
+                pass
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def remove(self, wait_s: float = 3.0) -> bool:
+        """Kill what is left and rmdir; a dying task keeps the cgroup busy for a moment (EBUSY)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            self.kill_all()
+            try:
+                self.path.rmdir()
+                return True
+            except FileNotFoundError:
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
+
+
+def sweep_stale_cgroups(parent: str = "") -> int:
+    """Remove per-job cgroups (``<pid>-<job id>``) whose parent process is gone (a crashed stage)."""
+    try:
+        base, _ = _cgroup_parent(parent)
+        entries = list(base.iterdir()) if base.is_dir() else []
+    except OSError:
+        return 0
+    removed = 0
+    for d in entries:
+        owner = d.name.partition("-")[0]
+        stale = d.is_dir() and owner.isdigit() and not os.path.exists(f"/proc/{owner}")
+        if stale and MemoryCgroup(d, 1 if (d / "memory.limit_in_bytes").exists() else 2, 0).remove(wait_s=0.5):
+            removed += 1
+    return removed
+
+
+def _write(path: Path, value: object) -> None:
+    with open(path, "w") as fh:
+        fh.write(str(value))
+
+
+def _cgroup_parent(configured: str) -> tuple[Path, int]:
+    """Where per-job cgroups go. Configured (CKPT_STAGE_WORKER_CGROUP) wins; otherwise
+    ``<memory v1 mount>/ckpt-stage`` on v1/hybrid hosts, ``/sys/fs/cgroup/ckpt-stage`` on unified
+    (v2) hosts such as Kubernetes nodes (a pod with a cgroup namespace sees its own subtree there)."""
+    if configured:
+        p = Path(configured)
+        version = 2 if (p.parent / "cgroup.controllers").exists() or (p / "cgroup.controllers").exists() else 1
+        return p, version
+    root = Path(CGROUP_ROOT)
+    if (root / "cgroup.controllers").exists():
+        if "memory" not in (root / "cgroup.controllers").read_text().split():
+            raise OSError(errno.ENOTSUP, "cgroup v2 without the memory controller")
+        return root / "ckpt-stage", 2
+    v1 = root / "memory"
+    if (v1 / "memory.limit_in_bytes").exists():
+        if not os.access(v1, os.W_OK):
+            raise OSError(errno.EACCES, f"{v1} is not writable (not root?)")
+        return v1 / "ckpt-stage", 1
+    raise OSError(errno.ENOENT, "no memory cgroup controller mounted")
+
+
+def _enable_v2_memory(base: Path) -> None:
+    # Per-job children need +memory in the parent's and ckpt-stage's subtree_control. Fails with
+    # EBUSY when processes live in the parent (cgroup v2's no-internal-process rule): then the
+    # operator must point CKPT_STAGE_WORKER_CGROUP at a delegated, empty subtree.
+    for d in (base.parent, base):
+        ctl = d / "cgroup.subtree_control"
+        if "memory" not in ctl.read_text().split():
+            _write(ctl, "+memory")
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
