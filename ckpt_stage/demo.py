@@ -7,6 +7,7 @@ on a SQLite Airflow home, and prints the verdicts.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -46,6 +47,7 @@ def run_demo(workdir: Path, *, keep_running: bool = False) -> int:
         env = devstack.airflow_env(airflow_home, {**os.environ})
         _say(f"  preparing Airflow (SQLite metadata DB in {airflow_home}) ...")
         devstack.airflow_prepare(airflow_home, env)
+        _create_pools(airflow_home, env)
         _say("  running DAG ckpt_stage_validate with dag.test() ...")
         proc = devstack.airflow_dag_test("ckpt_stage_validate", env)
         (workdir / "dag-test.log").write_text(proc.stdout + proc.stderr)
@@ -73,6 +75,7 @@ def run_demo(workdir: Path, *, keep_running: bool = False) -> int:
         Console(file=sys.stdout, width=160).print(table)
         alias = {ref.name: registry.alias_version(ref.name) for ref in expected}
         _say("  alias 'validated': " + ", ".join(f"{k}→v{v}" for k, v in alias.items() if v))
+        ok = _demo_rerun(workdir, env, registry, expected) and ok
         _say(f"\nDone in {time.perf_counter() - t0:.0f} s. Data folder: {workdir}")
         _say("Look at the verdicts, reports and runs in the MLflow UI (tags and runs; the S3 server stops "
              "with the demo):")
@@ -87,3 +90,49 @@ def run_demo(workdir: Path, *, keep_running: bool = False) -> int:
             except KeyboardInterrupt:
                 pass
         return 0 if ok else 1
+
+
+def _create_pools(airflow_home: Path, env: dict[str, str]) -> None:
+    """One Airflow pool per worker class (tasks in a missing pool are never scheduled)."""
+    import json
+    import subprocess
+
+    from ckpt_stage import orchestrate
+    from ckpt_stage.config import Settings
+
+    pools = airflow_home / "pools.json"
+    pools.write_text(json.dumps(orchestrate.pool_definitions(Settings.from_env(env))))
+    proc = subprocess.run([devstack._bin("airflow"), "pools", "import", str(pools)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"airflow pools import failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+def _demo_rerun(workdir: Path, env: dict[str, str], registry, expected: dict) -> bool:
+    """Re-run one quarantined sample by hand through DAG ckpt_stage_rerun: a new attempt, history kept."""
+    from ckpt_stage import orchestrate
+
+    quarantined = [ref for ref, sample in expected.items() if sample.expect_verdict == "quarantine"]
+    if not quarantined:
+        return True
+    ref = quarantined[0]
+    before = registry.get(ref)
+    conf = {"model": ref.name, "versions": [ref.version]}
+    _say(f"\n  manual re-run of {ref.name} v{ref.version} (status {before.status.value if before.status else '-'}, "
+         f"attempt {before.attempt}) through DAG {orchestrate.RERUN_DAG_ID}:")
+    _say(f"    airflow dags test {orchestrate.RERUN_DAG_ID} --conf '{json.dumps(conf)}'")
+    proc = devstack.airflow_dag_test(orchestrate.RERUN_DAG_ID, env, conf)
+    (workdir / "dag-test-rerun.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        _say(f"  re-run failed (exit {proc.returncode}); log: {workdir / 'dag-test-rerun.log'}")
+        _say((proc.stdout + proc.stderr)[-3000:])
+        return False
+    after = registry.get(ref)
+    _say(f"    attempt {before.attempt} → {after.attempt}; status {after.status.value if after.status else '-'}, "
+         f"reasons {','.join(after.reasons) or '-'}")
+    attempts = sorted(registry.attempts(ref), key=lambda r: int(r["tags"].get("ckpt_stage.attempt", 0)))
+    for run in attempts:
+        tags = run["tags"]
+        _say(f"    history: attempt {tags.get('ckpt_stage.attempt')} → {tags.get('ckpt_stage.verdict')} "
+             f"({tags.get('ckpt_stage.reasons') or '-'}), MLflow run {run['run_id']}")
+    return after.attempt == before.attempt + 1 and len(attempts) == after.attempt

@@ -1,22 +1,52 @@
-"""ckpt_stage_validate: find registered versions without a verdict, validate each in its own task.
+"""ckpt_stage_validate: validate new model versions as they are registered, and sweep for the rest.
 
-A thin caller of the library: discovery is ``Registry.sweepable()``, each mapped task is
-``pipeline.validate_version``. Model problems end the task successfully with a quarantine recorded;
-infrastructure failures raise for Airflow to retry; a bug fails the task without retries.
+Runs when the webhook receiver records an event on the asset ``x-ckpt-stage://mlflow/model-version-created``
+(MLflow's ``model_version.created``, with ``{name, version}`` in the event's ``extra``), and on a schedule
+(``CKPT_STAGE_SWEEP_INTERVAL_S``, default every 5 minutes) that finds every version without a verdict:
+no status, ``pending``, ``error``, or ``validating`` with an expired lease. Webhooks get lost (MLflow
+drops a delivery after 3 retries and never redelivers); the sweep loses nothing.
+
+Tasks: ``discover`` (the triggering events' versions that still need a verdict, plus the sweep's) →
+``plan`` (sum of each version's S3 object sizes → worker class) → per class ``batch_<class>`` →
+``validate_<class>``, one mapped task instance per version in the class's pool and queue, so each
+version has its own log, state and retries.
+
+A model problem ends its task successfully with a quarantine recorded. An infrastructure failure that
+may pass (S3 or MLflow unavailable, a lost worker) fails the task for Airflow to retry with exponential
+backoff; a misconfiguration or a bug in the stage (INTERNAL_ERROR) fails it without retries. Either way
+the version's verdict is recorded, and an ``error`` version stays eligible for the next sweep.
+
+Pools must exist, one per worker class (``ckpt_stage_small``, ``ckpt_stage_large`` by default):
+``airflow pools import infra/airflow/pools.json`` (tasks in a missing pool are never scheduled).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
-from airflow.sdk import dag, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, DeltaTriggerTimetable, dag, get_current_context, task
+
+from ckpt_stage import orchestrate
+from ckpt_stage.config import Settings
+
+log = logging.getLogger(__name__)
+
+SETTINGS = Settings.from_env()
+
+MODEL_VERSION_CREATED = Asset(name=orchestrate.REGISTRATIONS_ASSET_NAME, uri=orchestrate.REGISTRATIONS_ASSET_URI)
 
 
 @dag(
-    dag_id="ckpt_stage_validate",
-    schedule=dt.timedelta(minutes=5),
+    dag_id=orchestrate.VALIDATE_DAG_ID,
+    schedule=AssetOrTimeSchedule(
+        timetable=DeltaTriggerTimetable(dt.timedelta(seconds=orchestrate.sweep_interval_s())),
+        assets=[MODEL_VERSION_CREATED],
+    ),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
+    # One run at a time: asset events that arrive meanwhile queue up for the next run, and a sweep never
+    # races another sweep for the same versions (the lease makes a race harmless, not free).
     max_active_runs=1,
     tags=["ckpt-stage", "mlflow"],
     doc_md=__doc__,
@@ -24,29 +54,20 @@ from airflow.sdk import dag, task
 def ckpt_stage_validate():
     @task
     def discover() -> list[dict[str, str]]:
-        from ckpt_stage.config import Settings
         from ckpt_stage.registry import Registry
 
-        return [v.ref.to_dict() for v in Registry(Settings.from_env()).sweepable()]
+        context = get_current_context()
+        extras = [event.extra for events in context["triggering_asset_events"].values() for event in events]
+        conf = (context["dag_run"].conf or {}) if context.get("dag_run") else {}
+        # A manual trigger may name versions too: {"versions": [{"name": "clf", "version": "3"}]}.
+        extras += list(conf.get("versions") or [])
+        event_refs = orchestrate.refs_from_extras(extras)
+        refs = orchestrate.discover(Registry(SETTINGS), event_refs)
+        log.info("%d version(s) named by events; %d to validate: %s", len(event_refs), len(refs),
+                 ", ".join(map(str, refs)) or "none")
+        return [r.to_dict() for r in refs]
 
-    @task(retries=3, retry_delay=dt.timedelta(seconds=30), retry_exponential_backoff=True,
-          map_index_template="{{ task.op_kwargs['ref']['name'] }} v{{ task.op_kwargs['ref']['version'] }}")
-    def validate(ref: dict[str, str]) -> dict:
-        from airflow.exceptions import AirflowFailException
-
-        from ckpt_stage.domain import ReasonCode, VersionRef
-        from ckpt_stage.pipeline import validate_version
-
-        outcome = validate_version(VersionRef(ref["name"], ref["version"]))
-        if outcome.report is None:
-            return {"skipped": outcome.skipped}
-        report = outcome.report
-        codes = sorted({f.code.value for f in report.reasons if f.code})
-        if ReasonCode.INTERNAL_ERROR.value in codes:
-            raise AirflowFailException(f"ckpt-stage bug while validating {ref}: {report.summary}")
-        return {"verdict": report.verdict.value, "reasons": codes, "run_id": outcome.run_id}
-
-    validate.expand(ref=discover())
+    orchestrate.build_validation_tasks(discover(), force=False, settings=SETTINGS)
 
 
 ckpt_stage_validate()

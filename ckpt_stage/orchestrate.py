@@ -1,0 +1,355 @@
+"""What the Airflow DAGs do, as plain functions: discover, size, select, validate one version.
+
+The DAGs in ``dags/`` are thin: they wire these functions into tasks (``build_validation_tasks``) and
+add nothing the library does not have. Nothing here imports Airflow at module level, so the receiver,
+the CLI and unit tests can use the constants and functions without it.
+
+Flow of one DAG run::
+
+    discover / select  →  plan (sizes each version: sum of its S3 object sizes → worker class)
+                       →  batch_<class> (that class's versions)
+                       →  validate_<class> mapped over them, in the class's pool and queue
+
+One mapped task per class, not one task with a per-instance pool: Airflow 3.3 cannot expand ``pool`` or
+``queue`` per mapped instance ("unmappable or already specified arguments"; see TRAPS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ckpt_stage.config import PREFIX, Settings, WorkerClass, _float
+from ckpt_stage.domain import ReasonCode, Status, Verdict, VersionRef
+from ckpt_stage.errors import CkptStageError, UsageError
+
+log = logging.getLogger(__name__)
+
+VALIDATE_DAG_ID = "ckpt_stage_validate"
+RERUN_DAG_ID = "ckpt_stage_rerun"
+
+# The asset the webhook receiver updates; ``x-`` schemes are left alone by Airflow's URI normalisation.
+REGISTRATIONS_ASSET_NAME = "ckpt_stage_model_version_created"
+REGISTRATIONS_ASSET_URI = "x-ckpt-stage://mlflow/model-version-created"
+
+DEFAULT_SWEEP_INTERVAL_S = 300.0
+MIN_SWEEP_INTERVAL_S = 5.0
+# Airflow refuses to expand more than [core] max_map_length (1024) instances; a backlog larger than one
+# batch is worked off by the following sweeps.
+MAX_BATCH = 500
+
+# Infrastructure codes where another try may succeed; the others (STORAGE_MISCONFIGURED, INTERNAL_ERROR)
+# need a person first, so retrying the task only burns time.
+RETRYABLE_CODES = frozenset({ReasonCode.STORAGE_UNAVAILABLE, ReasonCode.REGISTRY_UNAVAILABLE, ReasonCode.WORKER_LOST})
+
+RERUN_STATUSES = (Status.QUARANTINED.value, Status.ERROR.value, Status.PROMOTED.value)
+
+
+def sweep_interval_s(env: Mapping[str, str] | None = None) -> float:
+    """``CKPT_STAGE_SWEEP_INTERVAL_S`` (default 300): how often ``ckpt_stage_validate`` sweeps."""
+    value = _float(os.environ if env is None else env, "SWEEP_INTERVAL_S", DEFAULT_SWEEP_INTERVAL_S)
+    return max(MIN_SWEEP_INTERVAL_S, value)
+
+
+def task_id_for(wc: WorkerClass, verb: str = "validate") -> str:
+    return f"{verb}_" + re.sub(r"[^A-Za-z0-9_.-]", "_", wc.name)
+
+
+# -- discovery ---------------------------------------------------------------------------------------
+def refs_from_extras(extras: Iterable[Mapping[str, Any] | None]) -> list[VersionRef]:
+    """Asset events' ``extra`` → version refs; malformed ones are logged and dropped (the sweep remains)."""
+    out = []
+    for extra in extras:
+        name = (extra or {}).get("name")
+        version = (extra or {}).get("version")
+        if isinstance(name, str) and name and isinstance(version, str | int) and str(version).strip():
+            out.append(VersionRef(name, str(version).strip()))
+        else:
+            log.warning("ignoring an asset event without name/version: %r", extra)
+    return dedupe(out)
+
+
+def dedupe(refs: Iterable[VersionRef]) -> list[VersionRef]:
+    return list(dict.fromkeys(refs))
+
+
+def discover(registry: Any, event_refs: Sequence[VersionRef] = (), *, limit: int = MAX_BATCH) -> list[VersionRef]:
+    """Versions the run should validate: the events' versions that still need it, then the sweep's.
+
+    An event's version that already has a verdict (the sweep got there first) is left alone, so that a
+    late or duplicated webhook never makes a new attempt; a version that no longer exists is dropped.
+    """
+    chosen: list[VersionRef] = []
+    for ref in dedupe(event_refs):
+        try:
+            state = registry.get(ref)
+        except UsageError as exc:
+            log.warning("%s from an asset event does not exist (deleted?): %s", ref, exc)
+            continue
+        if state.needs_validation():
+            chosen.append(ref)
+        else:
+            log.info("%s from an asset event already has status %s; skipping", ref, state.status)
+    chosen.extend(state.ref for state in registry.sweepable())
+    chosen = dedupe(chosen)
+    if len(chosen) > limit:
+        log.warning("%d versions need validation; this run takes %d, the next sweeps the rest", len(chosen), limit)
+    return chosen[:limit]
+
+
+# -- selection for re-runs ------------------------------------------------------------------------------
+def rerun_selection(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the re-run form (cross-field rules JSON schema cannot express); returns it normalised.
+
+    Either ``model`` + ``versions``, or ``status`` (``quarantined``/``error``/``promoted``) with optional
+    ``reason`` and ``model``.
+    """
+    model = (params.get("model") or "").strip() or None
+    raw_versions = params.get("versions") or []
+    if isinstance(raw_versions, str | int):
+        raw_versions = [raw_versions]
+    versions = [str(v).strip() for v in raw_versions if str(v).strip()]
+    status = (params.get("status") or "").strip() or None
+    reason = (params.get("reason") or "").strip() or None
+    if versions and status:
+        raise UsageError("give either versions (with a model) or a status, not both")
+    if versions and not model:
+        raise UsageError("versions need a model name")
+    if not versions and not status:
+        raise UsageError("give a model and versions, or a status (quarantined, error or promoted)")
+    if status and status not in RERUN_STATUSES:
+        raise UsageError(f"status must be one of {', '.join(RERUN_STATUSES)}, not {status!r}")
+    if reason and not status:
+        raise UsageError("a reason code filters a status selection; give a status too")
+    if reason and reason not in ReasonCode.__members__:
+        raise UsageError(f"{reason!r} is not a reason code; known: {', '.join(ReasonCode.__members__)}")
+    bad = [v for v in versions if not v.isdigit()]
+    if bad:
+        raise UsageError(f"model versions are numbers, got {', '.join(map(repr, bad))}")
+    return {"model": model, "versions": versions, "status": status, "reason": reason}
+
+
+def select_for_rerun(registry: Any, params: Mapping[str, Any], *, limit: int = MAX_BATCH) -> list[VersionRef]:
+    sel = rerun_selection(params)
+    if sel["versions"]:
+        refs = [VersionRef(sel["model"], v) for v in sel["versions"]]
+        for ref in refs:
+            registry.get(ref)  # UsageError naming the version when it does not exist
+        return dedupe(refs)
+    refs = [s.ref for s in registry.iter_versions(model=sel["model"], status=sel["status"], reason=sel["reason"])]
+    refs.sort(key=lambda r: (r.name, int(r.version) if r.version.isdigit() else 0))
+    if len(refs) > limit:
+        raise UsageError(f"{len(refs)} versions match; one re-run takes at most {limit}: narrow it by model or reason")
+    return refs
+
+
+# -- sizing -------------------------------------------------------------------------------------------
+def estimate_bytes(ref: VersionRef, *, settings: Settings, registry: Any, storage: Any) -> int | None:
+    """The cheapest estimate before a download: the sum of the version's S3 object sizes (None: unknown)."""
+    from ckpt_stage.storage import resolve_artifact_uri
+
+    try:
+        loc = resolve_artifact_uri(registry.download_uri(ref), settings)
+        return sum(f.size for f in storage.list(loc))
+    except CkptStageError as exc:
+        # The validation itself records the proper verdict (ARTIFACT_MISSING, STORAGE_*); sizing only plans.
+        log.info("cannot size %s before validating it (%s: %s)", ref, exc.code.value, exc)
+        return None
+
+
+def plan(refs: Sequence[VersionRef], settings: Settings,
+         estimate: Callable[[VersionRef], int | None]) -> list[dict[str, Any]]:
+    """Size each version and give it a worker class: ``[{name, version, estimated_bytes, worker_class}]``.
+
+    A version too big for every class, or of unknown size, goes to the largest class: there the pipeline's
+    own (tensor-metadata) estimate quarantines it with RESOURCE_LIMIT if it really does not fit, and an
+    unknown size is safest where the fewest run at once.
+    """
+    with ThreadPoolExecutor(max_workers=min(4, max(1, len(refs)))) as pool:
+        sizes = list(pool.map(estimate, refs))
+    out = []
+    for ref, size in zip(refs, sizes, strict=True):
+        wc = (settings.class_for(size) if size is not None else None) or settings.largest_class
+        out.append({**ref.to_dict(), "estimated_bytes": size, "worker_class": wc.name})
+    return out
+
+
+def in_class(planned: Iterable[Mapping[str, Any]], worker_class: str) -> list[dict[str, Any]]:
+    return [dict(item) for item in planned if item.get("worker_class") == worker_class]
+
+
+def plan_versions(refs: Sequence[VersionRef], settings: Settings | None = None) -> list[dict[str, Any]]:
+    from ckpt_stage.registry import Registry
+    from ckpt_stage.storage import S3Storage
+
+    settings = settings or Settings.from_env()
+    registry = Registry(settings)
+    # Sizing must not stall the run: few quick tries; the validation has the full retry budget.
+    storage = S3Storage(settings.replace(s3_attempts=min(2, settings.s3_attempts),
+                                         s3_deadline_s=min(15.0, settings.s3_deadline_s)))
+    return plan(refs, settings, lambda r: estimate_bytes(r, settings=settings, registry=registry, storage=storage))
+
+
+# -- one version ----------------------------------------------------------------------------------------
+class ValidationFailed(Exception):
+    """The task must fail. ``retry``: Airflow should try again (infrastructure); else it needs a person."""
+
+    def __init__(self, message: str, *, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+def judge(outcome: Any) -> dict[str, Any]:
+    """A validation outcome → the task's result, or ``ValidationFailed``.
+
+    pass / quarantine: success (a model problem is a result, not a task failure). error: retryable when
+    every code is a transient infrastructure code, otherwise a failure without retries (INTERNAL_ERROR is
+    a bug; STORAGE_MISCONFIGURED is the stage's setup). Either way the verdict is already recorded.
+    """
+    if outcome.report is None:
+        return {"skipped": outcome.skipped}
+    report = outcome.report
+    codes = sorted({f.code for f in report.reasons if f.code is not None})
+    result = {
+        **(report.model.to_dict() if report.model else {}),
+        "verdict": report.verdict.value,
+        "reasons": [c.value for c in codes],
+        "attempt": report.attempt,
+        "run_id": outcome.run_id,
+        "summary": report.summary,
+    }
+    if report.verdict is not Verdict.ERROR:
+        return result
+    what = f"{report.model} ended in error ({', '.join(result['reasons'])}): {report.summary}"
+    if ReasonCode.INTERNAL_ERROR in codes:
+        raise ValidationFailed(f"ckpt-stage bug: {what}", retry=False)
+    if codes and all(c in RETRYABLE_CODES for c in codes):
+        raise ValidationFailed(what, retry=True)
+    raise ValidationFailed(what, retry=False)
+
+
+def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings | None = None,
+                 registry: Any = None, owner: str | None = None) -> dict[str, Any]:
+    """Body of a mapped task. Without ``force``, a version that got a verdict meanwhile is skipped.
+
+    ``owner`` names the lease holder; the task passes one that is the same on each of its retries, so a
+    retry takes over the lease its failed try left behind instead of waiting for it to expire.
+
+    Raises ``ValidationFailed`` (see ``judge``), or the stage's ``TransientError`` when even the error
+    verdict could not be recorded (MLflow down): both mean "retry" to the task wrapper, except a
+    ``ValidationFailed`` with ``retry=False``.
+    """
+    from ckpt_stage.pipeline import validate_version
+    from ckpt_stage.registry import LEASE_OWNER, Registry
+
+    settings = settings or Settings.from_env()
+    registry = registry or Registry(settings)
+    vref = VersionRef(str(ref["name"]), str(ref["version"]))
+    if not force:
+        try:
+            state = registry.get(vref)
+        except UsageError as exc:
+            return {**vref.to_dict(), "skipped": f"no longer registered: {exc}"}
+        ours = owner is not None and state.status is Status.VALIDATING and state.tags.get(LEASE_OWNER) == owner
+        if not state.needs_validation() and not ours:
+            return {**vref.to_dict(), "skipped": f"already {state.status.value if state.status else '-'}"}
+    return judge(validate_version(vref, settings=settings, registry=registry, force=force, owner=owner))
+
+
+def task_owner(context: Mapping[str, Any]) -> str:
+    """A lease owner that names the task instance and stays the same across its retries."""
+    ti = context["ti"]
+    return f"airflow:{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}"
+
+
+# -- Airflow wiring --------------------------------------------------------------------------------------
+def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: str = "validate") -> None:
+    """Inside a ``@dag``: ``plan`` over ``refs`` (an XComArg of ref dicts), then per class a ``batch`` and a mapped task.
+
+    ``refs`` is resolved at run time; the classes (and so the task ids, pools and queues) are fixed when the
+    DAG is parsed, from ``CKPT_STAGE_WORKER_CLASSES`` of the DAG processor's environment.
+    """
+    import datetime as dt
+
+    from airflow.sdk import task
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from ckpt_stage.errors import PermanentError
+
+    @task(task_id="plan")
+    def plan_classes(found: list[dict[str, str]]) -> list[dict[str, Any]]:
+        planned = plan_versions([VersionRef(r["name"], r["version"]) for r in found])
+        for item in planned:
+            log.info("%s v%s: %s bytes in S3 → worker class %s", item["name"], item["version"],
+                     item["estimated_bytes"], item["worker_class"])
+        return planned
+
+    # One small task per class picks its versions: a mapped task can expand only over a task's
+    # return_value, not over one key of a multiple_outputs dict ("cannot map over XCom with custom key").
+    @task
+    def batch(planned: list[dict[str, Any]], worker_class: str) -> list[dict[str, Any]]:
+        return in_class(planned, worker_class)
+
+    def run(ref: dict[str, Any]) -> dict[str, Any]:
+        from airflow.sdk import get_current_context
+
+        try:
+            return validate_one(ref, force=force, owner=task_owner(get_current_context()))
+        except ValidationFailed as exc:
+            if exc.retry:
+                raise
+            raise AirflowFailException(str(exc)) from exc
+        except PermanentError as exc:
+            # The registry refused to record (bad tag, missing version): retrying cannot help.
+            raise AirflowFailException(f"{exc.code.value}: {exc}") from exc
+
+    planned: Any = plan_classes(refs)  # an XComArg, resolved to the list at run time
+    for wc in settings.worker_classes:
+        picked = batch.override(task_id=task_id_for(wc, "batch"))(planned, wc.name)
+        validate_task = task(
+            task_id=task_id_for(wc, verb),
+            pool=wc.pool or "default_pool",
+            queue=wc.queue or "default",
+            retries=3,
+            retry_delay=dt.timedelta(seconds=30),
+            # A multiplier in Airflow 3.3 (delay * 2.0 ** (try - 1)): True would mean 1.0, a constant delay.
+            retry_exponential_backoff=2.0,
+            max_retry_delay=dt.timedelta(minutes=10),
+            # No longer than the lease: past it, the next sweep may start a second attempt beside this one.
+            execution_timeout=dt.timedelta(seconds=settings.lease_s),
+            map_index_template="{{ task.op_kwargs['ref']['name'] }} v{{ task.op_kwargs['ref']['version'] }}",
+            doc_md=f"Validates the versions of worker class **{wc.name}** (≤ {wc.memory_bytes / 2**30:.1f} GiB) "
+                   f"in pool `{wc.pool}`, queue `{wc.queue}`.",
+        )(run)
+        validate_task.expand(ref=picked)
+
+
+def pool_definitions(settings: Settings, *, host_memory_bytes: int | None = None) -> dict[str, dict[str, Any]]:
+    """Pools for the worker classes, in ``airflow pools import`` format.
+
+    Slots are how many validations of the class fit into one worker host's memory at once (at least 1);
+    without ``host_memory_bytes``, 4 for every class but the largest, which gets 1.
+    """
+    out = {}
+    for wc in settings.worker_classes:
+        if host_memory_bytes:
+            slots = max(1, host_memory_bytes // max(1, wc.memory_bytes))
+        else:
+            slots = 1 if wc is settings.largest_class else 4
+        out[wc.pool] = {"slots": int(slots), "include_deferred": False,
+                        "description": f"ckpt-stage validations of worker class {wc.name!r} "
+                                       f"(≤ {wc.memory_bytes / 2**30:.1f} GiB each)"}
+    return out
+
+
+__all__ = [
+    "PREFIX", "RERUN_DAG_ID", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
+    "ValidationFailed", "build_validation_tasks", "discover", "estimate_bytes", "in_class", "judge", "plan",
+    "plan_versions",
+    "pool_definitions", "refs_from_extras", "rerun_selection", "select_for_rerun", "sweep_interval_s",
+    "task_owner", "validate_one",
+]

@@ -1,0 +1,194 @@
+"""What the DAGs decide, without Airflow: discovery, re-run selection, sizing into classes, task outcomes."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from ckpt_stage import orchestrate
+from ckpt_stage.config import Settings, parse_worker_classes
+from ckpt_stage.domain import Finding, ReasonCode, Report, Verdict, VersionRef
+from ckpt_stage.errors import UsageError
+from ckpt_stage.pipeline import Outcome
+from ckpt_stage.registry import LEASE_OWNER, LEASE_UNTIL, STATUS, VersionState, iso
+
+
+class FakeRegistry:
+    def __init__(self, states: dict[VersionRef, dict[str, str]]):
+        self.states = states
+
+    def get(self, ref):
+        if ref not in self.states:
+            raise UsageError(f"no {ref}")
+        return VersionState(ref, dict(self.states[ref]))
+
+    def sweepable(self):
+        return [VersionState(r, t) for r, t in self.states.items() if VersionState(r, t).needs_validation()]
+
+    def iter_versions(self, *, model=None, status=None, reason=None):
+        for ref, tags in self.states.items():
+            st = VersionState(ref, tags)
+            if (model is None or ref.name == model) and (status is None or tags.get(STATUS) == status) and (
+                    reason is None or reason in st.reasons):
+                yield st
+
+
+def R(name, version):
+    return VersionRef(name, str(version))
+
+
+def test_sweep_interval_from_env():
+    assert orchestrate.sweep_interval_s({}) == 300
+    assert orchestrate.sweep_interval_s({"CKPT_STAGE_SWEEP_INTERVAL_S": "30"}) == 30
+    assert orchestrate.sweep_interval_s({"CKPT_STAGE_SWEEP_INTERVAL_S": "0"}) == orchestrate.MIN_SWEEP_INTERVAL_S
+    with pytest.raises(Exception, match="CKPT_STAGE_SWEEP_INTERVAL_S"):
+        orchestrate.sweep_interval_s({"CKPT_STAGE_SWEEP_INTERVAL_S": "often"})
+
+
+def test_refs_from_event_extras_drop_malformed_and_duplicates():
+    extras = [{"name": "a", "version": "1"}, {"name": "a", "version": 1}, {"name": "b"}, None,
+              {"name": "", "version": "2"}, {"name": "c", "version": "3", "delivery_id": "x"}]
+    assert orchestrate.refs_from_extras(extras) == [R("a", 1), R("c", 3)]
+
+
+def test_discover_takes_undecided_event_versions_then_the_sweep():
+    future = iso(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5))
+    past = iso(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
+    reg = FakeRegistry({
+        R("m", 1): {STATUS: "promoted"},
+        R("m", 2): {},
+        R("m", 3): {STATUS: "error"},
+        R("m", 4): {STATUS: "validating", LEASE_UNTIL: future},
+        R("m", 5): {STATUS: "validating", LEASE_UNTIL: past},
+        R("n", 1): {STATUS: "pending"},
+    })
+    events = [R("m", 1), R("n", 1), R("gone", 1), R("m", 4)]
+    assert orchestrate.discover(reg, events) == [R("n", 1), R("m", 2), R("m", 3), R("m", 5)]
+    assert orchestrate.discover(reg, [], limit=2) == [R("m", 2), R("m", 3)]
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({}, "give a model and versions, or a status"),
+    ({"versions": ["1"]}, "versions need a model name"),
+    ({"model": "m", "versions": ["1"], "status": "error"}, "not both"),
+    ({"status": "validating"}, "status must be one of"),
+    ({"status": "quarantined", "reason": "NOPE"}, "not a reason code"),
+    ({"model": "m", "reason": "SHAPE_MISMATCH"}, "give a model and versions, or a status"),
+    ({"model": "m", "versions": ["latest"]}, "model versions are numbers"),
+])
+def test_rerun_form_rules(params, message):
+    with pytest.raises(UsageError, match=message):
+        orchestrate.rerun_selection(params)
+
+
+def test_rerun_selection_by_versions_and_by_status():
+    reg = FakeRegistry({
+        R("m", 1): {STATUS: "quarantined", "ckpt_stage.reasons": "SHAPE_MISMATCH"},
+        R("m", 2): {STATUS: "quarantined", "ckpt_stage.reasons": "UNSAFE_PICKLE"},
+        R("m", 10): {STATUS: "error", "ckpt_stage.reasons": "STORAGE_UNAVAILABLE"},
+        R("n", 1): {STATUS: "quarantined", "ckpt_stage.reasons": "SHAPE_MISMATCH"},
+    })
+    assert orchestrate.select_for_rerun(reg, {"model": "m", "versions": ["2", 2, "1"]}) == [R("m", 2), R("m", 1)]
+    with pytest.raises(UsageError):
+        orchestrate.select_for_rerun(reg, {"model": "m", "versions": ["7"]})
+    assert orchestrate.select_for_rerun(reg, {"status": "quarantined", "reason": "SHAPE_MISMATCH"}) == [
+        R("m", 1), R("n", 1)]
+    assert orchestrate.select_for_rerun(reg, {"status": "quarantined", "model": "m", "reason": None,
+                                              "versions": []}) == [R("m", 1), R("m", 2)]
+    with pytest.raises(UsageError, match="narrow it"):
+        orchestrate.select_for_rerun(reg, {"status": "quarantined"}, limit=2)
+
+
+def test_plan_sorts_by_estimated_size_and_parks_unknown_or_huge_in_the_largest_class():
+    settings = Settings(worker_classes=parse_worker_classes("s=1MiB,m=1GiB,l=4GiB"))
+    sizes = {R("a", 1): 10, R("a", 2): 2 * 2**20, R("a", 3): None, R("a", 4): 10 * 2**30, R("a", 5): 2**30}
+    planned = orchestrate.plan(list(sizes), settings, sizes.__getitem__)
+    assert {(p["version"], p["worker_class"]) for p in planned} == {
+        ("1", "s"), ("2", "m"), ("3", "l"), ("4", "l"), ("5", "m")}
+    assert orchestrate.in_class(planned, "m") == [
+        {"name": "a", "version": "2", "estimated_bytes": 2 * 2**20, "worker_class": "m"},
+        {"name": "a", "version": "5", "estimated_bytes": 2**30, "worker_class": "m"}]
+    assert orchestrate.in_class(planned, "x") == []
+    assert orchestrate.plan([], settings, sizes.__getitem__) == []
+
+
+def test_pool_definitions_follow_worker_classes():
+    settings = Settings(worker_classes=parse_worker_classes("s=2GiB,l=8GiB:big_pool:gpu"))
+    assert {k: v["slots"] for k, v in orchestrate.pool_definitions(settings).items()} == {
+        "ckpt_stage_s": 4, "big_pool": 1}
+    assert {k: v["slots"] for k, v in orchestrate.pool_definitions(settings, host_memory_bytes=20 * 2**30)
+            .items()} == {"ckpt_stage_s": 10, "big_pool": 2}
+
+
+def _outcome(verdict: Verdict, *codes: ReasonCode) -> Outcome:
+    reasons = tuple(Finding(c, c.value) for c in codes)
+    report = Report(verdict, reasons, R("m", 1), (), {}, {}, {}, {}, attempt=2, summary="s")
+    return Outcome(report, run_id="r1")
+
+
+def test_judge_model_verdicts_succeed():
+    assert orchestrate.judge(_outcome(Verdict.PASS)) == {
+        "name": "m", "version": "1", "verdict": "pass", "reasons": [], "attempt": 2, "run_id": "r1", "summary": "s"}
+    assert orchestrate.judge(_outcome(Verdict.QUARANTINE, ReasonCode.SHAPE_MISMATCH))["reasons"] == ["SHAPE_MISMATCH"]
+    assert orchestrate.judge(Outcome(None, skipped="lease held")) == {"skipped": "lease held"}
+
+
+@pytest.mark.parametrize(("codes", "retry"), [
+    ((ReasonCode.STORAGE_UNAVAILABLE,), True),
+    ((ReasonCode.REGISTRY_UNAVAILABLE, ReasonCode.WORKER_LOST), True),
+    ((ReasonCode.STORAGE_MISCONFIGURED,), False),
+    ((ReasonCode.INTERNAL_ERROR,), False),
+    ((ReasonCode.STORAGE_UNAVAILABLE, ReasonCode.INTERNAL_ERROR), False),
+])
+def test_judge_errors_fail_the_task_retrying_only_transient_ones(codes, retry):
+    with pytest.raises(orchestrate.ValidationFailed) as info:
+        orchestrate.judge(_outcome(Verdict.ERROR, *codes))
+    assert info.value.retry is retry
+    if ReasonCode.INTERNAL_ERROR in codes:
+        assert "bug" in str(info.value)
+
+
+def test_validate_one_skips_decided_versions_unless_forced(monkeypatch):
+    reg = FakeRegistry({R("m", 1): {STATUS: "promoted"}, R("m", 2): {}})
+    calls = []
+
+    def fake_validate(ref, **kwargs):
+        calls.append((ref, kwargs["force"]))
+        return _outcome(Verdict.PASS)
+
+    monkeypatch.setattr("ckpt_stage.pipeline.validate_version", fake_validate)
+    assert orchestrate.validate_one({"name": "m", "version": "1"}, force=False, settings=Settings(),
+                                    registry=reg)["skipped"] == "already promoted"
+    assert "no longer registered" in orchestrate.validate_one({"name": "x", "version": "1"}, force=False,
+                                                              settings=Settings(), registry=reg)["skipped"]
+    assert orchestrate.validate_one({"name": "m", "version": "2"}, force=False, settings=Settings(),
+                                    registry=reg)["verdict"] == "pass"
+    orchestrate.validate_one({"name": "m", "version": "1"}, force=True, settings=Settings(), registry=reg)
+    assert calls == [(R("m", 2), False), (R("m", 1), True)]
+
+
+def test_a_retry_takes_over_the_lease_its_own_failed_try_left(monkeypatch):
+    future = iso(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5))
+    reg = FakeRegistry({R("m", 1): {STATUS: "validating", LEASE_UNTIL: future, LEASE_OWNER: "airflow:d/r/t/0"}})
+    owners = []
+
+    def fake_validate(ref, **kwargs):
+        owners.append(kwargs["owner"])
+        return _outcome(Verdict.PASS)
+
+    monkeypatch.setattr("ckpt_stage.pipeline.validate_version", fake_validate)
+    other = orchestrate.validate_one({"name": "m", "version": "1"}, force=False, settings=Settings(), registry=reg,
+                                     owner="airflow:d/r2/t/0")
+    assert other["skipped"] == "already validating"
+    mine = orchestrate.validate_one({"name": "m", "version": "1"}, force=False, settings=Settings(), registry=reg,
+                                    owner="airflow:d/r/t/0")
+    assert mine["verdict"] == "pass" and owners == ["airflow:d/r/t/0"]
+
+
+def test_task_owner_is_stable_per_task_instance():
+    class TI:
+        dag_id, run_id, task_id, map_index = "ckpt_stage_validate", "scheduled__x", "validate_small", 3
+
+    assert orchestrate.task_owner({"ti": TI()}) == "airflow:ckpt_stage_validate/scheduled__x/validate_small/3"
+
