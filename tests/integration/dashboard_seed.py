@@ -122,14 +122,14 @@ def seed(stack: devstack.Stack) -> Seeded:
     return out
 
 
-_SEEDED: dict[int, Seeded] = {}
+_SEEDED: dict[str, Seeded] = {}
 
 
 def seed_once(stack: devstack.Stack) -> Seeded:
     """``seed`` once per stack and session: the API and browser modules share the same versions."""
-    if id(stack) not in _SEEDED:
-        _SEEDED[id(stack)] = seed(stack)
-    return _SEEDED[id(stack)]
+    if stack.mlflow.url not in _SEEDED:
+        _SEEDED[stack.mlflow.url] = seed(stack)
+    return _SEEDED[stack.mlflow.url]
 
 
 @contextlib.contextmanager

@@ -130,7 +130,6 @@ def test_a_model_logged_and_registered_the_usual_way(stack, stage_env):
     import torch
 
     name = _name("logged")
-    mlflow.set_tracking_uri(stack.mlflow.url)
     mlflow.set_experiment("ckpt-stage-test-logging")
     with mlflow.start_run():
         info = mlflow.pytorch.log_model(torch.nn.Sequential(torch.nn.Linear(3, 2)), name="model",
