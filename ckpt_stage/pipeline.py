@@ -26,7 +26,6 @@ from ckpt_stage.domain import (
     ReasonCode,
     Report,
     Severity,
-    Verdict,
     VersionRef,
 )
 from ckpt_stage.errors import (
@@ -373,8 +372,7 @@ def validate_one_safely(ref: VersionRef, **kwargs) -> Outcome:
         return validate_version(ref, **kwargs)
     except CkptStageError as exc:
         finding = _finding_from_error(exc)
-        decision = Decision(Verdict.ERROR, (finding,)) if finding.code and finding.code.cause.value == "infrastructure" \
-            else decide([finding])
+        decision = decide([finding])
         report = build_report(None, decision, model=ref, attempt=0, findings=[finding], timings={})
         return Outcome(report)
 

@@ -346,12 +346,9 @@ class Registry:
                 self.client.set_model_version_tag(ref.name, ref.version, key, value)
 
     def report_of(self, run_id: str) -> dict[str, Any] | None:
+        """The ``report.json`` an attempt's run holds, or None when it has none (or it is unreadable)."""
         with translate(f"reading report.json of run {run_id}"):
-            try:
-                return self.client.load_dict(run_id, "report.json") if hasattr(self.client, "load_dict") else \
-                    _load_json_artifact(self.client, run_id)
-            except Exception:  # noqa: BLE001
-                return _load_json_artifact(self.client, run_id)
+            return _load_json_artifact(self.client, run_id)
 
     def attempts(self, ref: VersionRef) -> list[dict[str, Any]]:
         """Every recorded attempt's run (newest first), without the reports."""
@@ -368,7 +365,8 @@ def _load_json_artifact(client: Any, run_id: str) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, "report.json", tmp)
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a run without a report is shown as such
+            log.warning("run %s has no readable report.json: %s", run_id, exc)
             return None
         with open(path) as fh:
             return json.load(fh)

@@ -50,9 +50,11 @@ def test_good_versions_are_promoted(stack, stage_env, build_sample, builder):
     assert len(mv.tags["ckpt_stage.sha256"]) == 64
     assert "ckpt_stage.lease_owner" not in mv.tags
     assert client.get_model_version_by_alias(ref.name, "validated").version == ref.version
-    recorded = client.load_dict(outcome.run_id, "report.json") if hasattr(client, "load_dict") else None
-    if recorded is not None:
-        assert recorded["verdict"] == "pass"
+    recorded = Registry(Settings.from_env()).report_of(outcome.run_id)
+    assert recorded == json.loads(json.dumps(report.to_dict()))
+    run = client.get_run(outcome.run_id)
+    assert run.info.experiment_id == client.get_experiment_by_name("ckpt-stage-validations").experiment_id
+    assert run.data.metrics["timings_s.total"] > 0
 
 
 @pytest.mark.parametrize(("builder", "code"), [
