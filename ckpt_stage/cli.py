@@ -350,13 +350,19 @@ def _print_versions(rows: list[dict]) -> None:
     table = Table("model", "version", "status", "reasons", "attempt", "age", "summary",
                   caption=f"{len(rows)} version{'s' if len(rows) != 1 else ''}")
     table.columns[1].justify = table.columns[4].justify = table.columns[5].justify = "right"
-    table.columns[6].overflow = "fold"
+    # The summary says what to do; keep it to one line per version so the table stays scannable at any width
+    # (`ckpt-stage show` and --json carry the whole text).
+    table.columns[6].overflow = "ellipsis"
+    table.columns[6].no_wrap = True
+    table.columns[6].max_width = 90
+    table.columns[0].min_width = max([len(r["model"]) for r in rows] + [5])
+    table.columns[3].min_width = max([len(",".join(r["reasons"])) for r in rows] + [7])
     for r in rows:
         at = parse_iso(r["validated_at"] or "")
         table.add_row(r["model"], r["version"], Text(r["status"] or "-", style=styles.get(r["status"] or "", "dim")),
                       Text(",".join(r["reasons"]), style="bold"), str(r["attempt"]),
-                      human_age((now - at).total_seconds()) if at else "—", (r["summary"] or "")[:160])
-    Console().print(table)
+                      human_age((now - at).total_seconds()) if at else "—", r["summary"] or "")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def _int(text: str) -> int:
