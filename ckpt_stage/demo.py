@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import shutil
 import sys
 import time
@@ -71,7 +72,7 @@ def run_demo(workdir: Path, *, keep_running: bool = False) -> int:
             match = status == want and all(c in state.reasons for c in sample.expect_codes)
             ok = ok and match
             table.add_row(ref.name, ref.version, status, ",".join(state.reasons) or "-",
-                          ("✓ " if match else "✗ ") + want, state.tags.get("ckpt_stage.summary", "")[:160])
+                          ("✓ " if match else "✗ ") + want, textwrap.shorten(state.tags.get("ckpt_stage.summary", ""), 200, placeholder=" …"))
         Console(file=sys.stdout, width=160).print(table)
         alias = {ref.name: registry.alias_version(ref.name) for ref in expected}
         _say("  alias 'validated': " + ", ".join(f"{k}→v{v}" for k, v in alias.items() if v))
