@@ -303,14 +303,25 @@ class S3Storage:
         resp = self.client.get_object(Bucket=bucket, Key=rf.key, ChecksumMode="ENABLED")
         digest = hashlib.sha256()
         size = 0
+
+        def consume(chunk: bytes) -> None:
+            digest.update(chunk)  # hashlib and file writes release the GIL on large buffers
+            fh.write(chunk)
+
+        # Hash and write chunk N on a helper thread while chunk N+1 is read from the socket, so the
+        # digest costs (almost) no wall time over the transfer itself.
+        pending = None
         try:
-            with tmp.open("wb") as fh:
+            with tmp.open("wb") as fh, ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as hasher:
                 for chunk in resp["Body"].iter_chunks(CHUNK):
-                    digest.update(chunk)
-                    fh.write(chunk)
+                    if pending is not None:
+                        pending.result()
+                    pending = hasher.submit(consume, chunk)
                     size += len(chunk)
                     if progress:
                         progress(len(chunk))
+                if pending is not None:
+                    pending.result()
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
