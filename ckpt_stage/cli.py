@@ -124,13 +124,13 @@ def validate(model: str, version: str, as_json: bool) -> None:
     """Validate one registered version end to end and record the verdict."""
 
     def body() -> int:
-        from ckpt_stage.pipeline import validate_version
+        from ckpt_stage.pipeline import validate_one_safely
 
         settings = Settings.from_env()
         with _stdout_to_stderr() as real:
             ref = VersionRef(model, str(version))
             with _progress_bar(as_json, str(ref)) as progress:
-                outcome = validate_version(ref, settings=settings, progress=progress)
+                outcome = validate_one_safely(ref, settings=settings, progress=progress)
             if outcome.report is None:
                 raise CkptStageError(outcome.skipped, code=ReasonCode.INTERNAL_ERROR,
                                      hint="wait for the lease to expire, or run `ckpt-stage rerun`")

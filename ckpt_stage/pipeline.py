@@ -31,6 +31,7 @@ from ckpt_stage.domain import (
 from ckpt_stage.errors import (
     CkptStageError,
     ConfigError,
+    UsageError,
     PermanentError,
     RegistryUnavailable,
     StorageMisconfigured,
@@ -367,9 +368,13 @@ def sweep(
 
 
 def validate_one_safely(ref: VersionRef, **kwargs) -> Outcome:
-    """``validate_version`` for batch callers: a registry outage of one version becomes an error report."""
+    """``validate_version`` for callers that want a report in any case: a registry outage becomes an
+    ``error`` report (attempt 0: nothing could be recorded). Bad input (an unknown version, a broken
+    setting) still raises, for the caller to report as such."""
     try:
         return validate_version(ref, **kwargs)
+    except (UsageError, ConfigError):
+        raise
     except CkptStageError as exc:
         finding = _finding_from_error(exc)
         decision = decide([finding])
