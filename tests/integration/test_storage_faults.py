@@ -85,3 +85,25 @@ def test_unreachable_s3_ends_in_error_and_the_version_stays_eligible(stack, stag
     from ckpt_stage.registry import Registry
 
     assert Registry(settings).get(VersionRef(ref.name, ref.version)).needs_validation()
+
+
+def test_multipart_uploads_with_composite_checksums_verify(stack, stage_env, tmp_path):
+    """Objects over 8 MiB are uploaded in parts and carry a COMPOSITE checksum: comparing it with the
+    file's own digest would flag every large model. Only sizes (and whole-object checksums) count."""
+    import boto3
+
+    data = bytes(range(256)) * (40 * 1024 * 9 // 10 * 4)  # ~9.4 MB
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    loc = S3Location(stack.bucket, f"multipart/{uuid.uuid4().hex}")
+    client = S3Storage(Settings()).client
+    client.upload_file(str(src), loc.bucket, f"{loc.prefix}/big.bin",
+                       Config=boto3.s3.transfer.TransferConfig(multipart_threshold=8 * 2**20,
+                                                               multipart_chunksize=8 * 2**20))
+    head = client.head_object(Bucket=loc.bucket, Key=f"{loc.prefix}/big.bin", ChecksumMode="ENABLED")
+    assert "-" in head["ETag"]  # really multipart
+    files = S3Storage(Settings()).download(loc, tmp_path / "out")
+    import hashlib
+
+    assert files[0].sha256 == hashlib.sha256(data).hexdigest()
+    assert files[0].size == len(data)
