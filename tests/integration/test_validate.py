@@ -144,3 +144,31 @@ def test_a_model_logged_and_registered_the_usual_way(stack, stage_env):
     paths = {f.path for f in out.report.files}
     assert {"MLmodel", "data/model.pt2"} <= paths, paths
     assert info.model_id
+
+
+def test_drift_against_the_promoted_version_is_reported(stack, stage_env, tmp_path):
+    """v2 reshapes the layers of the promoted v1: it still passes, with an informational drift finding."""
+    import torch
+
+    name = _name("drift")
+    folders = {}
+    for out in (2, 3):
+        folder = tmp_path / f"out{out}"
+        folder.mkdir()
+        torch.save(torch.nn.Linear(4, out).state_dict(), folder / "model.pt")
+        folders[out] = folder
+    tags = {"ckpt_stage.arch": "torch.nn:Linear"}
+    v1 = devstack.register_folder(stack.bucket, name, folders[2],
+                                  {**tags, "ckpt_stage.arch_kwargs": '{"in_features": 4, "out_features": 2}'})
+    v2 = devstack.register_folder(stack.bucket, name, folders[3],
+                                  {**tags, "ckpt_stage.arch_kwargs": '{"in_features": 4, "out_features": 3}'})
+    settings = Settings.from_env()
+    assert validate_version(v1, settings=settings).report.verdict is Verdict.PASS
+    report = validate_version(v2, settings=settings).report
+    assert report.verdict is Verdict.PASS
+    drift = [f for f in report.findings if f.detail.get("kind") == "drift"]
+    assert len(drift) == 1, [f.to_dict() for f in report.findings]
+    assert drift[0].code is None and drift[0].severity.value == "info"
+    assert drift[0].detail["previous_version"] == v1.version
+    assert drift[0].detail["param_count"] == {"previous": 10, "current": 15, "delta": 5}
+    assert "weight [2, 4]→[3, 4]" in drift[0].message
