@@ -233,7 +233,8 @@ def judge(outcome: Any) -> dict[str, Any]:
 
 
 def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings | None = None,
-                 registry: Any = None, owner: str | None = None) -> dict[str, Any]:
+                 registry: Any = None, owner: str | None = None,
+                 airflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Body of a mapped task. Without ``force``, a version that got a verdict meanwhile is skipped.
 
     ``owner`` names the lease holder; the task passes one that is the same on each of its retries, so a
@@ -257,13 +258,21 @@ def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings | No
         ours = owner is not None and state.status is Status.VALIDATING and state.tags.get(LEASE_OWNER) == owner
         if not state.needs_validation() and not ours:
             return {**vref.to_dict(), "skipped": f"already {state.status.value if state.status else '-'}"}
-    return judge(validate_version(vref, settings=settings, registry=registry, force=force, owner=owner))
+    return judge(validate_version(vref, settings=settings, registry=registry, force=force, owner=owner,
+                                  origin={"airflow": dict(airflow)} if airflow else None))
 
 
 def task_owner(context: Mapping[str, Any]) -> str:
     """A lease owner that names the task instance and stays the same across its retries."""
     ti = context["ti"]
     return f"airflow:{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}"
+
+
+def task_identity(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Which task instance ran an attempt: recorded with it, so the dashboard links to the task's log."""
+    ti = context["ti"]
+    return {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index,
+            "try_number": getattr(ti, "try_number", None)}
 
 
 # -- Airflow wiring --------------------------------------------------------------------------------------
@@ -298,7 +307,8 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
         from airflow.sdk import get_current_context
 
         try:
-            return validate_one(ref, force=force, owner=task_owner(get_current_context()))
+            context = get_current_context()
+            return validate_one(ref, force=force, owner=task_owner(context), airflow=task_identity(context))
         except ValidationFailed as exc:
             if exc.retry:
                 raise

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ckpt_stage.config import Settings, parse_arch_kwargs
 from ckpt_stage.domain import (
@@ -258,11 +259,14 @@ def validate_version(
     force: bool = False,
     owner: str | None = None,
     progress: Progress | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> Outcome:
     """Validate one registered version end to end and record the verdict in MLflow.
 
     Raises ``TransientError`` only when the verdict could not even be recorded (the registry kept
     failing): the caller (an Airflow task) should retry. Every other failure is recorded as a verdict.
+    ``origin`` says who ran the attempt (``{"airflow": {dag_id, run_id, task_id, map_index, try_number}}``);
+    it goes into the report and the attempt's run tags.
     """
     settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
@@ -310,6 +314,8 @@ def validate_version(
     timings["total"] = time.perf_counter() - t0
     report = build_report(checked, decision, model=ref, attempt=attempt, findings=findings, timings=timings,
                           files=files)
+    if origin:
+        report = report.replace(extra={**report.extra, **origin})
     digest = version_digest([(f.path, f.sha256) for f in report.files])
     try:
         run_id = registry.record(report, decision, digest=digest)

@@ -268,6 +268,10 @@ class Registry:
             "ckpt_stage.reasons": ",".join(sorted({r.code.value for r in report.reasons if r.code})),
             "mlflow.runName": f"{ref.name}-v{ref.version}-attempt{report.attempt}",
         }
+        # Who ran it (an Airflow task instance): the dashboard links the attempt to that task's log.
+        for key, value in (report.extra.get("airflow") or {}).items():
+            if value is not None:
+                tags[f"airflow.{key}"] = str(value)
         ts = int(time.time() * 1000)
         metrics = [Metric(f"timings_s.{k}", float(v), ts, 0) for k, v in data["timings_s"].items()]
         metrics += [Metric(f"resources.{k}", float(v), ts, 0) for k, v in data["resources"].items()

@@ -93,6 +93,11 @@ def test_validate_dag_sweeps_sizes_and_records_verdicts(stack, stage_env, airflo
     assert "SHAPE_MISMATCH" in bad_tags["ckpt_stage.reasons"].split(",")
     assert _tags(big)["ckpt_stage.status"] == "promoted", log
     assert MlflowClient().get_model_version_by_alias(name, "validated").version == good.version
+    # The attempt names the task instance that ran it (the dashboard links to that task's log).
+    run_tags = MlflowClient().get_run(_tags(good)["ckpt_stage.run_id"]).data.tags
+    assert run_tags["airflow.dag_id"] == orchestrate.VALIDATE_DAG_ID
+    assert run_tags["airflow.task_id"] == "validate_tiny"
+    assert run_tags["airflow.run_id"] and run_tags["airflow.map_index"].isdigit()
 
     # Each version had its own mapped task instance, in the task of its worker class.
     tis = _task_instances(airflow, orchestrate.VALIDATE_DAG_ID)
