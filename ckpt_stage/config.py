@@ -19,6 +19,7 @@ from ckpt_stage.errors import ConfigError
 PREFIX = "CKPT_STAGE_"
 
 DEFAULT_ARCH_MODULES = ("torch.nn",)
+MIN_SWEEP_INTERVAL_S = 5.0
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10, "m": 10**6, "mb": 10**6,
@@ -121,6 +122,8 @@ class Settings:
         WorkerClass("large", 16 * 2**30, "ckpt_stage_large"),
     )
     lease_s: float = 900.0
+    sweep_interval_s: float = 300.0
+    """How often ``ckpt_stage_validate`` sweeps for versions without a verdict (at least 5 s)."""
     owner: str = ""
     s3_attempts: int = 5
     s3_deadline_s: float = 120.0
@@ -173,6 +176,7 @@ class Settings:
             worker_cgroup=env.get(PREFIX + "WORKER_CGROUP", ""),
             worker_classes=parse_worker_classes(classes_raw) if classes_raw else d.worker_classes,
             lease_s=_float(env, "LEASE_S", d.lease_s),
+            sweep_interval_s=max(MIN_SWEEP_INTERVAL_S, _float(env, "SWEEP_INTERVAL_S", d.sweep_interval_s)),
             owner=env.get(PREFIX + "OWNER", ""),
             s3_attempts=max(1, _int(env, "S3_ATTEMPTS", d.s3_attempts)),
             s3_deadline_s=_float(env, "S3_DEADLINE_S", d.s3_deadline_s),

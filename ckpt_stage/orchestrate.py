@@ -17,13 +17,12 @@ One mapped task per class, not one task with a per-instance pool: Airflow 3.3 ca
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ckpt_stage.config import PREFIX, Settings, WorkerClass, _float
+from ckpt_stage.config import PREFIX, Settings, WorkerClass
 from ckpt_stage.domain import ReasonCode, Status, Verdict, VersionRef
 from ckpt_stage.errors import CkptStageError, UsageError
 
@@ -36,8 +35,6 @@ RERUN_DAG_ID = "ckpt_stage_rerun"
 REGISTRATIONS_ASSET_NAME = "ckpt_stage_model_version_created"
 REGISTRATIONS_ASSET_URI = "x-ckpt-stage://mlflow/model-version-created"
 
-DEFAULT_SWEEP_INTERVAL_S = 300.0
-MIN_SWEEP_INTERVAL_S = 5.0
 # Airflow refuses to expand more than [core] max_map_length (1024) instances; a backlog larger than one
 # batch is worked off by the following sweeps.
 MAX_BATCH = 500
@@ -51,8 +48,7 @@ RERUN_STATUSES = (Status.QUARANTINED.value, Status.ERROR.value, Status.PROMOTED.
 
 def sweep_interval_s(env: Mapping[str, str] | None = None) -> float:
     """``CKPT_STAGE_SWEEP_INTERVAL_S`` (default 300): how often ``ckpt_stage_validate`` sweeps."""
-    value = _float(os.environ if env is None else env, "SWEEP_INTERVAL_S", DEFAULT_SWEEP_INTERVAL_S)
-    return max(MIN_SWEEP_INTERVAL_S, value)
+    return Settings.from_env(env).sweep_interval_s
 
 
 def task_id_for(wc: WorkerClass, verb: str = "validate") -> str:

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from ckpt_stage import orchestrate
-from ckpt_stage.config import Settings, parse_worker_classes
+from ckpt_stage.config import MIN_SWEEP_INTERVAL_S, Settings, parse_worker_classes
 from ckpt_stage.domain import Finding, ReasonCode, Report, Verdict, VersionRef
 from ckpt_stage.errors import UsageError
 from ckpt_stage.pipeline import Outcome
@@ -41,7 +41,7 @@ def R(name, version):
 def test_sweep_interval_from_env():
     assert orchestrate.sweep_interval_s({}) == 300
     assert orchestrate.sweep_interval_s({"CKPT_STAGE_SWEEP_INTERVAL_S": "30"}) == 30
-    assert orchestrate.sweep_interval_s({"CKPT_STAGE_SWEEP_INTERVAL_S": "0"}) == orchestrate.MIN_SWEEP_INTERVAL_S
+    assert orchestrate.sweep_interval_s({"CKPT_STAGE_SWEEP_INTERVAL_S": "0"}) == MIN_SWEEP_INTERVAL_S
     with pytest.raises(Exception, match="CKPT_STAGE_SWEEP_INTERVAL_S"):
         orchestrate.sweep_interval_s({"CKPT_STAGE_SWEEP_INTERVAL_S": "often"})
 
