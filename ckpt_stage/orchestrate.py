@@ -150,7 +150,7 @@ def estimate_bytes(ref: VersionRef, *, settings: Settings, registry: Any, storag
 
     try:
         loc = resolve_artifact_uri(registry.download_uri(ref), settings)
-        return sum(f.size for f in storage.list(loc))
+        return sum(f.size for f in storage.list_files(loc))
     except CkptStageError as exc:
         # The validation itself records the proper verdict (ARTIFACT_MISSING, STORAGE_*); sizing only plans.
         log.info("cannot size %s before validating it (%s: %s)", ref, exc.code.value, exc)

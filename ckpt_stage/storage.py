@@ -207,7 +207,7 @@ class S3Storage:
         return retrying(call)
 
     # -- listing -------------------------------------------------------------------------------
-    def list(self, loc: S3Location) -> list[RemoteFile]:
+    def list_files(self, loc: S3Location) -> list[RemoteFile]:
         prefix = loc.prefix.rstrip("/") + "/" if loc.prefix else ""
 
         def pages() -> list[RemoteFile]:
@@ -257,7 +257,7 @@ class S3Storage:
         progress: Callable[[int], None] | None = None,
     ) -> list[LocalFile]:
         """Download every file under ``loc`` into ``dest``; verified, hashed, atomically renamed."""
-        files = self.list(loc) if files is None else files
+        files = self.list_files(loc) if files is None else files
         dest.mkdir(parents=True, exist_ok=True)
         need = sum(f.size for f in files)
         free = shutil.disk_usage(dest).free
