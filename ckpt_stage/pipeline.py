@@ -202,6 +202,25 @@ def collect_paths(paths: Sequence[Path]) -> tuple[Path, list[str]]:
     return root, [p.relative_to(root).as_posix() for p in resolved]
 
 
+def _stage(src_root: Path, rels: Sequence[str], dest: Path) -> None:
+    """Hard-link (world-readable files, same filesystem) or copy ``rels`` under ``dest``; the user's
+    files keep their permissions because only links to already-readable inodes are shared."""
+    import os
+
+    dest.mkdir(parents=True, exist_ok=False)
+    os.chmod(dest, 0o700)
+    for rel in rels:
+        src, dst = src_root / rel, dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.stat().st_mode & 0o004:
+            try:
+                os.link(src, dst)
+                continue
+            except OSError:
+                pass  # another filesystem, or links not allowed: copy
+        shutil.copyfile(src, dst)
+
+
 def _common_dir(files: Sequence[Path]) -> str:
     import os
 
@@ -215,15 +234,24 @@ def inspect_paths(
     arch_kwargs: dict | None = None,
     settings: Settings | None = None,
 ) -> Report:
-    """Validate local files offline: no registry, no S3, nothing recorded."""
+    """Validate local files offline: no registry, no S3, nothing recorded, nothing of the user's changed.
+
+    The files are staged into a private folder first: the unprivileged worker must be able to read what
+    it loads, and the runner grants that by adding read bits to the job's folder, which must never be
+    the user's own (``inspect ~/model.pt`` would otherwise open up the whole home directory).
+    """
     settings = settings or Settings.from_env()
-    root, rels = collect_paths(paths)
+    src_root, rels = collect_paths(paths)
     t0 = time.perf_counter()
+    staging = settings.cache_dir / "inspect" / uuid.uuid4().hex[:12]
     try:
-        checked = check_local(root, rels, settings, arch=arch, arch_kwargs=arch_kwargs)
+        _stage(src_root, rels, staging)
+        checked = check_local(staging, rels, settings, arch=arch, arch_kwargs=arch_kwargs)
         findings = list(checked.findings)
     except Exception as exc:  # noqa: BLE001 - the parent always writes a report
         checked, findings = None, [_internal(exc)]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     decision = decide(findings, settings)
     timings = dict(checked.timings_s if checked else {})
     timings["download"] = 0.0
