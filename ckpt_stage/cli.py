@@ -286,7 +286,7 @@ def rerun(model: str | None, version: str | None, status: str | None, reason: st
         settings = Settings.from_env()
         registry = Registry(settings)
         with _stdout_to_stderr() as real:
-            refs = [VersionRef(model, str(version))] if version else [
+            refs = [VersionRef(str(model), str(version))] if version else [
                 s.ref for s in registry.iter_versions(model=model, status=status, reason=reason)]
             outcomes = []
             line = _line_per_version(as_json)

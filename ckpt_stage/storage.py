@@ -344,7 +344,10 @@ class S3Storage:
         keys = []
         for path in sorted(p for p in src.rglob("*") if p.is_file()):
             key = str(PurePosixPath(loc.prefix, path.relative_to(src).as_posix()))
-            self._retry(lambda p=path, k=key: self.client.upload_file(str(p), loc.bucket, k), what=f"upload {key}")
+            def upload(p: Path = path, k: str = key) -> None:
+                self.client.upload_file(str(p), loc.bucket, k)
+
+            self._retry(upload, what=f"upload {key}")
             keys.append(key)
         return keys
 

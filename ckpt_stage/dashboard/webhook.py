@@ -152,7 +152,7 @@ def create_webhook_router(settings: Settings | None = None, *, client: AirflowCl
         if (entity, action) != ("model_version", "created"):
             deliveries.add(delivery_id)
             return JSONResponse({"status": "ignored", "event": f"{entity}.{action}"})
-        data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+        data: dict[str, Any] = payload["data"] if isinstance(payload.get("data"), dict) else {}
         name, version = data.get("name"), data.get("version")
         if not isinstance(name, str) or not name or version in (None, ""):
             return JSONResponse({"detail": "model_version.created without name and version"}, status_code=400)

@@ -230,7 +230,8 @@ def compare_dtypes(ckpt: Mapping[str, torch.dtype], model: Mapping[str, torch.dt
                    file: str | None) -> list[Finding]:
     """Integer (or bool/complex) weights where the model has floats block; a narrower or wider float
     (float16/bfloat16/float64 vs float32) is a warning: assign=True keeps the checkpoint's dtype."""
-    bad, soft = [], []
+    bad: list[tuple[str, Any, Any]] = []
+    soft: list[tuple[str, Any, Any]] = []
     for k in sorted(ckpt):
         c, m = ckpt[k], model.get(k)
         if m is None or c == m:

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 READY_TIMEOUT_S = 180.0
 _MAX_FDS = 8
@@ -140,7 +140,7 @@ def _serve(ctrl: socket.socket) -> None:
                 # The parent never writes after the request: readable means closed (abandoned).
                 pid = key.data
                 try:
-                    data = key.fileobj.recv(64)
+                    data = cast(socket.socket, key.fileobj).recv(64)
                 except OSError:
                     data = b""
                 if not data:

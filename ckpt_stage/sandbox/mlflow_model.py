@@ -65,10 +65,10 @@ def read(root: str, rel: str) -> MlflowModel:
                             file="MLmodel") from None
     if not isinstance(doc, dict):
         raise ModelDirError("MLmodel is not a YAML mapping", "re-log the model with mlflow", file="MLmodel")
-    flavors = doc.get("flavors") if isinstance(doc.get("flavors"), dict) else {}
-    pytorch = flavors.get("pytorch") if isinstance(flavors.get("pytorch"), dict) else None
+    flavors: dict[str, Any] = doc["flavors"] if isinstance(doc.get("flavors"), dict) else {}
+    pytorch = flavors["pytorch"] if isinstance(flavors.get("pytorch"), dict) else None
     model = MlflowModel(root=root, rel=rel, mlmodel=doc, pytorch=pytorch)
-    sig = doc.get("signature") if isinstance(doc.get("signature"), dict) else {}
+    sig: dict[str, Any] = doc["signature"] if isinstance(doc.get("signature"), dict) else {}
     model.inputs = parse_tensor_specs(sig.get("inputs"))
     model.outputs = parse_tensor_specs(sig.get("outputs"))
     info = doc.get("saved_input_example_info")
@@ -84,7 +84,7 @@ def _put(model: MlflowModel, lib: str, value: Any, source: str) -> None:
 
 
 def _recorded(model: MlflowModel, flavors: dict[str, Any]) -> None:
-    pyfunc = flavors.get("python_function") if isinstance(flavors.get("python_function"), dict) else {}
+    pyfunc: dict[str, Any] = flavors["python_function"] if isinstance(flavors.get("python_function"), dict) else {}
     _put(model, "torch", (model.pytorch or {}).get("pytorch_version"), "MLmodel flavors.pytorch.pytorch_version")
     _put(model, "mlflow", model.mlmodel.get("mlflow_version"), "MLmodel mlflow_version")
     _put(model, "python", pyfunc.get("python_version"), "MLmodel flavors.python_function.python_version")

@@ -129,9 +129,10 @@ def load(path: str) -> tuple[Any, torch.nn.Module, list[str]]:
             # load_pt2 directly: torch.export.load swallows its RuntimeError (the real reason) and
             # retries the pre-2.8 format, which only says "We ran into an error when deserializing".
             contents = load_pt2(path)
-            ep = contents.exported_programs.get("model")
-            if ep is None:
+            found = contents.exported_programs.get("model")
+            if found is None:
                 names = ", ".join(contents.exported_programs) or "none"
                 raise ValueError(f"the archive holds no exported program named 'model' (found: {names})")
+            ep = found
         module = ep.module()
     return ep, module, refusals

@@ -199,7 +199,7 @@ def load_allowlisted(path: str, *, zip_format: bool, policy: PicklePolicy, max_r
             if not full or full in seen:
                 raise
             seen.add(full)
-            extra += _allow(policy, [full], context=seen)
+            extra += _allow(policy, [full], context=sorted(seen))
     raise pickle.UnpicklingError(f"more than {max_rounds} distinct globals")
 
 
@@ -250,9 +250,9 @@ def forced_weights_only() -> Iterator[list[str]]:
             raise
 
     saved_env = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    package = None
+    package: Any = None
     with contextlib.suppress(ImportError):
-        from torch.export.pt2_archive import _package as package  # type: ignore[no-redef]
+        from torch.export.pt2_archive import _package as package
     saved_pickle = getattr(package, "pickle", None)
     torch.load = guarded_load  # type: ignore[assignment]
     # Belt and braces: torch itself forces weights_only=True, even over an explicit False, when

@@ -575,7 +575,7 @@ def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport) -> t
                 HINT_CORRUPT)
         ctx.fs.storage_bytes += region.size
         return FileFormat.TORCH_LEGACY, True
-    decls = {}
+    decls: dict[Any, Any] = {}
     for s in reports[3].storages:
         decls.setdefault(s.key, s)
     off = pos
@@ -623,7 +623,7 @@ def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport) -> t
 
 
 def _tar_names(region: Region, limit: int = 64) -> list[str]:
-    names = []
+    names: list[str] = []
     off = 0
     while len(names) < limit and off + 512 <= region.size:
         h = region.read(off, 512)

@@ -640,7 +640,8 @@ def scan_stream(buf: bytes, start: int, settings: Settings, *,
     f.seek(start)
     pos = start
     try:
-        for n_ops, (op, arg, pos) in enumerate(pickletools.genops(f)):
+        for n_ops, (op, arg, op_pos) in enumerate(pickletools.genops(f)):
+            pos = op_pos if op_pos is not None else pos  # genops gives None only for untellable files
             if n_ops >= MAX_OPS:
                 report.limit = f"more than {MAX_OPS:,} opcodes in one stream"
                 break
