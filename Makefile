@@ -22,6 +22,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check ckpt_stage dags tests bench
+	$(BIN)/mypy ckpt_stage
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
 test-unit: venv
