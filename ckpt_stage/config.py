@@ -36,6 +36,16 @@ def parse_size(text: str, *, name: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def format_size(n: float) -> str:
+    """``17179869184`` → ``16.0 GiB`` (binary units; the inverse of ``parse_size`` for humans)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
+
+
 @dataclass(frozen=True)
 class WorkerClass:
     """A worker size class: versions whose estimated memory fits ``memory_bytes`` run there."""

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote
 
-from ckpt_stage.config import Settings
+from ckpt_stage.config import Settings, format_size
 from ckpt_stage.domain import ReasonCode, Status, VersionRef
 from ckpt_stage.errors import UsageError
 from ckpt_stage.registry import (
@@ -87,14 +87,7 @@ def human_age(seconds: float | None) -> str:
 
 
 def human_bytes(n: float | int | None) -> str:
-    if n is None:
-        return "—"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+    return "—" if n is None else format_size(n)
 
 
 def human_seconds(s: float | int | None) -> str:

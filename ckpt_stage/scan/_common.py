@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckpt_stage.config import format_size
 from ckpt_stage.domain import Finding, ReasonCode
 
 CHUNK = 8 * 2**20
@@ -57,14 +58,7 @@ class Region:
         return Region(self.fd, self.base + offset, min(n, self.size - offset), label)
 
 
-def human(n: float) -> str:
-    """``17179869184`` → ``16.0 GiB``."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"  # pragma: no cover
+human = format_size  # the scanner's messages use the stage's one size format
 
 
 # Hints: what the model owner should do. Kept here so wording stays consistent across checks.
