@@ -8,6 +8,7 @@ problems become findings with infrastructure codes (verdict ``error``, never a q
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shutil
 import time
@@ -26,7 +27,6 @@ from ckpt_stage.domain import (
     Finding,
     ReasonCode,
     Report,
-    Severity,
     VersionRef,
 )
 from ckpt_stage.errors import (
@@ -36,7 +36,6 @@ from ckpt_stage.errors import (
     PermanentError,
     RegistryUnavailable,
     StorageMisconfigured,
-    TransientError,
 )
 from ckpt_stage.policy import decide, summarize
 from ckpt_stage.registry import ARCH, ARCH_KWARGS, Registry, VersionState, default_owner
@@ -66,7 +65,7 @@ def _runtime_here() -> dict[str, str]:
     try:
         import torch
 
-        out["torch"] = torch.__version__.split("+")[0]
+        out["torch"] = torch.__version__  # as the worker reports it (build label included)
     except Exception:  # noqa: BLE001
         pass
     try:
@@ -105,16 +104,8 @@ def check_local(
                  scan.formats.get(rel, FileFormat.UNKNOWN))
         for rel in rels
     )
-    findings = list(extra_findings) + list(scan.findings)
-    wclass = settings.class_for(scan.estimated_bytes)
-    limit = (wclass or settings.largest_class).memory_bytes
-    if wclass is None and not any(f.code is ReasonCode.RESOURCE_LIMIT for f in findings):
-        findings.append(Finding(
-            ReasonCode.RESOURCE_LIMIT,
-            f"loading needs about {_human(scan.estimated_bytes)}, more than the largest worker class "
-            f"{settings.largest_class.name!r} allows ({_human(limit)})",
-            "add a larger worker class (CKPT_STAGE_WORKER_CLASSES) or shard/quantize the checkpoint",
-        ))
+    findings = list(extra_findings) + list(scan.findings)  # RESOURCE_LIMIT over every class comes from the scan
+    limit = (settings.class_for(scan.estimated_bytes) or settings.largest_class).memory_bytes
     load: LoadResult | None = None
     if not any(f.blocking for f in findings):
         job = LoadJob(
@@ -205,8 +196,6 @@ def collect_paths(paths: Sequence[Path]) -> tuple[Path, list[str]]:
 def _stage(src_root: Path, rels: Sequence[str], dest: Path) -> None:
     """Hard-link (world-readable files, same filesystem) or copy ``rels`` under ``dest``; the user's
     files keep their permissions because only links to already-readable inodes are shared."""
-    import os
-
     dest.mkdir(parents=True, exist_ok=False)
     os.chmod(dest, 0o700)
     for rel in rels:
@@ -222,8 +211,6 @@ def _stage(src_root: Path, rels: Sequence[str], dest: Path) -> None:
 
 
 def _common_dir(files: Sequence[Path]) -> str:
-    import os
-
     return os.path.commonpath([str(f.parent) for f in files])
 
 
@@ -347,9 +334,7 @@ def validate_version(
     digest = version_digest([(f.path, f.sha256) for f in report.files])
     try:
         run_id = registry.record(report, decision, digest=digest)
-    except TransientError:
-        raise
-    except PermanentError as exc:
+    except PermanentError as exc:  # a TransientError propagates as it is: the caller retries
         log.error("recording the verdict of %s failed: %s", ref, exc)
         registry.record_error_status(ref, f"recording the verdict failed: {exc}")
         raise
@@ -361,10 +346,8 @@ def _drift(registry: Registry, ref: VersionRef, checked: Checked) -> list[Findin
     current = (checked.load.info if checked.load else {}).get("layers")
     if not current:
         return []
-    try:
-        from ckpt_stage import drift
-    except ImportError:
-        return []
+    from ckpt_stage import drift
+
     try:
         promoted = registry.alias_version(ref.name)
         if promoted is None or promoted == ref.version:
@@ -420,13 +403,4 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{n} B"
-
-
-__all__ = ["Outcome", "check_local", "inspect_paths", "sweep", "validate_version", "Severity"]
+__all__ = ["Outcome", "check_local", "inspect_paths", "sweep", "validate_version", "validate_one_safely"]
