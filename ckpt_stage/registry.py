@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import tempfile
 import time
 import uuid
@@ -232,11 +231,6 @@ class Registry:
             return None
         return state
 
-    def set_pending(self, ref: VersionRef) -> None:
-        state = self.get(ref)
-        if state.status is None:
-            self._set_tags(ref, {STATUS: Status.PENDING.value})
-
     # -- recording -----------------------------------------------------------------------------
     def experiment_id(self) -> str:
         if self._experiment_id is None:
@@ -278,7 +272,9 @@ class Registry:
                     if isinstance(v, int | float)]
         metrics.append(Metric("bytes", float(sum(f.size for f in report.files)), ts, 0))
         params = [Param("model", ref.name), Param("version", ref.version)]
-        with redirect_stdout_to_stderr(), translate(f"recording the attempt of {ref}"):
+        # No stdout redirect here (it would swap sys.stdout under other threads): the "View run" print
+        # is switched off by MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set when this module is imported.
+        with translate(f"recording the attempt of {ref}"):
             run = self.client.create_run(self.experiment_id(), tags=tags)
             run_id = run.info.run_id
             self.client.log_batch(run_id, metrics=metrics, params=params,
@@ -378,9 +374,3 @@ def _load_json_artifact(client: Any, run_id: str) -> dict[str, Any] | None:
 
 def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
-
-
-@contextlib.contextmanager
-def redirect_stdout_to_stderr() -> Iterator[None]:
-    with contextlib.redirect_stdout(sys.stderr):
-        yield

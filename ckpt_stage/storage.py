@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -350,12 +350,6 @@ class S3Storage:
             self._retry(upload, what=f"upload {key}")
             keys.append(key)
         return keys
-
-
-def iter_files(root: Path) -> Iterator[Path]:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            yield p
 
 
 def sha256_file(path: Path) -> str:
