@@ -10,8 +10,10 @@ from __future__ import annotations
 import enum
 import posixpath
 
+from ckpt_stage.config import Settings
 from ckpt_stage.scan._common import Region
-from ckpt_stage.scan.safetensors import looks_like_safetensors
+from ckpt_stage.scan.pickles import StreamReport, scan_stream
+from ckpt_stage.scan.safetensors import check_safetensors, looks_like_safetensors
 
 
 class Kind(enum.StrEnum):
@@ -80,6 +82,13 @@ def sniff(region: Region) -> tuple[Kind, bytes]:
     if head.startswith(b"PK\x03\x04"):
         return Kind.ZIP, head
     if head[0] == 0x80 and len(head) > 1 and head[1] <= 5:
+        # 0x80 is pickle's PROTO opcode, but also the low byte of one safetensors header length in
+        # 256 (a small model's shard). The container whose structure checks out wins (a header that
+        # is a JSON object exactly inside the file; its tensor entries are checked later, so a
+        # truncated shard is reported as a broken safetensors file, not a broken pickle); a file
+        # that is both is refused by ``live_pickle`` (the scan reports it, the worker never loads it).
+        if looks_like_safetensors(head) and check_safetensors(region).header_ok:
+            return Kind.SAFETENSORS, head
         return Kind.PICKLE, head
     if looks_like_safetensors(head):
         return Kind.SAFETENSORS, head
@@ -91,6 +100,32 @@ def sniff(region: Region) -> tuple[Kind, bytes]:
     if _is_text(head):
         return Kind.TEXT, head
     return Kind.BINARY, head
+
+
+#: First window of a safetensors file read as a pickle: a real header breaks the stream within its
+#: first dozen bytes (the zero high bytes of the length are no opcode), so this is nearly always enough.
+_PICKLE_PROBE = 64 * 2**10
+
+
+def live_pickle(region: Region, settings: Settings) -> StreamReport | None:
+    """The file read the way ``torch.load`` reads a non-zip file (``pickle.load`` from offset 0),
+    when that reading would *do* something: the stream parses to its STOP, or it imports a
+    well-formed global before it breaks (a payload before a broken stream still runs). None when the
+    pickle reading is inert: the bytes then hold no second meaning for any loader.
+
+    A safetensors file is only accepted as safetensors when this is None: a polyglot that is also a
+    pickle (with or without a PROTO opcode) would be safe in our worker, which obeys the reading and
+    uses the safetensors reader, but runs its pickle on the serving host that calls ``torch.load``.
+    """
+    n = min(region.size, _PICKLE_PROBE)
+    while True:
+        rep = scan_stream(region.read(0, n), 0, settings)
+        if rep.looks_like_pickle or rep.limit:
+            return rep
+        broke_inside = rep.error is not None and rep.error.offset < n - 64
+        if broke_inside or n >= region.size or n >= settings.max_pickle_bytes:
+            return None if rep.error is not None and (broke_inside or n >= region.size) else rep
+        n = min(region.size, settings.max_pickle_bytes, n * 16)
 
 
 def _is_text(head: bytes) -> bool:
