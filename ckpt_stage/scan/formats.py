@@ -679,7 +679,9 @@ def scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tup
         if polyglot is not None:
             # torch.load would read this file as a pickle: scan it as one (its globals are reported),
             # and refuse the double meaning itself even when the pickle is harmless.
-            what = "parses to its STOP" if polyglot.end is not None else "imports globals"
+            what = ("imports globals" if polyglot.globals
+                    else "starts like a legacy torch file" if polyglot.end is not None and not polyglot.limit
+                    else "is too long to decide within the scanner's limits")
             ctx.add(ReasonCode.CORRUPT_ARCHIVE,
                     f"the file is a well-formed safetensors file and also a pickle stream that {what} "
                     "(torch.load reads it as a pickle): a file with two meanings is not loaded",

@@ -12,7 +12,8 @@ import posixpath
 
 from ckpt_stage.config import Settings
 from ckpt_stage.scan._common import Region
-from ckpt_stage.scan.pickles import StreamReport, scan_stream
+from ckpt_stage.scan.allowlist import valid_module, valid_name
+from ckpt_stage.scan.pickles import LEGACY_TORCH_MAGIC, StreamReport, scan_stream
 from ckpt_stage.scan.safetensors import check_safetensors, looks_like_safetensors
 
 
@@ -108,24 +109,41 @@ _PICKLE_PROBE = 64 * 2**10
 
 
 def live_pickle(region: Region, settings: Settings) -> StreamReport | None:
-    """The file read the way ``torch.load`` reads a non-zip file (``pickle.load`` from offset 0),
-    when that reading would *do* something: the stream parses to its STOP, or it imports a
-    well-formed global before it breaks (a payload before a broken stream still runs). None when the
-    pickle reading is inert: the bytes then hold no second meaning for any loader.
+    """The file read the way ``torch.load`` reads a non-zip file (``pickle.load`` from offset 0), when
+    that reading could *do* something; None when it is inert.
 
-    A safetensors file is only accepted as safetensors when this is None: a polyglot that is also a
-    pickle (with or without a PROTO opcode) would be safe in our worker, which obeys the reading and
-    uses the safetensors reader, but runs its pickle on the serving host that calls ``torch.load``.
+    It does something when the stream imports a well-formed global (imports run as they are parsed,
+    even if the stream breaks later: a payload before a broken stream still runs), or when it ends with
+    torch's legacy magic number (torch.load then reads further streams from the file). A stream that
+    breaks, or ends with another value, is inert: without a global nothing can be called (``EXT*``
+    opcodes find nothing in the copyreg registry, empty unless a global filled it), and torch.load
+    stops at "invalid magic number".
+    That keeps real safetensors files whose first bytes happen to parse (the length bytes, a key
+    ending at a ``.``) from being refused.
+
+    A safetensors file is accepted as safetensors only when this is None: a polyglot would be safe in
+    our worker, which obeys the reading and uses the safetensors reader, but would run its pickle on a
+    serving host that calls ``torch.load`` on it.
     """
     n = min(region.size, _PICKLE_PROBE)
     while True:
         rep = scan_stream(region.read(0, n), 0, settings)
-        if rep.looks_like_pickle or rep.limit:
+        if rep.limit or _acts(rep):
             return rep
+        if rep.end is not None:
+            return None  # complete and inert
         broke_inside = rep.error is not None and rep.error.offset < n - 64
-        if broke_inside or n >= region.size or n >= settings.max_pickle_bytes:
-            return None if rep.error is not None and (broke_inside or n >= region.size) else rep
+        if broke_inside or n >= region.size:
+            return None
+        if n >= settings.max_pickle_bytes:
+            return rep  # not decided within the scanner's limit: not accepted as inert
         n = min(region.size, settings.max_pickle_bytes, n * 16)
+
+
+def _acts(rep: StreamReport) -> bool:
+    if rep.end is not None and rep.result == LEGACY_TORCH_MAGIC:
+        return True
+    return any(valid_module(g.module) and valid_name(g.name) for g in rep.globals)
 
 
 def _is_text(head: bytes) -> bool:

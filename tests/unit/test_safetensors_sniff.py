@@ -31,7 +31,7 @@ from ckpt_stage.sandbox.loader import load_and_check
 from ckpt_stage.scan import scan_version
 from ckpt_stage.scan._common import Region
 from ckpt_stage.scan.safetensors import MAX_HEADER
-from ckpt_stage.scan.sniff import Kind, sniff
+from ckpt_stage.scan.sniff import Kind, live_pickle, sniff
 
 
 def header_len(path: Path) -> int:
@@ -200,14 +200,45 @@ def test_hostile_polyglot_is_refused_and_never_loaded(tmp_path, canary):
     assert decide(list(scan.findings) + list(result.findings), Settings()).verdict is Verdict.QUARANTINE
 
 
-def test_benign_pickle_polyglot_is_refused(tmp_path):
-    """A complete, harmless pickle is still a second meaning: refused as ambiguous."""
+def test_inert_pickle_reading_is_still_safetensors(tmp_path):
+    """A second reading that does nothing (no global; torch.load stops at "invalid magic number") is no
+    reason to refuse: real files can parse that way by chance (see the next test)."""
     path = polyglot(tmp_path / "weights.safetensors", b"K\x07.")
     assert pickle.loads(path.read_bytes()) == 7
     scan = scan_version(tmp_path, [path.name], Settings())
-    ambiguous = [f for f in scan.findings if f.code is R.CORRUPT_ARCHIVE]
-    assert ambiguous and "parses to its STOP" in ambiguous[0].message, [f.to_dict() for f in scan.findings]
-    assert scan.readings[path.name].fmt is FileFormat.PICKLE
+    assert scan.formats[path.name] is FileFormat.SAFETENSORS
+    assert not [f for f in scan.findings if f.blocking], [f.to_dict() for f in scan.findings]
+
+
+def test_real_file_whose_bytes_happen_to_parse_as_a_pickle(tmp_path):
+    """save_file output with a header length of 0x58 + 256·L (byte 0 is BINUNICODE, length L) and a '.'
+    of a dotted key at offset 5 + L: pickle.loads returns a string. A benign file: it must pass."""
+    path = tmp_path / "model.safetensors"
+    target = 0x58 + 256 * 8  # BINUNICODE of 8 bytes: the pickle lands at offset 13
+    for m in range(4096):  # the first key "aaa.weight" has its '.' at offset 8 + len('{"aaa') = 13
+        save_file({"aaa.weight": torch.randn(3, 4), "z" * m: torch.zeros(3)}, str(path))
+        if header_len(path) == target:
+            break
+    else:
+        pytest.fail("no such file found")
+    raw = path.read_bytes()
+    assert raw[0] == ord("X") and raw[13] == ord(".")
+    assert isinstance(pickle.loads(raw), str)
+    scan = scan_version(tmp_path, [path.name], Settings())
+    assert scan.formats[path.name] is FileFormat.SAFETENSORS
+    assert not [f for f in scan.findings if f.blocking], [f.to_dict() for f in scan.findings]
+
+
+def test_polyglot_starting_like_a_legacy_torch_file_is_refused(tmp_path):
+    """The first stream ends with torch's legacy magic number: torch.load would go on reading pickles
+    from the file (protocol, sys_info, then the object), so the second meaning is live."""
+    magic = 0x1950A86A20F9469CFC6C
+    path = polyglot(tmp_path / "weights.safetensors", b"\x8a\x0a" + magic.to_bytes(10, "little") + b".")
+    assert pickle.loads(path.read_bytes()) == magic
+    scan = scan_version(tmp_path, [path.name], Settings())
+    ambiguous = [f for f in scan.findings if f.code is R.CORRUPT_ARCHIVE and "also a pickle" in f.message]
+    assert ambiguous and "legacy torch" in ambiguous[0].message, [f.to_dict() for f in scan.findings]
+    assert scan.readings[path.name].fmt is not FileFormat.SAFETENSORS
 
 
 def test_polyglot_through_inspect(tmp_path, canary, monkeypatch):
@@ -232,3 +263,24 @@ def test_proto_byte_shard_through_inspect(tmp_path, monkeypatch):
                            settings=Settings.from_env())
     assert report.verdict is Verdict.PASS, report.to_dict()
     assert report.files[0].format is FileFormat.SAFETENSORS
+
+
+def test_no_false_positive_over_every_header_length(tmp_path):
+    """Every header length below 8 KiB (every low byte with every second byte up to 0x1f: not every
+    writer pads headers to 8 bytes) and every 8-aligned one up to 65 KiB (second bytes up to 0x104),
+    with dotted keys as real state_dicts have: each is read as safetensors, never as a live pickle."""
+    path = tmp_path / "m.safetensors"
+    entry = b'"layer.0.weight":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"__metadata__":{"format":"pt"}'
+    refused = []
+    settings = Settings()
+    with open(path, "w+b") as fh:
+        for n in [*range(len(entry) + 2, 8192), *range(8192, 2**16 + 1024, 8)]:
+            header = (b"{" + entry + b"}").ljust(n, b" ")
+            fh.seek(0)
+            fh.truncate()
+            fh.write(struct.pack("<Q", n) + header + b"\x01\x02\x03\x04")
+            fh.flush()
+            region = Region(fh.fileno(), 0, 8 + n + 4, "m")
+            if sniff(region)[0] is not Kind.SAFETENSORS or live_pickle(region, settings) is not None:
+                refused.append(n)
+    assert refused == []
