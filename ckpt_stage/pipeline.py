@@ -7,6 +7,7 @@ problems become findings with infrastructure codes (verdict ``error``, never a q
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ from ckpt_stage.policy import decide, summarize
 from ckpt_stage.registry import ARCH, ARCH_KWARGS, Registry, VersionState, default_owner
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
 from ckpt_stage.scan import ScanResult, scan_version
+from ckpt_stage.scan.estimate import oversized_files
+from ckpt_stage.scan.reading import Reading, stamp_of
 from ckpt_stage.storage import S3Storage, resolve_artifact_uri, sha256_file, version_digest
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,10 @@ class Checked:
     load: LoadResult | None
     timings_s: dict[str, float]
     limit_bytes: int
+
+    def replace(self, *, findings: tuple[Finding, ...], hashes: dict[str, str]) -> Checked:
+        files = tuple(dataclasses.replace(f, sha256=hashes.get(f.path, f.sha256)) for f in self.files)
+        return dataclasses.replace(self, files=files, findings=findings)
 
 
 def _runtime_here() -> dict[str, str]:
@@ -95,24 +102,32 @@ def check_local(
     hashes: dict[str, str] | None = None,
     extra_findings: Sequence[Finding] = (),
 ) -> Checked:
-    """Static scan, estimate, then (only if the scan found nothing blocking) the isolated load."""
+    """Sizes from metadata, static scan, estimate, then (only if nothing blocking was found) the
+    isolated load, which gets the scan's reading of every file (``scan.reading``) and obeys it."""
     timings: dict[str, float] = {}
+    hashes = dict(hashes or {})
+    too_big = _oversized(root, rels, settings)
+    if too_big is not None:  # decided from st_size: nothing read, nothing hashed
+        return too_big.replace(findings=tuple(extra_findings) + too_big.findings, hashes=hashes)
     t0 = time.perf_counter()
     scan = scan_version(root, rels, settings)
     timings["scan"] = time.perf_counter() - t0
-    hashes = dict(hashes or {})
     files = tuple(
         FileInfo(rel, (root / rel).stat().st_size, hashes.get(rel) or sha256_file(root / rel),
                  scan.formats.get(rel, FileFormat.UNKNOWN))
         for rel in rels
     )
     findings = list(extra_findings) + list(scan.findings)  # RESOURCE_LIMIT over every class comes from the scan
+    readings = tuple(dataclasses.replace(scan.readings[f.path], sha256=f.sha256) for f in files
+                     if f.path in scan.readings)
+    findings.extend(_changed_while_scanned(root, readings))
     limit = (settings.class_for(scan.estimated_bytes) or settings.largest_class).memory_bytes
     load: LoadResult | None = None
     if not any(f.blocking for f in findings):
         job = LoadJob(
             root=str(root),
             files=tuple((rel, scan.formats.get(rel, FileFormat.UNKNOWN).value) for rel in rels),
+            readings=readings,
             arch=arch,
             arch_kwargs=dict(arch_kwargs or {}),
             arch_modules=settings.arch_modules,
@@ -154,6 +169,35 @@ def expected_facts(root: Path, rels: Sequence[str], scan: ScanResult) -> dict[st
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}  # the scan judged the header; an expectation is only a cross-check
     return {"tensors": tensors} if tensors else {}
+
+
+def _oversized(root: Path, rels: Sequence[str], settings: Settings,
+               sizes: dict[str, int] | None = None) -> Checked | None:
+    """The outcome for files too big for every worker, decided from their sizes (``sizes``, or
+    ``st_size``) before anything is read, hashed, copied or downloaded; None when all fit."""
+    if sizes is None:
+        sizes = {rel: (root / rel).stat().st_size for rel in rels}
+    findings = oversized_files(sizes, settings)
+    if not findings:
+        return None
+    files = tuple(FileInfo(rel, sizes.get(rel, 0), "", FileFormat.UNKNOWN) for rel in rels)
+    return Checked(files, tuple(findings), ScanResult(findings=tuple(findings)), None, {"scan": 0.0},
+                   settings.largest_class.memory_bytes)
+
+
+def _changed_while_scanned(root: Path, readings: Sequence[Reading]) -> list[Finding]:
+    """The digest the worker will check covers the bytes the scan read only if nothing wrote to the
+    file from the scan's open to the end of hashing: a write moves ctime, which its owner cannot reset."""
+    out = []
+    for r in readings:
+        try:
+            now = stamp_of((root / r.path).stat())
+        except OSError:
+            now = (0, 0, 0, 0)
+        if now != r.stamp:
+            out.append(Finding(ReasonCode.CORRUPT_ARCHIVE, f"{r.path} was modified while it was being scanned",
+                               "validate it again once nothing writes to the file", file=r.path))
+    return out
 
 
 def build_report(
@@ -384,8 +428,14 @@ def inspect_paths(
     t0 = time.perf_counter()
     staging = settings.cache_dir / "inspect" / uuid.uuid4().hex[:12]
     try:
-        _stage(src_root, rels, staging)
-        checked = check_local(staging, rels, settings, arch=arch, arch_kwargs=arch_kwargs)
+        # Sizes first, from the user's own files: a too-big (or sparse) file is refused before the
+        # staging step could link or copy it, and before a byte of it is read.
+        too_big = _oversized(src_root, rels, settings)
+        if too_big is not None:
+            checked = too_big
+        else:
+            _stage(src_root, rels, staging)
+            checked = check_local(staging, rels, settings, arch=arch, arch_kwargs=arch_kwargs)
         findings = list(checked.findings)
     except Exception as exc:  # noqa: BLE001 - the parent always writes a report
         checked, findings = None, [_internal(exc)]
@@ -456,9 +506,17 @@ def validate_version(
         t = time.perf_counter()
         try:
             loc = resolve_artifact_uri(registry.download_uri(ref), settings)
-            local = storage.download(loc, workdir, progress=progress)
-            hashes = {lf.rel: lf.sha256 for lf in local}
-            files = [FileInfo(lf.rel, lf.size, lf.sha256) for lf in local]
+            remote = storage.list_files(loc)
+            # Sizes from the listing first: a file too big for every worker is never downloaded.
+            too_big = _oversized(workdir, [f.rel for f in remote], settings, {f.rel: f.size for f in remote})
+            if too_big is not None:
+                checked = too_big
+                files = list(too_big.files)
+                findings.extend(too_big.findings)
+            else:
+                local = storage.download(loc, workdir, files=remote, progress=progress)
+                hashes = {lf.rel: lf.sha256 for lf in local}
+                files = [FileInfo(lf.rel, lf.size, lf.sha256) for lf in local]
         except CkptStageError as exc:
             findings.append(_finding_from_error(exc))
         timings["download"] = time.perf_counter() - t

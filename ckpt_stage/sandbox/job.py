@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckpt_stage.domain import Finding
+from ckpt_stage.scan.reading import Reading
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,11 @@ class LoadJob:
     """Local directory holding the version's files (the worker must treat it as read-only)."""
     files: tuple[tuple[str, str], ...]
     """(path relative to root, FileFormat value from the static scan) for every file."""
+    readings: tuple[Reading, ...] | None = None
+    """The static scan's reading of every file (``ckpt_stage.scan.reading``): the worker loads a file
+    only as its reading says (format, member table, header) and refuses one whose size or sha256
+    differs from it. The pipeline always sends them; None only for in-process callers (tests), for
+    which the worker makes the readings itself with the scanner's own code."""
     arch: str | None = None
     """``package.module:Class`` for bare state_dicts; only honoured under ``arch_modules``."""
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -39,6 +45,8 @@ class LoadJob:
     def from_dict(cls, data: dict[str, Any]) -> LoadJob:
         data = dict(data)
         data["files"] = tuple(tuple(x) for x in data.get("files", ()))
+        if data.get("readings") is not None:
+            data["readings"] = tuple(Reading.from_dict(r) for r in data["readings"])
         data["arch_modules"] = tuple(data.get("arch_modules", ()))
         data["pickle_modules"] = tuple(data.get("pickle_modules", ()))
         return cls(**data)

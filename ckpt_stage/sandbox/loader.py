@@ -30,6 +30,7 @@ import traceback
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 # Before torch is imported anywhere in this process (safe_torch pops it too, at every load).
@@ -41,10 +42,11 @@ from ckpt_stage.domain import FileFormat, Finding, ReasonCode, Severity  # noqa:
 from ckpt_stage.policy import NO_INPUT_EXAMPLE  # noqa: E402
 from ckpt_stage.sandbox import checks, mlflow_model, pt2, safe_torch  # noqa: E402
 from ckpt_stage.sandbox.job import LoadJob, LoadResult  # noqa: E402
+from ckpt_stage.scan.reading import Reading, changed, stamp_of  # noqa: E402
+from ckpt_stage.scan.safetensors import MAX_HEADER  # noqa: E402
 
 _CHECKPOINT_FORMATS = {FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY, FileFormat.SAFETENSORS,
                        FileFormat.TORCH_EXPORT, FileFormat.TORCHSCRIPT, FileFormat.PICKLE}
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _PICKLED_MODELS_HINT = ("re-log the model with serialization_format='pt2' (MLflow's default) or log a "
                         "state_dict; an operator may allow pickled modules with "
                         "CKPT_STAGE_ALLOW_PICKLED_MODELS=true")
@@ -101,6 +103,9 @@ class _Run:
         self.recorded: dict[str, str] = {}
         self.timings: dict[str, float] = {"load": 0.0, "inference": 0.0}
         self.info: dict[str, Any] = {}
+        self.readings: dict[str, Reading] = {}
+        """The scan's reading of each file (``_formats``): what the loaders obey."""
+        self.stamps: dict[str, tuple[int, int, int, int]] = {}
 
     def add(self, code: ReasonCode | None, message: str, hint: str = "", file: str | None = None,
             severity: Severity = Severity.ERROR, **detail: Any) -> None:
@@ -154,52 +159,150 @@ def load_and_check(job: LoadJob) -> LoadResult:
 # formats
 
 
+#: The current job's readings by absolute path, for callers that only hold a path (``sniff``). A
+#: worker runs one job and is thrown away; in-process callers get it reset by every ``_formats``.
+_READ_BY_PATH: dict[str, Reading] = {}
+
+
 def sniff(path: str) -> FileFormat:
-    """Content-based format for files the scan left ``unknown`` (the scan's answer wins otherwise)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(16)
-    except OSError:
-        return FileFormat.UNKNOWN
-    if head[:4] == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return FileFormat.TORCH_ZIP  # let torch say what is wrong with it
-        if any(n.endswith("archive_format") for n in names):
-            return FileFormat.TORCH_EXPORT
-        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-            return FileFormat.TORCHSCRIPT
-        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-            return FileFormat.TORCH_ZIP
-        return FileFormat.UNKNOWN
-    if len(head) >= 9:
-        n = int.from_bytes(head[:8], "little")
-        if 2 <= n <= 100 * 2**20 and head[8:9] == b"{":
-            return FileFormat.SAFETENSORS
-    if head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == _LEGACY_MAGIC:
-        return FileFormat.TORCH_LEGACY
-    if head[:1] == b"\x80":
-        return FileFormat.PICKLE
-    return FileFormat.UNKNOWN
+    """The format the scan's reading gives ``path``; UNKNOWN for a file no reading describes.
+
+    The worker never decides a format itself (a second sniffer beside the scanner is the parser
+    differential behind picklescan's CVE-2025-1944/1945/10156): it obeys the reading."""
+    r = _READ_BY_PATH.get(os.path.abspath(path))
+    return r.fmt if r is not None else FileFormat.UNKNOWN
 
 
-def _formats(run: _Run) -> list[tuple[str, FileFormat]]:
-    out = []
-    for rel, fmt in run.job.files:
-        try:
-            f = FileFormat(fmt)
-        except ValueError:
-            f = FileFormat.UNKNOWN
-        if f is FileFormat.UNKNOWN and os.path.isfile(run.path(rel)):
-            f = sniff(run.path(rel))
-        out.append((rel, f))
+def _own_readings(run: _Run) -> dict[str, Reading]:
+    """Readings made here with the scanner's own code, for jobs that carry none (in-process callers:
+    the pipeline always sends the parent's). The same code, so the same answer as the parent's scan."""
+    from ckpt_stage.config import Settings
+    from ckpt_stage.scan import scan_file
+
+    job = run.job
+    settings = Settings(pickle_modules=tuple(job.pickle_modules), allow_pickled_models=job.allow_pickled_models)
+    mlflow_dir = any(posixpath.basename(rel) == "MLmodel" for rel, _ in job.files)
+    out: dict[str, Reading] = {}
+    for rel, _ in job.files:
+        _fmt, fs, _counts = scan_file(Path(job.root), rel, settings, mlflow_dir=mlflow_dir)
+        if fs.reading is not None:
+            out[rel] = fs.reading
     return out
 
 
+_CHANGED_HINT = ("the file was modified while it was being validated (or the stage's cache was touched): "
+                 "validate it again once nothing writes to it; a re-run downloads it afresh")
+
+
+def _formats(run: _Run) -> list[tuple[str, FileFormat]]:
+    """Every file of the job with the format its reading gives, after checking that the file is still
+    the one the scan read (size, sha256) and, for the zip archives torch loads, that torch's own reader
+    sees the scan's member table. Any difference is a refusal (CORRUPT_ARCHIVE)."""
+    job = run.job
+    run.readings = _own_readings(run) if job.readings is None else {r.path: r for r in job.readings}
+    _READ_BY_PATH.clear()
+    _READ_BY_PATH.update({os.path.abspath(run.path(rel)): r for rel, r in run.readings.items()})
+    out = []
+    for rel, declared in job.files:
+        r = run.readings.get(rel)
+        if r is None:
+            run.add(ReasonCode.INTERNAL_ERROR,
+                    f"the static scan left no reading of {rel}; the worker loads only what the scan read",
+                    "this is a bug in ckpt-stage, not in the model: report it with this report", rel)
+            continue
+        if declared not in (FileFormat.UNKNOWN.value, r.format):
+            run.add(ReasonCode.INTERNAL_ERROR,
+                    f"{rel}: the job says {declared} but the scan's reading says {r.format}",
+                    "this is a bug in ckpt-stage, not in the model: report it with this report", rel)
+            continue
+        path = run.path(rel)
+        try:
+            run.stamps[rel] = stamp_of(os.stat(path))  # before hashing: see _unchanged_since_verified
+        except OSError:
+            pass
+        problem = changed(r, path)
+        if problem:
+            run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel} is not the file the static scan read: {problem}",
+                    _CHANGED_HINT, rel, kind="changed-after-scan")
+            continue
+        # The runtime's own limit first: torch's reader refuses a too-new version record on opening.
+        if r.fmt is FileFormat.UNKNOWN and r.container == "zip" and not r.members:
+            # torch.load would try it as a zip (it checks the magic only); the scan could not read it.
+            run.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"{rel} starts like a zip archive but the static scan could not read its structure; not "
+                    "loaded", "the file is truncated or damaged: upload it again from the original", rel)
+            continue
+        if r.fmt in (FileFormat.TORCH_ZIP, FileFormat.TORCH_EXPORT) and (
+                _zip_version_problem(run, rel) or not _records_match(run, rel, r)):
+            continue
+        out.append((rel, r.fmt))
+    return out
+
+
+def _records_match(run: _Run, rel: str, r: Reading) -> bool:
+    """torch's own zip reader (PyTorchStreamReader, what torch.load and torch.export.load use) must see
+    exactly the records the scan checked, at the same offsets and sizes; otherwise the two parsers read
+    different archives out of the same bytes and the scan's verdict says nothing about the load."""
+    hint = ("the archive reads differently to torch than to a zip parser (crafted or damaged container): "
+            "re-save the checkpoint with torch.save / torch.export.save and upload it again")
+    expected = r.records()
+    try:
+        reader = torch._C.PyTorchFileReader(run.path(rel))
+        names = list(reader.get_all_records())
+        # get_record_offset is bound in torch 2.13 but missing from its type stubs.
+        seen = {n: (int(reader.get_record_offset(n)), int(reader.get_record_size(n)))  # type: ignore[attr-defined]
+                for n in names}
+    except Exception as exc:
+        run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel}: torch's zip reader cannot read the archive: {_brief(exc)}",
+                hint, rel, kind="reader-differs")
+        return False
+    problems = []
+    extra = sorted(set(seen) - set(expected))
+    missing = sorted(set(expected) - set(seen))
+    if extra:
+        problems.append(f"torch sees {checks.count(len(extra), 'record')} the scan did not ({checks.listing(extra)})")
+    if missing:
+        problems.append(f"the scan read {checks.count(len(missing), 'record')} torch does not see "
+                        f"({checks.listing(missing)})")
+    moved = sorted(n for n in set(seen) & set(expected)
+                   if seen[n] != (expected[n].data_offset, expected[n].usize))
+    if moved:
+        n = moved[0]
+        problems.append(f"record {n!r} lies at offset {seen[n][0]:,} ({seen[n][1]:,} bytes) for torch but at "
+                        f"{expected[n].data_offset:,} ({expected[n].usize:,} bytes) for the scan"
+                        + (f", and {len(moved) - 1} more" if len(moved) > 1 else ""))
+    if problems:
+        run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel}: torch's zip reader and the static scan disagree: "
+                + "; ".join(problems), hint, rel, kind="reader-differs")
+        return False
+    return True
+
+
+def _unchanged_since_verified(run: _Run) -> None:
+    """No file changed while it was hashed and loaded: a write moves ctime, which the file's owner
+    cannot set back (an inspected file is a hard link to the user's own inode)."""
+    for rel, before in run.stamps.items():
+        try:
+            now = stamp_of(os.stat(run.path(rel)))
+        except OSError:
+            continue
+        if now != before:
+            run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel} was modified while the worker loaded it",
+                    _CHANGED_HINT, rel, kind="changed-during-load")
+
+
 def _check(run: _Run) -> None:
-    files = _formats(run)
+    with run.timed("verify"):  # re-hashing what the scan read: ~5 s/GiB on a slow core
+        files = _formats(run)
+    if run.blocked:
+        return
+    try:
+        _check_files(run, files)
+    finally:
+        _unchanged_since_verified(run)
+
+
+def _check_files(run: _Run, files: list[tuple[str, FileFormat]]) -> None:
     mlmodels = sorted((rel for rel, _ in files if posixpath.basename(rel) == "MLmodel"),
                       key=lambda r: (r.count("/"), r))
     if mlmodels:
@@ -268,21 +371,16 @@ def _load_error(run: _Run, rel: str, exc: BaseException) -> None:
 
 
 def _zip_version_problem(run: _Run, rel: str) -> bool:
-    """A torch zip whose ``version`` record is newer than this torch reads (checked before loading)."""
-    try:
-        with zipfile.ZipFile(run.path(rel)) as z:
-            for name in z.namelist():
-                if name.endswith(("/version", "/.data/version")) and name.count("/") <= 2:
-                    raw = z.read(name).strip()
-                    if raw.isdigit() and int(raw) > pt2.MAX_FILE_FORMAT_VERSION:
-                        run.add(ReasonCode.LIBRARY_VERSION_MISMATCH,
-                                f"{rel} uses torch file format version {int(raw)}; torch "
-                                f"{checks.public(torch.__version__)} reads up to {pt2.MAX_FILE_FORMAT_VERSION}",
-                                "re-save the checkpoint with the serving runtime's torch", rel,
-                                recorded=int(raw), supported=pt2.MAX_FILE_FORMAT_VERSION)
-                        return True
-    except (zipfile.BadZipFile, OSError, KeyError):
-        pass  # torch.load reports corruption in its own words
+    """A torch zip whose ``version`` record (as the scan read it) is newer than this torch reads."""
+    r = run.readings.get(rel)
+    for name, value in (r.version_records if r is not None else {}).items():
+        if value > pt2.MAX_FILE_FORMAT_VERSION:
+            run.add(ReasonCode.LIBRARY_VERSION_MISMATCH,
+                    f"{rel} uses torch file format version {value} ({name} record); torch "
+                    f"{checks.public(torch.__version__)} reads up to {pt2.MAX_FILE_FORMAT_VERSION}",
+                    "re-save the checkpoint with the serving runtime's torch", rel,
+                    recorded=value, supported=pt2.MAX_FILE_FORMAT_VERSION)
+            return True
     return False
 
 
@@ -291,22 +389,14 @@ def _zip_version_problem(run: _Run, rel: str) -> bool:
 
 
 def _read_indexes(run: _Run, files: list[tuple[str, FileFormat]]) -> None:
-    """``*.index.json`` of sharded checkpoints: every shard its weight_map names must be present."""
+    """``*.index.json`` of sharded checkpoints: every shard its weight_map names (as the scan read the
+    index) must be present."""
     present = {rel for rel, _ in files}
     for rel, _ in files:
-        if not rel.endswith(".index.json"):
+        r = run.readings.get(rel)
+        if r is None or r.shards is None:
             continue
-        try:
-            with open(run.path(rel), encoding="utf-8") as fh:
-                doc = json.load(fh)
-        except (OSError, ValueError):
-            continue
-        wm = doc.get("weight_map") if isinstance(doc, dict) else None
-        if not isinstance(wm, dict):
-            continue
-        base = posixpath.dirname(rel)
-        shards = sorted({posixpath.join(base, str(v)) for v in wm.values()})
-        missing = [s for s in shards if s not in present]
+        missing = [s for s in r.shards if s not in present]
         if missing:
             run.add(ReasonCode.ARTIFACT_MISSING,
                     f"{rel} names {checks.count(len(missing), 'shard')} missing from the version: "
@@ -317,6 +407,12 @@ def _read_indexes(run: _Run, files: list[tuple[str, FileFormat]]) -> None:
 def _load_safetensors(run: _Run, rel: str) -> dict[str, torch.Tensor] | None:
     from safetensors import safe_open
 
+    r = run.readings.get(rel)
+    if r is None or r.header_len is None or r.header_len > MAX_HEADER:
+        # The pipeline's scan refuses such a file before any load; an in-process job can get here.
+        run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel}: the static scan found no valid safetensors header",
+                "the file is truncated or damaged: upload it again from the original", rel)
+        return None
     try:
         state: dict[str, torch.Tensor] = {}
         with safe_open(run.path(rel), framework="pt", device="cpu") as fh:

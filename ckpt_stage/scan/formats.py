@@ -17,7 +17,7 @@ from ckpt_stage.scan._common import HINT_CORRUPT, HINT_NOT_CKPT, FileScan, Regio
 from ckpt_stage.scan.archives import DEFLATED, STORED, ZipArchive, ZipEntry, gaps, read_entry, read_zip
 from ckpt_stage.scan.pickles import LEGACY_TORCH_MAGIC, Anomaly, StreamReport, TensorDecl, scan_stream, str_items
 from ckpt_stage.scan.safetensors import check_safetensors
-from ckpt_stage.scan.sniff import Kind, claims_checkpoint, describe, extension, sniff
+from ckpt_stage.scan.sniff import Kind, claims_checkpoint, describe, extension, live_pickle, sniff
 
 #: Nested archives: pt2 → sample inputs / pickled weights (torch zips) → nothing deeper is legit.
 MAX_NESTING = 3
@@ -232,6 +232,8 @@ def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bo
     if not z.parsed:
         return FileFormat.UNKNOWN, True
     prefix = _archive_prefix(z)
+    if ctx.nesting == 0:  # the file's own table travels to the worker in its reading
+        ctx.fs.zip, ctx.fs.zip_prefix = z, prefix
     fmt = _zip_kind(z, region, prefix)
     by_name = z.by_name()
     if fmt is None:
@@ -659,6 +661,8 @@ def scan_safetensors(region: Region, ctx: Ctx) -> tuple[FileFormat, bool]:
         ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"safetensors header: {p}", HINT_CORRUPT)
     ctx.fs.storage_bytes += info.data_bytes if not info.problems else region.size
     ctx.fs.has_metadata = not info.problems
+    if not info.problems and ctx.nesting == 0:
+        ctx.fs.st_header_len = info.header_len
     return FileFormat.SAFETENSORS, True
 
 
@@ -669,6 +673,21 @@ def scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tup
     """Scan one file; returns (format, counts as a checkpoint)."""
     claimed = claims_checkpoint(path, mlflow_dir=mlflow_dir)
     kind, head = sniff(region)
+    ctx.fs.container = kind.value
+    if kind is Kind.SAFETENSORS:
+        polyglot = live_pickle(region, ctx.settings)
+        if polyglot is not None:
+            # torch.load would read this file as a pickle: scan it as one (its globals are reported),
+            # and refuse the double meaning itself even when the pickle is harmless.
+            what = ("imports globals" if polyglot.globals
+                    else "starts like a legacy torch file" if polyglot.end is not None and not polyglot.limit
+                    else "is too long to decide within the scanner's limits")
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"the file is a well-formed safetensors file and also a pickle stream that {what} "
+                    "(torch.load reads it as a pickle): a file with two meanings is not loaded",
+                    "no safetensors writer produces this; re-save the weights with "
+                    "safetensors.torch.save_file and upload the new file", content="safetensors+pickle")
+            kind = Kind.PICKLE
     if kind is Kind.ZIP:
         return scan_zip(region, ctx, claimed=claimed)
     if kind in (Kind.PICKLE, Kind.PICKLE_TEXT):
