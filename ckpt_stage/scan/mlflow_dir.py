@@ -61,6 +61,9 @@ PICKLE_MODULE = "mlflow.pytorch.pickle_module"
 SUPPORTED_FLAVORS = {"pytorch": PYTORCH_LOADER}
 #: Loader modules of a custom Python model (``mlflow.pyfunc.save_model(python_model=...)``).
 _CUSTOM_PYFUNC_LOADERS = ("mlflow.pyfunc.model", "mlflow.pyfunc.loaders")
+#: Classes of the serving runtime's MLflow that every cloudpickled PythonModel references (MLflow 3.17
+#: stores the predict type hints with the model); any other ``mlflow.*`` global may be a gadget.
+_PYFUNC_RUNTIME_GLOBALS = frozenset({"mlflow.models.signature._TypeHints"})
 #: Keys of a Hugging Face config whose values name code to import.
 _REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 #: Top-level names a version's code folder may never provide, allowed or not: shadowing them on
@@ -97,6 +100,12 @@ class CodeScan:
 
     def add(self, code: ReasonCode, message: str, hint: str, file: str | None = None, **detail: Any) -> None:
         self.findings.append(Finding(code, message, hint, file=file, detail=detail))
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    """A value from the version, quoted and cut short for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _under(module: str, prefix: str) -> bool:
@@ -202,7 +211,7 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
         folder = _rel_inside(mdir, conf.get("code"))
         if folder is None:
             out.add(ReasonCode.UNSAFE_CODE,
-                    f"{mlmodel}: flavors.{fname}.code is {conf.get('code')!r}, which is not a folder inside the "
+                    f"{mlmodel}: flavors.{fname}.code is {_show(conf.get('code'))}, which is not a folder inside the "
                     "model directory; a serving host would put that path on sys.path", _hint_allow(), mlmodel)
             continue
         if folder in code_dirs:
@@ -228,7 +237,7 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
     out.own_modules[mdir] = own
 
     if pyfunc is not None:
-        _check_pyfunc(mdir, mlmodel, pyfunc, pytorch, names, here, settings, out)
+        _check_pyfunc(mdir, mlmodel, pyfunc, pytorch, names, here, root, settings, out)
     elif pytorch is None and names:
         _unsupported_flavor(mlmodel, names, None, out)
     if pytorch is not None or (pyfunc is not None and pyfunc.get("loader_module") == PYTORCH_LOADER):
@@ -250,12 +259,12 @@ def _unsupported_flavor(mlmodel: str, names: Sequence[str], loader: str | None, 
 
 
 def _check_pyfunc(mdir: str, mlmodel: str, pyfunc: dict[str, Any], pytorch: dict[str, Any] | None,
-                  names: list[str], here: set[str], settings: Settings, out: CodeScan) -> None:
+                  names: list[str], here: set[str], root: Path, settings: Settings, out: CodeScan) -> None:
     loader = pyfunc.get("loader_module")
     custom = (isinstance(loader, str) and any(_under(loader, p) for p in _CUSTOM_PYFUNC_LOADERS)) or any(
         k in pyfunc for k in ("python_model", "model_code_path"))
     if custom:
-        _custom_pyfunc(mdir, mlmodel, pyfunc, here, settings, out)
+        _custom_pyfunc(mdir, mlmodel, pyfunc, here, root, settings, out)
         return
     if not isinstance(loader, str) or not loader:
         out.add(ReasonCode.CORRUPT_ARCHIVE, f"{mlmodel}: flavors.python_function has no loader_module",
@@ -270,42 +279,78 @@ def _check_pyfunc(mdir: str, mlmodel: str, pyfunc: dict[str, Any], pytorch: dict
     own = out.own_modules.get(mdir, set())
     where = " (a module of the model's own code folder)" if loader.split(".")[0] in own else ""
     out.add(ReasonCode.UNSAFE_CODE,
-            f"{mlmodel}: flavors.python_function.loader_module is {loader!r}{where}; mlflow.pyfunc.load_model "
+            f"{mlmodel}: flavors.python_function.loader_module is {_show(loader)}{where}; mlflow.pyfunc.load_model "
             "imports it and calls its _load_pyfunc on every serving host, and only "
             f"{', '.join(settings.allow_loader_modules)} is allowed",
             f"{HINT_SAFE}; an operator may allow another loader with CKPT_STAGE_ALLOW_LOADER_MODULES", mlmodel,
-            loader_module=loader)
+            loader_module=str(loader)[:200])
 
 
-def _custom_pyfunc(mdir: str, mlmodel: str, pyfunc: dict[str, Any], here: set[str], settings: Settings,
-                   out: CodeScan) -> None:
+def _python_model_code(root: Path, rel: str | None, compression: Any, settings: Settings) -> list[str] | None:
+    """The globals a custom pyfunc's python_model pickle imports that are not allowed code (empty: all
+    allowed), or None when it cannot be read statically (compressed, missing, too large)."""
+    from ckpt_stage.scan import allowlist
+    from ckpt_stage.scan.pickles import pickle_globals
+
+    if rel is None or compression:
+        return None
+    raw = _read_small(root / rel, settings.max_pickle_bytes)
+    if raw is None:
+        return None
+    pickles = settings.replace(pickle_modules=tuple(settings.pickle_modules) + tuple(settings.allow_model_code))
+    refused = []
+    for module, name in pickle_globals(raw, settings):
+        full = f"{module}.{name}"
+        if full in _PYFUNC_RUNTIME_GLOBALS or allowlist.check(module, name, pickles).allowed:
+            continue
+        refused.append(full)
+    return refused
+
+
+def _custom_pyfunc(mdir: str, mlmodel: str, pyfunc: dict[str, Any], here: set[str], root: Path,
+                   settings: Settings, out: CodeScan) -> None:
     loader = pyfunc.get("loader_module")
     parts = []
+    uncovered: list[str] = []
     model_file = pyfunc.get("python_model")
     if model_file is not None:
         rel = _rel_inside(mdir, model_file)
-        parts.append(f"python_model {model_file!r} (cloudpickle)")
+        parts.append(f"python_model {_show(model_file)} (cloudpickle)")
         if rel is not None:
             out.pyfunc_models.add(rel)
+        refused = _python_model_code(root, rel, pyfunc.get("python_model_compression"), settings)
+        uncovered += [f"{_show(model_file)} (compressed or unreadable)"] if refused is None else refused
     code_path = pyfunc.get("model_code_path")
     if code_path is not None:
         # pyfunc/model.py runs DIR/<basename(model_code_path)> as a script (models from code).
         base = posixpath.basename(str(code_path).replace("\\", "/"))
-        parts.append(f"model_code_path {base!r} (a Python script run at load)")
+        parts.append(f"model_code_path {_show(base)} (a Python script run at load)")
+        if not module_allowed(base.split(".", 1)[0], settings):
+            uncovered.append(base)
+    if model_file is None and code_path is None:
+        uncovered.append(f"loader {_show(loader)}")
     artifacts = pyfunc.get("artifacts")
     if isinstance(artifacts, dict) and artifacts:
         parts.append(f"{len(artifacts)} artifact(s) handed to that code")
     what = "; ".join(parts) or "no python_model"
-    if not settings.allow_model_code:
-        hint = (f"{HINT_SAFE}. A custom pyfunc has no PyTorch weights the stage can check; {SETTING} lets a "
-                "pytorch model's own classes load, it does not make a custom pyfunc validatable")
-    else:
-        hint = (f"{HINT_SAFE}. A custom pyfunc has no PyTorch weights the stage can check, whatever {SETTING} "
-                "allows")
+    if settings.allow_model_code and not uncovered:
+        # The operator allowed all of its code: what is left is a flavor the stage cannot check.
+        out.add(ReasonCode.UNSUPPORTED_FORMAT,
+                f"{mlmodel}: custom Python model (python_function flavor, loader {_show(loader)}; {what}): its code is "
+                f"allowed by {SETTING}, but ckpt-stage validates PyTorch models and a custom pyfunc has no "
+                "PyTorch weights to check", "log the torch module itself with mlflow.pytorch.log_model, or "
+                "validate this model with a gate made for it", mlmodel, loader_module=loader,
+                flavor="python_function")
+        return
+    shown = ", ".join(uncovered[:MAX_LISTED])
     out.add(ReasonCode.UNSAFE_CODE,
-            f"{mlmodel}: python_function flavor with loader {loader!r}: the version is a custom Python model "
-            f"(mlflow.pyfunc.PythonModel) whose own code would run at serving ({what}); ckpt-stage validates "
-            "PyTorch models", hint, mlmodel, loader_module=loader, flavor="python_function")
+            f"{mlmodel}: python_function flavor with loader {_show(loader)}: the version is a custom Python model "
+            f"(mlflow.pyfunc.PythonModel) whose own code would run at serving ({what}; not allowed: {shown}); "
+            "ckpt-stage validates PyTorch models",
+            f"{HINT_SAFE}. A custom pyfunc has no PyTorch weights the stage can check; allowing its code with "
+            f"{SETTING}=<package> (classes importable from code_paths, not cloudpickled by value) leaves it "
+            "unvalidated (UNSUPPORTED_FORMAT), not promoted", mlmodel, loader_module=loader,
+            flavor="python_function", refused=uncovered[:50])
 
 
 def _check_pytorch(mdir: str, mlmodel: str, pyfunc: dict[str, Any] | None, pytorch: dict[str, Any] | None,
@@ -318,7 +363,7 @@ def _check_pytorch(mdir: str, mlmodel: str, pyfunc: dict[str, Any] | None, pytor
         raw = pytorch.get("model_data", "data")
         model_data = _rel_inside("", raw)
         if not model_data:
-            out.add(ReasonCode.CORRUPT_ARCHIVE, f"{mlmodel}: flavors.pytorch.model_data is {raw!r}, not a folder "
+            out.add(ReasonCode.CORRUPT_ARCHIVE, f"{mlmodel}: flavors.pytorch.model_data is {_show(raw)}, not a folder "
                     "inside the model directory", "re-log the model with mlflow.pytorch.log_model", mlmodel)
             return
         folders.append(model_data)
@@ -326,13 +371,13 @@ def _check_pytorch(mdir: str, mlmodel: str, pyfunc: dict[str, Any] | None, pytor
         raw = pyfunc.get("data")
         data = "" if raw is None else _rel_inside("", raw)
         if data is None:
-            out.add(ReasonCode.CORRUPT_ARCHIVE, f"{mlmodel}: flavors.python_function.data is {raw!r}, not a path "
+            out.add(ReasonCode.CORRUPT_ARCHIVE, f"{mlmodel}: flavors.python_function.data is {_show(raw)}, not a path "
                     "inside the model directory", "re-log the model with mlflow.pytorch.log_model", mlmodel)
             return
         if model_data is not None and data != model_data:
             out.add(ReasonCode.UNSAFE_CODE,
-                    f"{mlmodel}: flavors.python_function.data is {raw!r} but flavors.pytorch.model_data is "
-                    f"{model_data!r}: mlflow.pyfunc.load_model would serve something other than what the stage "
+                    f"{mlmodel}: flavors.python_function.data is {_show(raw)} but flavors.pytorch.model_data is "
+                    f"{_show(model_data)}: mlflow.pyfunc.load_model would serve something other than what the stage "
                     "validates", "re-log the model with mlflow.pytorch.log_model (both name the same folder)",
                     mlmodel)
         if data not in folders:
@@ -340,7 +385,7 @@ def _check_pytorch(mdir: str, mlmodel: str, pyfunc: dict[str, Any] | None, pytor
     name = pyfunc.get("pickle_module_name") if pyfunc is not None else None
     if name is not None and name != PICKLE_MODULE:
         out.add(ReasonCode.UNSAFE_CODE,
-                f"{mlmodel}: flavors.python_function.pickle_module_name is {str(name)[:200]!r}, not {PICKLE_MODULE}",
+                f"{mlmodel}: flavors.python_function.pickle_module_name is {_show(name)}, not {PICKLE_MODULE}",
                 HINT_SAFE, mlmodel, pickle_module=str(name)[:200])
     for folder in folders:
         pth = f"{folder}/model.pth" if folder else "model.pth"
@@ -473,10 +518,11 @@ def fold_pickle_findings(findings: Sequence[Finding], code: CodeScan) -> list[Fi
             names = f.detail.get("globals")
             own_only = (isinstance(names, list) and 0 < len(names) < 50
                         and all(str(n).split(".")[0] in own for n in names))
-            key = "flavor" if f.file in code.pyfunc_models else "folder" if own_only else None
+            listed = isinstance(names, list)  # "imports X": not a scanner-confusion finding, which stays
+            key = "flavor" if f.file in code.pyfunc_models and listed else "folder" if own_only else None
             if key is not None:
-                target = next((i for i, g in enumerate(findings)
-                               if g.code is ReasonCode.UNSAFE_CODE and key in g.detail), None)
+                target = next((i for i, g in enumerate(findings) if key in g.detail and g.code in (
+                    ReasonCode.UNSAFE_CODE, ReasonCode.UNSUPPORTED_FORMAT)), None)
         if target is None:
             kept.append(f)
         else:
@@ -489,7 +535,10 @@ def fold_pickle_findings(findings: Sequence[Finding], code: CodeScan) -> list[Fi
         folded = into.get(i)
         if folded:
             notes = "; ".join(g.message for g in folded[:3])
-            f = Finding(f.code, f"{f.message} [{notes[:400]}]", f.hint, f.file, f.severity,
+            # Under an UNSUPPORTED_FORMAT (code allowed) the only possible note is MLflow's own type-hint
+            # class, which the scanner's pickle allowlist does not know: kept in the detail only.
+            text = f"{f.message} [{notes[:400]}]" if f.code is ReasonCode.UNSAFE_CODE else f.message
+            f = Finding(f.code, text, f.hint, f.file, f.severity,
                         {**f.detail, "pickle_findings": [g.message for g in folded[:10]]})
         out.append(f)
     return out

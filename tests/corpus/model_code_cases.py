@@ -158,6 +158,10 @@ def b_pyfunc(w: Path, c: Path) -> Built:
     return Built([copy("pyfunc", w)])
 
 
+def b_pyfunc_code_allowed(w: Path, c: Path) -> Built:
+    return Built([copy("pyfunc", w)], env={"CKPT_STAGE_ALLOW_MODEL_CODE": PKG})
+
+
 def b_from_code(w: Path, c: Path) -> Built:
     return Built([copy("from_code", w)])
 
@@ -236,6 +240,12 @@ def h_python_model_reduce(w: Path, c: Path) -> Built:
     d = copy("pyfunc", w)
     (d / "python_model.pkl").write_bytes(os_system_pickle(f"touch {c}/python-model"))
     return Built([d])
+
+
+def h_python_model_reduce_allowed(w: Path, c: Path) -> Built:
+    """The opt-in covers the package, not a payload the cloudpickle carries."""
+    built = h_python_model_reduce(w, c)
+    return Built(built.paths, env={"CKPT_STAGE_ALLOW_MODEL_CODE": PKG})
 
 
 def h_python_model_compressed(w: Path, c: Path) -> Built:
@@ -391,6 +401,8 @@ CASES: list[Case] = [
     _q("mc_code_paths_other_prefix", b_code_paths_other_prefix,
        needles=(PKG, f"CKPT_STAGE_ALLOW_MODEL_CODE={PKG}"), hostile=False),
     _q("mc_custom_pyfunc", b_pyfunc, needles=("custom Python model", "python_function", "serving"), hostile=False),
+    _q("mc_custom_pyfunc_code_allowed", b_pyfunc_code_allowed, ("UNSUPPORTED_FORMAT",),
+       ("custom Python model", "allowed by CKPT_STAGE_ALLOW_MODEL_CODE", "validates PyTorch models"), hostile=False),
     _q("mc_models_from_code", b_from_code, needles=("model_code_path", "custom Python model"), hostile=False),
     _q("mc_sklearn_flavor", b_sklearn_by_hand, ("UNSUPPORTED_FORMAT",),
        ("sklearn flavor", "ckpt-stage validates PyTorch models"), hostile=False),
@@ -401,6 +413,7 @@ CASES: list[Case] = [
     _q("mc_pickle_module_name", h_pickle_module_name, needles=("pickle_module_name", "evil_pickle")),
     _q("mc_code_paths_import", h_code_paths_import, needles=(PKG,)),
     _q("mc_python_model_reduce", h_python_model_reduce, needles=("custom Python model",)),
+    _q("mc_python_model_reduce_allowed", h_python_model_reduce_allowed, needles=("posix.system",)),
     _q("mc_python_model_compressed", h_python_model_compressed, needles=("custom Python model",)),
     _q("mc_model_code_path", h_model_code_path, needles=("model_code_path", "echo_model.py")),
     _q("mc_loose_py", h_loose_py, needles=("artifacts/helper.py",)),

@@ -83,10 +83,30 @@ def test_pickle_module_allowlist_is_not_opened_for_other_versions(dirs):
 
 def test_custom_pyfunc_pickle_findings_fold_into_the_code_reason(dirs):
     d = copy("pyfunc", dirs[0])
+    result = scan(d)
+    pyfunc = [f for f in result.findings if "custom Python model" in f.message]
+    assert len(pyfunc) == 1 and pyfunc[0].code is ReasonCode.UNSAFE_CODE
+    assert "python_model.pkl" in pyfunc[0].message and "mypkg.pf.Echo" in pyfunc[0].message
+    assert ReasonCode.UNSAFE_PICKLE not in {f.code for f in result.findings}, [f.to_dict() for f in result.findings]
+
+
+def test_custom_pyfunc_with_its_code_allowed_is_an_unsupported_flavor(dirs):
+    d = copy("pyfunc", dirs[0])
     result = scan(d, {"CKPT_STAGE_ALLOW_MODEL_CODE": PKG})
-    codes = [f.code for f in result.findings if f.blocking]
-    assert codes == [ReasonCode.UNSAFE_CODE], [f.to_dict() for f in result.findings]
-    assert "python_model.pkl" in result.findings[0].message
+    assert [f.code for f in result.findings if f.blocking] == [ReasonCode.UNSUPPORTED_FORMAT], \
+        [f.to_dict() for f in result.findings]
+    assert "outside the pickle allowlist" not in result.findings[0].message
+
+
+def test_custom_pyfunc_confusion_findings_are_not_folded(dirs):
+    """A scanner-confusion finding on python_model.pkl keeps its own UNSAFE_PICKLE."""
+    from tests.corpus.static_cases import os_system_pickle
+
+    d = copy("pyfunc", dirs[0])
+    good = (d / "python_model.pkl").read_bytes()
+    (d / "python_model.pkl").write_bytes(good + os_system_pickle("touch /nonexistent/x"))
+    result = scan(d, {"CKPT_STAGE_ALLOW_MODEL_CODE": PKG})
+    assert ReasonCode.UNSAFE_CODE in {f.code for f in result.findings}
 
 
 def test_real_sklearn_model(dirs):
