@@ -124,3 +124,34 @@ def test_both_formats_serving_loads_model_pth(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(built.paths[0])], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
     assert proc.stdout.strip().endswith("NAN"), proc.stderr[-3000:]
+
+
+@pytest.mark.integration
+def test_registered_code_paths_model_through_the_registry(stack, stage_env, tmp_path):
+    """A code_paths model registered in a real MLflow server: quarantined with UNSAFE_CODE by default,
+    promoted once the operator allows its package, with the tags read back from the registry."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from ckpt_stage import devstack
+    from ckpt_stage.config import Settings
+    from ckpt_stage.domain import Verdict
+    from ckpt_stage.pipeline import validate_version
+    from tests.corpus.model_code_cases import copy
+
+    folder = copy("code_paths", tmp_path)
+    name = f"code-paths-{uuid.uuid4().hex[:6]}"
+    first = devstack.register_folder(stack.bucket, name, folder)
+    out = validate_version(first, settings=Settings.from_env())
+    assert out.report is not None and out.report.verdict is Verdict.QUARANTINE
+    tags = MlflowClient().get_model_version(name, first.version).tags
+    assert tags["ckpt_stage.status"] == "quarantined" and tags["ckpt_stage.reasons"] == "UNSAFE_CODE", tags
+    assert "CKPT_STAGE_ALLOW_MODEL_CODE" in out.report.to_dict()["reasons"][0]["hint"]
+
+    second = devstack.register_folder(stack.bucket, name, folder)
+    out = validate_version(second, settings=Settings.from_env({**stage_env, "CKPT_STAGE_ALLOW_MODEL_CODE": PKG}))
+    assert out.report is not None and out.report.verdict is Verdict.PASS, out.report.to_dict()["reasons"]
+    assert PKG in out.report.to_dict()["model_info"]["model_code_ran"]
+    mv = MlflowClient().get_model_version(name, second.version)
+    assert mv.tags["ckpt_stage.status"] == "promoted"
