@@ -53,6 +53,8 @@ from ckpt_stage.scan.sniff import CODE_EXTS, extension
 MAX_MLMODEL_BYTES = 1 << 20
 MAX_CONFIG_BYTES = 4 << 20
 MAX_SMALL_TEXT = 4096
+#: A cloudpickled PythonModel is a few KiB; larger ones are judged as uncheckable (code), not walked.
+MAX_PYTHON_MODEL_BYTES = 16 << 20
 MAX_LISTED = 10
 
 PYTORCH_LOADER = "mlflow.pytorch"
@@ -294,7 +296,7 @@ def _python_model_code(root: Path, rel: str | None, compression: Any, settings: 
 
     if rel is None or compression:
         return None
-    raw = _read_small(root / rel, settings.max_pickle_bytes)
+    raw = _read_small(root / rel, min(settings.max_pickle_bytes, MAX_PYTHON_MODEL_BYTES))
     if raw is None:
         return None
     pickles = settings.replace(pickle_modules=tuple(settings.pickle_modules) + tuple(settings.allow_model_code))

@@ -207,3 +207,15 @@ def test_settings_from_env():
     assert s.allow_model_code == ("a", "b.c")
     assert s.allow_loader_modules == ("mlflow.pytorch", "x.y")
     assert Settings.from_env({}).allow_loader_modules == ("mlflow.pytorch",)
+
+
+@pytest.mark.parametrize("path", ["helper.py", "code/mypkg/net.py", "x.cpython-311-x86_64-linux-gnu.so", "m.pyc"])
+@pytest.mark.parametrize("mlflow_dir", [True, False])
+def test_python_files_are_code_not_checkpoints_nor_metadata(path, mlflow_dir, tmp_path):
+    from ckpt_stage.scan.sniff import claims_checkpoint
+
+    assert claims_checkpoint(path, mlflow_dir=mlflow_dir) is False
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text("print('hi')\n")
+    result = scan_version(tmp_path, [path], Settings())
+    assert [f.code for f in result.findings] == [ReasonCode.UNSAFE_CODE]
