@@ -7,10 +7,12 @@ problems become findings with infrastructure codes (verdict ``error``, never a q
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
 import shutil
+import stat
 import time
 import traceback
 import uuid
@@ -121,11 +123,38 @@ def check_local(
             timeout_s=settings.worker_timeout_s,
             cpu_s=settings.worker_cpu_s,
             memory_bytes=limit,
+            expected=expected_facts(root, rels, scan),
         )
         load = run_worker(job, settings)
         findings.extend(load.findings)
         timings.update(load.timings_s)
     return Checked(files, tuple(findings), scan, load, timings, limit)
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16",
+                       "U32": "uint32", "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+                       "F8_E5M2": "float8_e5m2"}
+_MODEL_FORMATS = {FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY, FileFormat.SAFETENSORS, FileFormat.TORCH_EXPORT,
+                  FileFormat.TORCHSCRIPT, FileFormat.PICKLE}
+
+
+def expected_facts(root: Path, rels: Sequence[str], scan: ScanResult) -> dict[str, Any]:
+    """What the worker must report having loaded, read here from bytes the scan already accepted, for
+    the runner's cross-check (``runner.cross_check``). Only where it is unambiguous: one safetensors
+    file is the whole state_dict, its header names every tensor, shape and dtype."""
+    ckpts = [rel for rel in rels if scan.formats.get(rel) in _MODEL_FORMATS]
+    if len(ckpts) != 1 or scan.formats.get(ckpts[0]) is not FileFormat.SAFETENSORS:
+        return {}
+    try:
+        with open(root / ckpts[0], "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n <= 100 * 2**20 else {}
+        tensors = {name: {"shape": [int(d) for d in t["shape"]], "dtype": _SAFETENSORS_DTYPES[t["dtype"]]}
+                   for name, t in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # the scan judged the header; an expectation is only a cross-check
+    return {"tensors": tensors} if tensors else {}
 
 
 def build_report(
@@ -176,39 +205,162 @@ def _finding_from_error(exc: CkptStageError) -> Finding:
 
 
 # -- inspect ---------------------------------------------------------------------------------------
+_PSEUDO_FS = ("/proc", "/sys", "/dev")
+_LINK_HINT = ("copy the file into the folder (or pass it as its own argument) instead of linking to it; "
+              "inspect follows a symlink only to a regular file inside the inspected folder")
+
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def _invoker() -> tuple[int, set[int]]:
+    """Who asked: the real user (under sudo, the user who ran sudo), and their groups."""
+    uid, gid = os.getuid(), os.getgid()
+    if uid == 0 and os.environ.get("SUDO_UID", "").isdigit():
+        uid, gid = int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", gid) or gid)
+        try:
+            import pwd
+
+            groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+        except (KeyError, OSError):
+            groups = {gid}
+        return uid, groups
+    return uid, {gid, *os.getgroups()}
+
+
+def _mode_allows(st: os.stat_result, uid: int, groups: set[int], bit_user: int) -> bool:
+    # Permission bits as the kernel checks them for an ordinary user: no DAC override, even for root,
+    # so a root stage never stages what the file's modes keep from the person who asked.
+    if st.st_uid == uid:
+        return bool(st.st_mode & bit_user)
+    if st.st_gid in groups:
+        return bool(st.st_mode & (bit_user >> 3))
+    return bool(st.st_mode & (bit_user >> 6))
+
+
+def _readable_by_invoker(path: str) -> bool:
+    uid, groups = _invoker()
+    try:
+        if not _mode_allows(os.stat(path), uid, groups, stat.S_IRUSR):
+            return False
+        parent = os.path.dirname(path)
+        while True:
+            if not _mode_allows(os.stat(parent), uid, groups, stat.S_IXUSR):
+                return False
+            if parent == "/":
+                return True
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+
+
+def _usable_file(path: Path, shown: str) -> None:
+    """A file ``inspect`` may hand to the worker: a regular file, not on /proc, /sys or /dev, that the
+    invoking user could read themselves. Anything else is a usage error naming it."""
+    real = os.path.realpath(path)
+    if any(_inside(real, fs) for fs in _PSEUDO_FS):
+        raise UsageError(f"{shown} is {real}, not a checkpoint file",
+                         hint="give the path of a checkpoint file or model directory")
+    st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{shown} is not a regular file (a FIFO, device or socket)",
+                         hint="give the path of a checkpoint file or model directory")
+    if not _readable_by_invoker(real):
+        raise UsageError(f"{shown}: you cannot read this file yourself (its permissions do not allow it)",
+                         hint="inspect only files your own user can read; copy it with the owner's consent")
+
+
 def collect_paths(paths: Sequence[Path]) -> tuple[Path, list[str]]:
-    """Local files or one MLflow model directory → (root, paths relative to root)."""
-    resolved = [Path(p).resolve() for p in paths]
-    for p in resolved:
-        if not p.exists():
+    """Local files or one MLflow model directory → (root, paths relative to root).
+
+    Inside a directory only regular files count; a symlink is followed only to a regular file inside
+    the directory: a link out of it (``/proc/self/environ``, another user's file, the stage's own
+    config) is a usage error naming the link, as is a FIFO, socket or device."""
+    given = [Path(os.path.abspath(p)) for p in paths]
+    for p in given:
+        if not os.path.lexists(p) or not p.exists():
             raise ConfigError(f"no such file or directory: {p}")
+    resolved = [p.resolve() for p in given]
     if len(resolved) == 1 and resolved[0].is_dir():
         root = resolved[0]
-        rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        rels = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in sorted(dirnames):  # a symlinked directory is not walked into
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full):
+                    raise UsageError(f"{Path(full).relative_to(root)} is a symlink to a directory "
+                                     f"({os.path.realpath(full)})", hint=_LINK_HINT)
+            for name in filenames:
+                full = os.path.join(dirpath, name)
+                rel = Path(full).relative_to(root).as_posix()
+                if os.path.islink(full):
+                    target = os.path.realpath(full)
+                    if not _inside(target, str(root)) or not os.path.isfile(target) or os.path.islink(target):
+                        raise UsageError(f"{rel} is a symlink to {target}, outside {root} or not a regular file",
+                                         hint=_LINK_HINT)
+                _usable_file(Path(full), rel)
+                rels.append(rel)
+        rels.sort()
         if not rels:
             raise ConfigError(f"{root} holds no files")
         return root, rels
     if any(p.is_dir() for p in resolved):
         raise ConfigError("give either one model directory or checkpoint files, not a mix")
+    for g in given:
+        _usable_file(g, str(g))
     root = Path(_common_dir(resolved))
     return root, [p.relative_to(root).as_posix() for p in resolved]
 
 
+def _copy_sparse(src_fd: int, dst: Path, size: int) -> None:
+    """Copy only the data extents (SEEK_DATA/SEEK_HOLE): a sparse file (1 TiB of holes) stays sparse
+    instead of filling the cache disk."""
+    with open(dst, "wb") as out:
+        off = 0
+        while off < size:
+            try:
+                data = os.lseek(src_fd, off, os.SEEK_DATA)
+            except OSError:
+                break  # no data after off (ENXIO): the rest is a hole
+            hole = os.lseek(src_fd, data, os.SEEK_HOLE)
+            out.seek(data)
+            pos = data
+            while pos < hole:
+                chunk = os.pread(src_fd, min(8 * 2**20, hole - pos), pos)
+                if not chunk:
+                    break
+                out.write(chunk)
+                pos += len(chunk)
+            off = hole
+        out.truncate(size)
+
+
 def _stage(src_root: Path, rels: Sequence[str], dest: Path) -> None:
     """Hard-link (world-readable files, same filesystem) or copy ``rels`` under ``dest``; the user's
-    files keep their permissions because only links to already-readable inodes are shared."""
+    files keep their permissions because only links to already-readable inodes are shared. A symlink
+    (inside the folder, checked by ``collect_paths``) is staged as a copy of its target's bytes."""
     dest.mkdir(parents=True, exist_ok=False)
     os.chmod(dest, 0o700)
     for rel in rels:
         src, dst = src_root / rel, dest / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.stat().st_mode & 0o004:
-            try:
-                os.link(src, dst)
-                continue
-            except OSError:
-                pass  # another filesystem, or links not allowed: copy
-        shutil.copyfile(src, dst)
+        real = os.path.realpath(src)
+        # O_NONBLOCK: a file swapped for a FIFO since collect_paths cannot hang the stage.
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"{rel} is not a regular file", hint="give the path of a checkpoint file")
+            if st.st_mode & 0o444 == 0o444:
+                try:
+                    os.link(f"/proc/self/fd/{fd}", dst, follow_symlinks=True)
+                    continue
+                except OSError:
+                    pass  # another filesystem, or links not allowed: copy
+            _copy_sparse(fd, dst, st.st_size)
+        finally:
+            os.close(fd)
 
 
 def _common_dir(files: Sequence[Path]) -> str:

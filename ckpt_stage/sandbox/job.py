@@ -32,6 +32,9 @@ class LoadJob:
     timeout_s: float = 300.0
     cpu_s: float = 600.0
     memory_bytes: int = 4 * 2**30
+    expected: dict[str, Any] = field(default_factory=dict)
+    """What the parent's static scan read from the same bytes, for ``runner.cross_check``:
+    ``{"tensors": {name: {"shape": [...], "dtype": "float32"}}}`` for a bare state_dict (optional)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
