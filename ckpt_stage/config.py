@@ -19,6 +19,9 @@ from ckpt_stage.errors import ConfigError
 PREFIX = "CKPT_STAGE_"
 
 DEFAULT_ARCH_MODULES = ("torch.nn",)
+#: ``python_function.loader_module`` values whose ``_load_pyfunc`` a serving host may run: only the
+#: stock loader of the one flavor the stage validates (``mlflow.pyfunc.load_model`` imports it).
+DEFAULT_LOADER_MODULES = ("mlflow.pytorch",)
 MIN_SWEEP_INTERVAL_S = 5.0
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -118,6 +121,12 @@ class Settings:
     arch_modules: tuple[str, ...] = DEFAULT_ARCH_MODULES
     pickle_modules: tuple[str, ...] = ()
     allow_pickled_models: bool = True
+    allow_loader_modules: tuple[str, ...] = DEFAULT_LOADER_MODULES
+    """Exact ``MLmodel`` ``python_function.loader_module`` names accepted (``CKPT_STAGE_ALLOW_LOADER_MODULES``
+    adds to the default)."""
+    allow_model_code: tuple[str, ...] = ()
+    """Module prefixes whose code a version may carry (MLflow ``code_paths``, Hugging Face ``auto_map``):
+    ``CKPT_STAGE_ALLOW_MODEL_CODE``. Such code is imported only inside the isolated worker."""
     require_input_example: bool = False
     cache_dir: Path = field(default_factory=_default_cache)
     keep_cache: bool = False
@@ -177,6 +186,8 @@ class Settings:
             arch_modules=tuple(dict.fromkeys(DEFAULT_ARCH_MODULES + arch_extra)),
             pickle_modules=_list(env, "PICKLE_MODULES"),
             allow_pickled_models=_bool(env, "ALLOW_PICKLED_MODELS", d.allow_pickled_models),
+            allow_loader_modules=tuple(dict.fromkeys(DEFAULT_LOADER_MODULES + _list(env, "ALLOW_LOADER_MODULES"))),
+            allow_model_code=_list(env, "ALLOW_MODEL_CODE"),
             require_input_example=_bool(env, "REQUIRE_INPUT_EXAMPLE", d.require_input_example),
             cache_dir=Path(cache) if cache else d.cache_dir,
             keep_cache=_bool(env, "KEEP_CACHE", d.keep_cache),

@@ -133,6 +133,7 @@ def check_local(
             arch_modules=settings.arch_modules,
             pickle_modules=settings.pickle_modules,
             allow_pickled_models=settings.allow_pickled_models,
+            model_code=dict(scan.model_code),
             require_input_example=settings.require_input_example,
             timeout_s=settings.worker_timeout_s,
             cpu_s=settings.worker_cpu_s,

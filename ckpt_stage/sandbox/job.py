@@ -30,6 +30,10 @@ class LoadJob:
     arch_modules: tuple[str, ...] = ("torch.nn",)
     pickle_modules: tuple[str, ...] = ()
     allow_pickled_models: bool = True
+    model_code: dict[str, list[str]] = field(default_factory=dict)
+    """Code folders of the version (path relative to root → their top-level modules) that the scan
+    found and the operator allowed (``CKPT_STAGE_ALLOW_MODEL_CODE``): the worker, and only the worker,
+    puts them on ``sys.path`` and accepts those modules' classes in pickles."""
     require_input_example: bool = False
     timeout_s: float = 300.0
     cpu_s: float = 600.0
@@ -49,6 +53,7 @@ class LoadJob:
             data["readings"] = tuple(Reading.from_dict(r) for r in data["readings"])
         data["arch_modules"] = tuple(data.get("arch_modules", ()))
         data["pickle_modules"] = tuple(data.get("pickle_modules", ()))
+        data["model_code"] = {str(k): [str(m) for m in v] for k, v in (data.get("model_code") or {}).items()}
         return cls(**data)
 
 

@@ -700,6 +700,19 @@ def _check_mlflow(run: _Run, rel_dir: str) -> None:
         return
     run.recorded.update(model.recorded)
     _compare_versions(run, model, mlmodel_rel)
+    with mlflow_model.model_code_on_path(run.job.root, dict(run.job.model_code or {})) as code:
+        _check_mlflow_model(run, model, mlmodel_rel, tuple(code.modules))
+    if code.folders:
+        run.info["model_code_ran"] = list(code.ran)
+        if code.ran:
+            run.add(None, f"the version's own code ran in the isolated worker: {checks.listing(code.ran)} "
+                    "(allowed by CKPT_STAGE_ALLOW_MODEL_CODE); it runs on every serving host too",
+                    "review that code like any dependency of the serving runtime", mlmodel_rel,
+                    Severity.INFO, modules=list(code.ran))
+
+
+def _check_mlflow_model(run: _Run, model: mlflow_model.MlflowModel, mlmodel_rel: str,
+                        code_modules: tuple[str, ...]) -> None:
     if model.pytorch is None:
         flavors = model.mlmodel.get("flavors")
         names = ", ".join(flavors) if isinstance(flavors, dict) else "none"
@@ -715,7 +728,16 @@ def _check_mlflow(run: _Run, rel_dir: str) -> None:
         return
     module: torch.nn.Module | None = None
     state: dict[str, Any] = {}
-    if os.path.isfile(pt2_path):
+    # mlflow.pytorch._load_model's order: model.pth wins when both exist, so that is what serving loads.
+    if os.path.isfile(pth_path):
+        rel = model.relpath(data_dir, "model.pth")
+        with run.timed("load"):
+            module = _load_pickled_module(run, rel, pth_path, code_modules)
+        if module is None:
+            return
+        state = dict(module.state_dict())
+        kind = "mlflow-pickle"
+    elif os.path.isfile(pt2_path):
         rel = model.relpath(data_dir, "model.pt2")
         facts: list[pt2.Pt2Facts] = []
         with run.timed("load"):
@@ -727,14 +749,6 @@ def _check_mlflow(run: _Run, rel_dir: str) -> None:
         ep, module = got
         state = dict(ep.state_dict)
         kind = "mlflow-pt2"
-    elif os.path.isfile(pth_path):
-        rel = model.relpath(data_dir, "model.pth")
-        with run.timed("load"):
-            module = _load_pickled_module(run, rel, pth_path)
-        if module is None:
-            return
-        state = dict(module.state_dict())
-        kind = "mlflow-pickle"
     else:
         run.add(ReasonCode.ARTIFACT_MISSING,
                 f"the MLflow model's pytorch flavor names {data_dir}/ but it holds neither model.pt2 nor "
@@ -768,7 +782,9 @@ def _compare_archive_torch(run: _Run, model: mlflow_model.MlflowModel, archived:
                                       source="models/model.json in the pt2 archive"))
 
 
-def _load_pickled_module(run: _Run, rel: str, path: str) -> torch.nn.Module | None:
+def _load_pickled_module(run: _Run, rel: str, path: str, code_modules: tuple[str, ...] = ()) -> torch.nn.Module | None:
+    """A whole pickled module; ``code_modules`` are the version's own allowed top-level modules (on
+    sys.path now), whose classes this job's allowlist accepts like CKPT_STAGE_PICKLE_MODULES'."""
     if not run.job.allow_pickled_models:
         run.add(ReasonCode.UNSAFE_PICKLE,
                 f"{rel} is a whole pickled nn.Module (MLflow serialization_format='pickle') and pickled "
@@ -777,7 +793,8 @@ def _load_pickled_module(run: _Run, rel: str, path: str) -> torch.nn.Module | No
     fmt = sniff(path)
     if fmt is FileFormat.TORCH_ZIP and _zip_version_problem(run, rel):
         return None
-    policy = safe_torch.PicklePolicy(pickled_modules=True, pickle_modules=tuple(run.job.pickle_modules))
+    policy = safe_torch.PicklePolicy(pickled_modules=True,
+                                     pickle_modules=tuple(dict.fromkeys((*run.job.pickle_modules, *code_modules))))
     try:
         obj = safe_torch.load_allowlisted(path, zip_format=fmt is FileFormat.TORCH_ZIP, policy=policy)
     except MemoryError:

@@ -59,8 +59,12 @@ _PICKLE_TEXT_START = frozenset(b"(cl]}d)NIFLSVUTXJKMGhgqjpPBC")
 
 #: File names of an MLflow model directory that describe the model rather than hold it.
 METADATA_NAMES = frozenset({"MLmodel", "registered_model_meta", "LICENSE", "README", "MANIFEST"})
-METADATA_EXTS = frozenset({".yaml", ".yml", ".json", ".txt", ".md", ".cfg", ".toml", ".ini", ".csv", ".py",
+METADATA_EXTS = frozenset({".yaml", ".yml", ".json", ".txt", ".md", ".cfg", ".toml", ".ini", ".csv",
                            ".lock", ".log", ".html", ".rst", ".jsonl"})
+#: Python source, bytecode and extension modules: not metadata but code a serving host may import
+#: (MLflow puts a flavor's ``code`` folder on sys.path; Hugging Face ``auto_map`` imports repo files).
+#: ``scan.mlflow_dir`` judges them; they are never checkpoints.
+CODE_EXTS = frozenset({".py", ".pyc", ".pyo", ".pyw", ".pyz", ".so", ".pyd"})
 #: Extensions that claim to be a checkpoint: if the content is something else, that is a finding.
 CHECKPOINT_EXTS = frozenset({".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pt2", ".pkl", ".pickle",
                              ".tar", ".model", ".pth.tar", ".torchscript", ".jit", ".ptl", ".weights"})
@@ -172,7 +176,7 @@ def claims_checkpoint(path: str, *, mlflow_dir: bool) -> bool:
     out not to be one is a finding (``model.pt`` holding a PNG) or just a side file (``conda.yaml``)."""
     base = posixpath.basename(path)
     ext = extension(path)
-    if base in METADATA_NAMES or ext in METADATA_EXTS:
+    if base in METADATA_NAMES or ext in METADATA_EXTS or ext in CODE_EXTS:
         return False
     if ext in CHECKPOINT_EXTS:
         return True
