@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from ckpt_stage.domain import FileFormat, Finding, ReasonCode, Severity  # noqa: E402
 from ckpt_stage.policy import NO_INPUT_EXAMPLE  # noqa: E402
 from ckpt_stage.sandbox import checks, mlflow_model, pt2, safe_torch  # noqa: E402
+from ckpt_stage.scan import pt2 as pt2_grammar  # noqa: E402
 from ckpt_stage.sandbox.job import LoadJob, LoadResult  # noqa: E402
 
 _CHECKPOINT_FORMATS = {FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY, FileFormat.SAFETENSORS,
@@ -555,6 +556,17 @@ def _load_pt2(run: _Run, rel: str, facts_out: list[pt2.Pt2Facts] | None = None) 
                 f"{rel} carries code, not just weights: {checks.listing(facts.code)}",
                 "export a model whose constants are tensors only (no opaque or TorchBind objects)", rel,
                 records=facts.code)
+        ok = False
+    if facts.unsupported:
+        run.add(ReasonCode.UNSUPPORTED_FORMAT, f"{rel}: {'; '.join(facts.unsupported[:3])}",
+                pt2_grammar.HINT_SCHEMA, rel)
+        ok = False
+    if facts.unsafe:
+        # The scanner refuses the same strings first; this keeps torch from ever seeing them even
+        # when the worker is handed a file the scan did not describe.
+        more = f"; and {len(facts.unsafe) - 3} more" if len(facts.unsafe) > 3 else ""
+        run.add(ReasonCode.UNSAFE_CODE, f"{rel}: {'; '.join(facts.unsafe[:3])}{more}", pt2_grammar.HINT, rel,
+                fields=facts.unsafe[:20])
         ok = False
     if not ok:
         return None
