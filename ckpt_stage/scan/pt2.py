@@ -113,7 +113,7 @@ code, _unlift.py:691) and no line breaks."""
 _TEXT = re.compile(r"[^\x00-\x08\x0b-\x1f\x7f\u2028\u2029\x85]*\Z")
 """Free text (stack traces, module paths): no control characters but newline and tab (a carriage
 return ends a line in Python source, fx's verbose code puts stack traces in comments)."""
-_WORD = re.compile(r"[A-Za-z0-9_.+-]{0,64}\Z")
+_WORD = re.compile(r"[A-Za-z0-9_.+<=>-]{0,64}\Z")
 
 
 def check_name(value: Any) -> None:
