@@ -258,6 +258,8 @@ _TOKEN = re.compile(r"""\s*(?:
 )""", re.VERBOSE)
 _NUMBER_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?\Z|[-+]?(?:inf|nan)\Z")
 MAX_INT_DIGITS = 40
+MAX_EXPR_NESTING = 40
+"""Parentheses / calls / unary signs deep (torch's own stay under ~10; each level is ~10 frames)."""
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
@@ -316,7 +318,7 @@ class _ExprParser:
 
     def _nest(self) -> None:
         self.depth += 1
-        if self.depth > 64:
+        if self.depth > MAX_EXPR_NESTING:
             raise _Refused("an expression nested too deeply")
 
     def expr(self) -> None:
@@ -536,6 +538,8 @@ class _Walker:
             fn(value, **kw)
         except _Refused as exc:
             self.refuse(path, value, exc.why)
+        except RecursionError:  # pragma: no cover - bounded above; never a crash of the scan
+            self.refuse(path, value, "nested too deeply")
 
     # structure helpers: each returns False (after refusing) when the value has the wrong shape
     def obj(self, path: str, value: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> bool:
