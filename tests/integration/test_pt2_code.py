@@ -93,3 +93,19 @@ def test_console_script_on_a_hostile_pt2(sources, tmp_path):
     assert proc.returncode == 1 and report["verdict"] == "quarantine"
     assert [r["code"] for r in report["reasons"]] == ["UNSAFE_CODE"]
     assert not canary.exists()
+
+
+@pytest.mark.parametrize("payload", [p for p in P.PAYLOADS if p.runs], ids=lambda p: p.name)
+def test_serving_host_would_run_it(payload, sources, tmp_path):
+    """Why the gate matters: the same MLflow directory, loaded the way a serving host does
+    (``mlflow.pyfunc.load_model(...).predict``), runs the payload."""
+    canary = tmp_path / "ran"
+    model = tmp_path / "mlflow-model"
+    shutil.copytree(sources[1], model)
+    target = model / "data" / "model.pt2"
+    payload.build(target, tmp_path / "evil.pt2", canary).replace(target)
+    code = ("import sys, numpy as np, mlflow.pyfunc\n"
+            "mlflow.pyfunc.load_model(sys.argv[1]).predict(np.zeros((3, 4), dtype=np.float32))\n")
+    subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, timeout=600, cwd=tmp_path,
+                   env={**os.environ, "PYTHONPATH": ""})
+    assert canary.exists(), f"mlflow.pyfunc no longer runs the {payload.name} payload"
