@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from ckpt_stage.domain import FileFormat, Finding, ReasonCode, Severity  # noqa: E402
 from ckpt_stage.policy import NO_INPUT_EXAMPLE  # noqa: E402
 from ckpt_stage.sandbox import checks, mlflow_model, pt2, safe_torch  # noqa: E402
+from ckpt_stage.scan import pt2 as pt2_grammar  # noqa: E402
 from ckpt_stage.sandbox.job import LoadJob, LoadResult  # noqa: E402
 from ckpt_stage.scan.reading import Reading, changed, stamp_of  # noqa: E402
 from ckpt_stage.scan.safetensors import MAX_HEADER  # noqa: E402
@@ -442,15 +443,20 @@ def _load_torch(run: _Run, rel: str, fmt: FileFormat) -> Any:
 
 def _merge(run: _Run, found: list[tuple[str, checks.Weights]]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Shards of one state_dict merge; a second copy of the same weights (``model.safetensors`` next to
-    ``pytorch_model.bin``) is ignored, the first (safetensors sorts first) is used."""
+    ``pytorch_model.bin``) is not merged, the first (safetensors sorts first) is used. Every copy is
+    still finite-checked here (the merged state is checked by the caller): a serving host may load
+    the other file, or the EMA copy of a training checkpoint, and a NaN there is as fatal."""
     merged: dict[str, torch.Tensor] = {}
     used: list[str] = []
     for rel, w in found:
         assert w.state is not None
+        for key, copy in w.copies.items():
+            run.extend(checks.nonfinite({f"{key}.{k}": v for k, v in copy.items()}, file=rel))
         overlap = merged.keys() & w.state.keys()
         if overlap and set(w.state) <= set(merged):
-            run.add(None, f"{rel} repeats weights already read from {checks.listing(used)}; ignored",
+            run.add(None, f"{rel} repeats weights already read from {checks.listing(used)}; not merged",
                     file=rel, severity=Severity.INFO)
+            run.extend(checks.nonfinite(w.state, file=rel))
             continue
         if overlap:
             run.add(ReasonCode.ARCHITECTURE_MISMATCH,
@@ -652,6 +658,17 @@ def _load_pt2(run: _Run, rel: str, facts_out: list[pt2.Pt2Facts] | None = None) 
                 "export a model whose constants are tensors only (no opaque or TorchBind objects)", rel,
                 records=facts.code)
         ok = False
+    if facts.unsupported:
+        run.add(ReasonCode.UNSUPPORTED_FORMAT, f"{rel}: {'; '.join(facts.unsupported[:3])}",
+                pt2_grammar.HINT_SCHEMA, rel)
+        ok = False
+    if facts.unsafe:
+        # The scanner refuses the same strings first; this keeps torch from ever seeing them even
+        # when the worker is handed a file the scan did not describe.
+        more = f"; and {len(facts.unsafe) - 3} more" if len(facts.unsafe) > 3 else ""
+        run.add(ReasonCode.UNSAFE_CODE, f"{rel}: {'; '.join(facts.unsafe[:3])}{more}", pt2_grammar.HINT, rel,
+                fields=facts.unsafe[:20])
+        ok = False
     if not ok:
         return None
     try:
@@ -664,7 +681,19 @@ def _load_pt2(run: _Run, rel: str, facts_out: list[pt2.Pt2Facts] | None = None) 
     if refusals:  # torch swallowed our refusal and went on: still unsafe content
         run.add(ReasonCode.UNSAFE_PICKLE, f"{rel}: {refusals[0][:300]}", "save only tensors in the archive", rel)
         return None
+    _check_pt2_constants(run, ep, rel)
     return ep, module
+
+
+def _check_pt2_constants(run: _Run, ep: Any, rel: str) -> None:
+    """Tensors the program uses that are not in ``ep.state_dict``: lifted tensor constants
+    (``self.const = torch.tensor(...)``) and non-persistent buffers live in ``ep.constants``, and
+    a NaN there poisons every output as surely as one in a weight."""
+    constants = getattr(ep, "constants", None) or {}
+    state = getattr(ep, "state_dict", None) or {}
+    extra = {f"{k} (constant)": v for k, v in constants.items() if isinstance(v, torch.Tensor) and k not in state}
+    if extra:
+        run.extend(checks.nonfinite(extra, file=rel))
 
 
 def _smoke_exported(run: _Run, ep: Any, module: torch.nn.Module, rel: str) -> None:
@@ -677,13 +706,46 @@ def _smoke_exported(run: _Run, ep: Any, module: torch.nn.Module, rel: str) -> No
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            module(*args, **kwargs)
+            out = module(*args, **kwargs)
     except Exception as exc:
         run.add(ReasonCode.SMOKE_INFERENCE_FAILED,
                 f"forward pass on the archive's own example inputs raised {_brief(exc)}",
                 "the exported program does not run on this runtime; re-export it", rel)
+        return
     finally:
         run.timings["inference"] += time.perf_counter() - t0
+    _check_smoke_output(run, out, rel, "the archive's own example inputs")
+
+
+def _check_smoke_output(run: _Run, out: Any, rel: str, example: str) -> None:
+    """NaN/Inf in what a forward pass returned. Reported as ``SMOKE_INFERENCE_FAILED``, not
+    ``NONFINITE_WEIGHTS``: the weights may well be finite (a log of a negative, a 0/0 in the graph,
+    an overflow); what is certain is that the forward pass on the example produced no usable output.
+    Non-finite weights are reported on their own by the weight check."""
+    leaves: dict[str, torch.Tensor] = {}
+
+    def walk(o: Any, name: str, depth: int) -> None:
+        if len(leaves) >= 1000 or depth > 8:
+            return
+        if isinstance(o, torch.Tensor):
+            leaves[name] = o
+        elif isinstance(o, (tuple, list)):
+            for i, v in enumerate(o):
+                walk(v, f"{name}[{i}]", depth + 1)
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{name}[{k!r}]", depth + 1)
+
+    walk(out, "output", 0)
+    found = checks.nonfinite(leaves, file=rel) if leaves else None
+    if found is None:
+        return
+    run.add(ReasonCode.SMOKE_INFERENCE_FAILED,
+            f"the forward pass on {example} returned non-finite values: "
+            f"{found.message.split(': ', 1)[-1]}",
+            "the model produces NaN/Inf on its own example: check the weights, the exported graph "
+            "(a log or a division of the example's values) and the example itself", rel,
+            tensors=found.detail.get("tensors", []))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -851,6 +913,7 @@ def _smoke_mlflow(run: _Run, model: mlflow_model.MlflowModel, module: torch.nn.M
         return
     finally:
         run.timings["inference"] += time.perf_counter() - t0
+    _check_smoke_output(run, out, used_rel, f"the input example {used}")
     if sig_notes:
         run.add(None, "the input example disagrees with the input signature: " + "; ".join(sig_notes),
                 "log the signature inferred from the example", used_rel, Severity.WARNING)
