@@ -51,6 +51,15 @@ def sweep_interval_s(env: Mapping[str, str] | None = None) -> float:
     return Settings.from_env(env).sweep_interval_s
 
 
+def control_queue(settings: Settings) -> str:
+    """The Celery queue of the tasks that load nothing (discover, select, plan, batch): the smallest class's.
+
+    Every deployment runs workers for it, so no worker has to listen on Airflow's ``default`` queue too
+    (the executor's ``[operators] default_queue``); LocalExecutor and KubernetesExecutor ignore queues.
+    """
+    return settings.worker_classes[0].queue
+
+
 def task_id_for(wc: WorkerClass, verb: str = "validate") -> str:
     return f"{verb}_" + re.sub(r"[^A-Za-z0-9_.-]", "_", wc.name)
 
@@ -157,20 +166,43 @@ def estimate_bytes(ref: VersionRef, *, settings: Settings, registry: Any, storag
         return None
 
 
+def planned_memory(s3_bytes: int) -> int:
+    """The memory a version is planned with: its S3 bytes plus the scanner's working-memory allowance.
+
+    The scanner's own estimate (``scan.estimate``: declared tensor storage + the same allowance) is at most
+    this for every supported format (tensor storage lives inside the files, uncompressed), so the class the
+    pipeline picks on the worker is never larger than the class, and so the queue, the version was routed to.
+    """
+    from ckpt_stage.scan.estimate import OVERHEAD_BYTES
+
+    return int(s3_bytes) + OVERHEAD_BYTES
+
+
+def route(estimated_bytes: int | None, settings: Settings) -> WorkerClass:
+    """Planned memory → worker class (and so pool and queue): the smallest class that holds it.
+
+    A version too big for every class, or of unknown size, goes to the largest class: there the scan's
+    tensor-metadata estimate refuses it with RESOURCE_LIMIT before anything is loaded, and an unknown size
+    is safest where the fewest run at once.
+    """
+    if estimated_bytes is None:
+        return settings.largest_class
+    return settings.class_for(estimated_bytes) or settings.largest_class
+
+
 def plan(refs: Sequence[VersionRef], settings: Settings,
          estimate: Callable[[VersionRef], int | None]) -> list[dict[str, Any]]:
-    """Size each version and give it a worker class: ``[{name, version, estimated_bytes, worker_class}]``.
-
-    A version too big for every class, or of unknown size, goes to the largest class: there the pipeline's
-    own (tensor-metadata) estimate quarantines it with RESOURCE_LIMIT if it really does not fit, and an
-    unknown size is safest where the fewest run at once.
-    """
+    """Size each version and route it: ``[{name, version, s3_bytes, estimated_bytes, worker_class, queue,
+    over_budget}]`` (``estimated_bytes``: ``planned_memory`` of the S3 bytes; ``over_budget``: above the
+    largest class, to be refused unloaded)."""
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(refs)))) as pool:
         sizes = list(pool.map(estimate, refs))
     out = []
     for ref, size in zip(refs, sizes, strict=True):
-        wc = (settings.class_for(size) if size is not None else None) or settings.largest_class
-        out.append({**ref.to_dict(), "estimated_bytes": size, "worker_class": wc.name})
+        need = planned_memory(size) if size is not None else None
+        wc = route(need, settings)
+        out.append({**ref.to_dict(), "s3_bytes": size, "estimated_bytes": need, "worker_class": wc.name,
+                    "queue": wc.queue, "over_budget": need is not None and need > settings.largest_class.memory_bytes})
     return out
 
 
@@ -285,17 +317,18 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
 
     from ckpt_stage.errors import PermanentError
 
-    @task(task_id="plan")
+    @task(task_id="plan", queue=control_queue(settings))
     def plan_classes(found: list[dict[str, str]]) -> list[dict[str, Any]]:
         planned = plan_versions([VersionRef(r["name"], r["version"]) for r in found])
         for item in planned:
-            log.info("%s v%s: %s bytes in S3 → worker class %s", item["name"], item["version"],
-                     item["estimated_bytes"], item["worker_class"])
+            log.info("%s v%s: %s bytes in S3, ~%s bytes to load → worker class %s, queue %s%s", item["name"],
+                     item["version"], item["s3_bytes"], item["estimated_bytes"], item["worker_class"],
+                     item["queue"], " (over every budget: refused before loading)" if item["over_budget"] else "")
         return planned
 
     # One small task per class picks its versions: a mapped task can expand only over a task's
     # return_value, not over one key of a multiple_outputs dict ("cannot map over XCom with custom key").
-    @task
+    @task(queue=control_queue(settings))
     def batch(planned: list[dict[str, Any]], worker_class: str) -> list[dict[str, Any]]:
         return in_class(planned, worker_class)
 
@@ -318,8 +351,8 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
         picked = batch.override(task_id=task_id_for(wc, "batch"))(planned, wc.name)
         validate_task = task(
             task_id=task_id_for(wc, verb),
-            pool=wc.pool or "default_pool",
-            queue=wc.queue or "default",
+            pool=wc.pool,
+            queue=wc.queue,
             retries=3,
             retry_delay=dt.timedelta(seconds=30),
             # A multiplier in Airflow 3.3 (delay * 2.0 ** (try - 1)): True would mean 1.0, a constant delay.
@@ -353,9 +386,9 @@ def pool_definitions(settings: Settings, *, host_memory_bytes: int | None = None
 
 
 __all__ = [
-    "PREFIX", "RERUN_DAG_ID", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
+    "PREFIX", "RERUN_DAG_ID", "control_queue", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
     "ValidationFailed", "build_validation_tasks", "discover", "estimate_bytes", "in_class", "judge", "plan",
     "plan_versions",
-    "pool_definitions", "refs_from_extras", "rerun_selection", "select_for_rerun", "sweep_interval_s",
+    "planned_memory", "pool_definitions", "refs_from_extras", "route", "rerun_selection", "select_for_rerun", "sweep_interval_s",
     "task_owner", "validate_one",
 ]
