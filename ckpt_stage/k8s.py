@@ -114,7 +114,7 @@ def pod_resources(worker_class: WorkerClass, estimated_bytes: int | None = None,
     return {"requests": dict(res), "limits": dict(res)}
 
 
-def validation_pod(worker_class: WorkerClass, *, image: str, estimated_bytes: int | None = None,
+def validation_pod(worker_class: WorkerClass, *, image: str | None = None, estimated_bytes: int | None = None,
                    s3_bytes: int | None = None, gpus: int = 0, name: str | None = None,
                    namespace: str | None = None, command: Sequence[str] | None = None,
                    env: Mapping[str, str] | None = None, env_from_secret: str | None = None,
@@ -125,6 +125,7 @@ def validation_pod(worker_class: WorkerClass, *, image: str, estimated_bytes: in
     V, "--json"]``; under the KubernetesExecutor leave it None (the executor supplies the task command).
     ``env_from_secret``: a Secret whose keys become the container's environment (MLflow/S3 credentials,
     ``CKPT_STAGE_*``); ``env``: plain values (never credentials: they show in the pod spec).
+    ``image``: None for a ``pod_override``, which keeps the pod template's image.
     """
     resources = pod_resources(worker_class, estimated_bytes, gpus=gpus, s3_bytes=s3_bytes)
     scratch_limit = resources["limits"]["ephemeral-storage"]
@@ -138,8 +139,7 @@ def validation_pod(worker_class: WorkerClass, *, image: str, estimated_bytes: in
     container_env += [{"name": k, "value": str(v)} for k, v in sorted((env or {}).items())]
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": image,
-        "imagePullPolicy": "IfNotPresent",
+        **({"image": image, "imagePullPolicy": "IfNotPresent"} if image else {}),
         "env": container_env,
         "resources": resources,
         "securityContext": {
@@ -225,6 +225,12 @@ def _contains_metadata(cidr: str) -> bool:
 
     net = ipaddress.ip_network(cidr, strict=False)
     return net.version == 4 and ipaddress.ip_address("169.254.169.254") in net
+
+
+def pod_override(worker_class: WorkerClass) -> Any:
+    """``executor_config={"pod_override": ...}`` of a class's validate task under the KubernetesExecutor:
+    the class's memory and CPU over the pod template (infra/k8s/pod-template.yaml), same security fields."""
+    return to_v1_pod(validation_pod(worker_class))
 
 
 def to_v1_pod(manifest: Mapping[str, Any]) -> Any:

@@ -347,6 +347,7 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
             raise AirflowFailException(f"{exc.code.value}: {exc}") from exc
 
     planned: Any = plan_classes(refs)  # an XComArg, resolved to the list at run time
+    on_kubernetes = _kubernetes_executor()
     for wc in settings.worker_classes:
         picked = batch.override(task_id=task_id_for(wc, "batch"))(planned, wc.name)
         validate_task = task(
@@ -363,8 +364,23 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
             map_index_template="{{ task.op_kwargs['ref']['name'] }} v{{ task.op_kwargs['ref']['version'] }}",
             doc_md=f"Validates the versions of worker class **{wc.name}** (≤ {wc.memory_bytes / 2**30:.1f} GiB) "
                    f"in pool `{wc.pool}`, queue `{wc.queue}`.",
+            # KubernetesExecutor: each class's pod gets that class's memory and CPU (queues mean nothing there).
+            **({"executor_config": {"pod_override": _pod_override(wc)}} if on_kubernetes else {}),
         )(run)
         validate_task.expand(ref=picked)
+
+
+def _kubernetes_executor() -> bool:
+    """Whether Airflow's configured executor (``[core] executor``, possibly a list) is the KubernetesExecutor."""
+    from airflow.configuration import conf
+
+    return "KubernetesExecutor" in conf.get("core", "executor", fallback="")
+
+
+def _pod_override(wc: WorkerClass) -> Any:
+    from ckpt_stage import k8s
+
+    return k8s.pod_override(wc)
 
 
 def pool_definitions(settings: Settings, *, host_memory_bytes: int | None = None) -> dict[str, dict[str, Any]]:

@@ -152,3 +152,44 @@ def test_every_worker_class_gets_a_pod_for_its_budget():
     assert wc.name == "large"
     res = k8s.pod_resources(wc, need)
     assert k8s.parse_quantity(res["limits"]["memory"]) >= need + k8s.RUNTIME_OVERHEAD_BYTES
+
+
+K8S_PROBE = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
+bag = DagBag(sys.argv[1])
+dag = bag.dags["ckpt_stage_validate"]
+out = {"errors": {k: v[-2000:] for k, v in bag.import_errors.items()}, "tasks": {}}
+for t in dag.tasks:
+    override = (t.executor_config or {}).get("pod_override")
+    out["tasks"][t.task_id] = PodGenerator.serialize_pod(override) if override is not None else None
+print(json.dumps(out))
+"""
+
+
+def test_under_the_kubernetes_executor_each_class_task_carries_its_pod_override(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ckpt_stage import devstack
+
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(devstack.dags_folder()), "AIRFLOW__CORE__EXECUTOR": "KubernetesExecutor",
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}",
+           "CKPT_STAGE_WORKER_CLASSES": "small=2GiB,large=8GiB"}
+    proc = subprocess.run([sys.executable, "-c", K8S_PROBE, str(devstack.dags_folder())], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["errors"] == {}
+    tasks = out["tasks"]
+    assert tasks["discover"] is None and tasks["plan"] is None  # light tasks: the template as it is
+    for name, budget in (("small", 2 * GiB), ("large", 8 * GiB)):
+        pod = tasks[f"validate_{name}"]
+        assert pod == k8s.validation_pod(WorkerClass(name, budget))
+        limits = k8s.field_at(pod, "spec.containers[0].resources.limits")
+        assert k8s.parse_quantity(limits["memory"]) == budget + k8s.RUNTIME_OVERHEAD_BYTES
+        assert "image" not in pod["spec"]["containers"][0]  # the template's image stays
