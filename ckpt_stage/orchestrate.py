@@ -170,8 +170,9 @@ def planned_memory(s3_bytes: int) -> int:
     """The memory a version is planned with: its S3 bytes plus the scanner's working-memory allowance.
 
     The scanner's own estimate (``scan.estimate``: declared tensor storage + the same allowance) is at most
-    this for every supported format (tensor storage lives inside the files, uncompressed), so the class the
-    pipeline picks on the worker is never larger than the class, and so the queue, the version was routed to.
+    this wherever tensor data is stored uncompressed inside the files (torch zip, safetensors, pt2, legacy
+    torch.save), so the class the pipeline picks on the worker is not larger than the class, and so the
+    queue, the version was routed to (tests/unit/test_orchestrate.py checks it on real files).
     """
     from ckpt_stage.scan.estimate import OVERHEAD_BYTES
 
@@ -402,9 +403,8 @@ def pool_definitions(settings: Settings, *, host_memory_bytes: int | None = None
 
 
 __all__ = [
-    "PREFIX", "RERUN_DAG_ID", "control_queue", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
-    "ValidationFailed", "build_validation_tasks", "discover", "estimate_bytes", "in_class", "judge", "plan",
-    "plan_versions",
-    "planned_memory", "pool_definitions", "refs_from_extras", "route", "rerun_selection", "select_for_rerun", "sweep_interval_s",
-    "task_owner", "validate_one",
+    "PREFIX", "RERUN_DAG_ID", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
+    "ValidationFailed", "build_validation_tasks", "control_queue", "discover", "estimate_bytes", "in_class", "judge",
+    "plan", "plan_versions", "planned_memory", "pool_definitions", "refs_from_extras", "rerun_selection", "route",
+    "select_for_rerun", "sweep_interval_s", "task_owner", "validate_one",
 ]

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import time
 import uuid
@@ -89,6 +90,11 @@ class AirflowCluster:
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_exc!r})\n" + self.logs())
 
     def stop(self) -> None:
+        # Signal every component first, then wait for each: stopping them one by one costs up to 10 s each.
+        for svc in self.procs.values():
+            if svc.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(svc.proc.pid, signal.SIGTERM)
         for name in reversed(list(self.procs)):
             self.procs[name].stop()
 

@@ -63,78 +63,77 @@ def _linear(folder: Path, in_features: int, out_features: int) -> dict[str, str]
             "ckpt_stage.arch_kwargs": json.dumps({"in_features": in_features, "out_features": out_features})}
 
 
-def _tis(cluster: AirflowCluster, run_id: str) -> list[dict]:
-    return cluster.get(f"/dags/{DAG}/dagRuns/{quote(run_id, safe='')}/taskInstances", limit=100)["task_instances"]
-
-
 def _seconds(start: str, end: str) -> float:
     return (dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds()
 
 
+def _status(ref: VersionRef) -> str | None:
+    return MlflowClient().get_model_version(ref.name, ref.version).tags.get("ckpt_stage.status")
+
+
+def _task_instance_of(cluster: AirflowCluster, ref: VersionRef) -> tuple[dict, dict]:
+    """The task instance that made the version's verdict (named by its attempt's run) and the attempt's report."""
+    tags = MlflowClient().get_model_version(ref.name, ref.version).tags
+    run = MlflowClient().get_run(tags["ckpt_stage.run_id"])
+    t = run.data.tags
+    ti = cluster.get(f"/dags/{t['airflow.dag_id']}/dagRuns/{quote(t['airflow.run_id'], safe='')}/taskInstances/"
+                     f"{t['airflow.task_id']}/{t['airflow.map_index']}")
+    return ti, Registry(Settings.from_env()).report_of(run.info.run_id) or {}
+
+
 def test_each_class_runs_on_its_own_queue_and_an_oversized_version_is_refused_unloaded(stack, stage_env, cluster,
                                                                                       tmp_path):
-    # The first scheduled sweep (nothing to do yet) must be out of the way: one run at a time.
-    cluster.wait("the first sweep to finish", lambda: not cluster.get(
-        f"/dags/{DAG}/dagRuns", state=["running", "queued"])["dag_runs"], timeout=120, interval=2)
-
     name = f"celery-{uuid.uuid4().hex[:6]}"
     refs: dict[str, VersionRef] = {}
     for label, (n_in, n_out) in {"small": (4, 2), "large": (1024, 2048), "huge": (1024, 5120)}.items():
         tags = _linear(tmp_path / label, n_in, n_out)
         refs[label] = devstack.register_folder(stack.bucket, name, tmp_path / label, tags)
 
+    # A run for exactly these versions. If the first scheduled sweep is still running it may validate them
+    # first (one run at a time): either way the verdict's attempt names the task instance that made it.
     resp = cluster.api("POST", f"/dags/{DAG}/dagRuns", json={
         "logical_date": None, "conf": {"versions": [r.to_dict() for r in refs.values()]}})
     assert resp.status_code == 200, resp.text
-    run_id = resp.json()["dag_run_id"]
-    run = cluster.wait("the validate run", lambda: (r := cluster.get(f"/dags/{DAG}/dagRuns/{quote(run_id, safe='')}"))
-                       ["state"] in ("success", "failed") and r, timeout=180, interval=2)
-    assert run["state"] == "success", cluster.logs()
+    expected = {"small": "promoted", "large": "promoted", "huge": "quarantined"}
+    cluster.wait("the three verdicts", lambda: {k: _status(r) for k, r in refs.items()} == expected,
+                 timeout=180, interval=2)
+    huge_tags = MlflowClient().get_model_version(refs["huge"].name, refs["huge"].version).tags
+    assert huge_tags["ckpt_stage.reasons"].split(",") == ["RESOURCE_LIMIT"]
 
-    client = MlflowClient()
-    tags = {label: client.get_model_version(r.name, r.version).tags for label, r in refs.items()}
-    assert tags["small"]["ckpt_stage.status"] == "promoted", tags["small"]
-    assert tags["large"]["ckpt_stage.status"] == "promoted", tags["large"]
-    assert tags["huge"]["ckpt_stage.status"] == "quarantined", tags["huge"]
-    assert tags["huge"]["ckpt_stage.reasons"].split(",") == ["RESOURCE_LIMIT"]
-
-    # Which queue and which worker ran each version (the mapped instance's rendered name is "<model> v<n>").
-    tis = _tis(cluster, run_id)
-    by_version = {ti["rendered_map_index"]: ti for ti in tis if ti["task_id"].startswith("validate_")}
-    where = {label: (by_version[f"{name} v{r.version}"]["task_id"], by_version[f"{name} v{r.version}"]["queue"],
-                     by_version[f"{name} v{r.version}"]["hostname"]) for label, r in refs.items()}
+    # Which queue and which worker ran each version, from the task instance in Airflow's REST API.
+    found = {label: _task_instance_of(cluster, r) for label, r in refs.items()}
+    where = {label: (ti["task_id"], ti["queue"], ti["hostname"]) for label, (ti, _) in found.items()}
     assert where == {"small": ("validate_small", "ckpt-small", "ckpt-small-worker"),
                      "large": ("validate_large", "ckpt-large", "ckpt-large-worker"),
                      "huge": ("validate_large", "ckpt-large", "ckpt-large-worker")}, where
     # The tasks that load nothing ran on the small class's queue: no worker listens on `default`.
+    run_id = found["small"][0]["dag_run_id"]
+    tis = cluster.get(f"/dags/{DAG}/dagRuns/{quote(run_id, safe='')}/taskInstances", limit=100)["task_instances"]
     control = {ti["task_id"]: (ti["queue"], ti["hostname"]) for ti in tis if not ti["task_id"].startswith("validate_")}
+    assert set(control) == {"discover", "plan", "batch_small", "batch_large"}, control
     assert set(control.values()) == {("ckpt-small", "ckpt-small-worker")}, control
 
     # Refused before loading: no worker was started for it, no memory used, no load timed.
-    registry = Registry(Settings.from_env())
-    huge_report = registry.report_of(registry.attempts(refs["huge"])[0]["run_id"])
-    assert huge_report is not None
+    huge_report = found["huge"][1]
     assert huge_report["resources"]["peak_anon_bytes"] == 0, huge_report["resources"]
     assert "worker_start" not in huge_report["timings_s"] and not huge_report["timings_s"].get("load"), huge_report
     finding = next(r for r in huge_report["reasons"] if r["code"] == "RESOURCE_LIMIT")
     assert "largest worker class 'large'" in finding["message"], finding
 
-    # Figures for the report: per-task fixed cost on Celery (queued → start → end of the task instance) and
-    # whether the fork server was warm (the worker's own start time inside the stage's timings).
-    for label, r in refs.items():
-        ti = by_version[f"{name} v{r.version}"]
-        report = registry.report_of(registry.attempts(r)[0]["run_id"]) or {}
+    # Figures for the report: per-task fixed cost on Celery (the task instance's start → end against the
+    # stage's own total) and the fork server's start inside the stage's timings.
+    for label, (ti, report) in found.items():
         timings = report.get("timings_s", {})
-        print(f"{label}: {report.get('resources', {}).get('estimated_bytes')} bytes estimated, queued→start {_seconds(ti['queued_when'], ti['start_date']):.2f} s, "
-              f"task {ti['duration']:.2f} s, stage total {timings.get('total')} s, "
-              f"fork server start {timings.get('worker_start')} s, load {timings.get('load')} s, pid {ti.get('pid')}")
+        print(f"{label}: {report.get('resources', {}).get('estimated_bytes')} bytes estimated, queued→start "
+              f"{_seconds(ti['queued_when'], ti['start_date']):.2f} s, task {ti['duration']:.2f} s, stage total "
+              f"{timings.get('total')} s, fork server start {timings.get('worker_start')} s, "
+              f"load {timings.get('load')} s, pid {ti.get('pid')}")
     # Under Airflow 3 the Celery worker's task runner forks a fresh process per task instance (a pid of its
-    # own above), and the stage's fork server is a child of that process: it ends with the task, so no fork
+    # own), and the stage's fork server is a child of that process: it ends with the task, so no fork
     # server outlives a task on a worker host and every load pays the fork server's start again.
     workers = {n: svc.proc.pid for n, svc in cluster.procs.items() if n.endswith("-worker")}
     assert {n: _forkservers_under(pid) for n, pid in workers.items()} == {n: [] for n in workers}
-    pids = {by_version[f"{name} v{r.version}"]["pid"] for r in (refs["large"], refs["huge"])}
-    assert len(pids) == 2, pids
+    assert found["large"][0]["pid"] != found["huge"][0]["pid"]
 
 
 def _forkservers_under(root: int) -> list[int]:
