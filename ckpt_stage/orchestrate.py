@@ -333,12 +333,13 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
     def batch(planned: list[dict[str, Any]], worker_class: str) -> list[dict[str, Any]]:
         return in_class(planned, worker_class)
 
-    def run(ref: dict[str, Any]) -> dict[str, Any]:
+    def run(ref: dict[str, Any], worker_class: str) -> dict[str, Any]:
         from airflow.sdk import get_current_context
 
         try:
             context = get_current_context()
-            return validate_one(ref, force=force, owner=task_owner(context), airflow=task_identity(context))
+            return validate_one(ref, force=force, owner=task_owner(context), airflow=task_identity(context),
+                                settings=class_settings(Settings.from_env(), worker_class))
         except ValidationFailed as exc:
             if exc.retry:
                 raise
@@ -351,6 +352,10 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
     on_kubernetes = _kubernetes_executor()
     for wc in settings.worker_classes:
         picked = batch.override(task_id=task_id_for(wc, "batch"))(planned, wc.name)
+        extra: dict[str, Any] = {}
+        if on_kubernetes:
+            # KubernetesExecutor: each class's pod gets that class's memory and CPU (queues mean nothing there).
+            extra["executor_config"] = {"pod_override": _pod_override(wc)}
         validate_task = task(
             task_id=task_id_for(wc, verb),
             pool=wc.pool,
@@ -365,10 +370,24 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
             map_index_template="{{ task.op_kwargs['ref']['name'] }} v{{ task.op_kwargs['ref']['version'] }}",
             doc_md=f"Validates the versions of worker class **{wc.name}** (≤ {wc.memory_bytes / 2**30:.1f} GiB) "
                    f"in pool `{wc.pool}`, queue `{wc.queue}`.",
-            # KubernetesExecutor: each class's pod gets that class's memory and CPU (queues mean nothing there).
-            **({"executor_config": {"pod_override": _pod_override(wc)}} if on_kubernetes else {}),
+            **extra,
         )(run)
-        validate_task.expand(ref=picked)
+        validate_task.partial(worker_class=wc.name).expand(ref=picked)
+
+
+def class_settings(settings: Settings, worker_class: str) -> Settings:
+    """The settings a ``validate_<class>`` task validates with: no class below its own.
+
+    The pipeline gives a load the budget of the smallest class that holds the scan's estimate. On the
+    class's queue that is at least the class's own budget, which its hosts are sized for: a version routed
+    here with a smaller scan estimate (an MLflow folder whose files outweigh its tensors; an unknown size
+    parked in the largest class) gets the room the queue has, not a smaller class's. The largest class, and
+    so the RESOURCE_LIMIT threshold, stays the same.
+    """
+    budget = next((c.memory_bytes for c in settings.worker_classes if c.name == worker_class), None)
+    if budget is None:
+        return settings  # the DAG was parsed with other classes than this process has: keep its own
+    return settings.replace(worker_classes=tuple(c for c in settings.worker_classes if c.memory_bytes >= budget))
 
 
 def _kubernetes_executor() -> bool:
@@ -404,7 +423,7 @@ def pool_definitions(settings: Settings, *, host_memory_bytes: int | None = None
 
 __all__ = [
     "PREFIX", "RERUN_DAG_ID", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
-    "ValidationFailed", "build_validation_tasks", "control_queue", "discover", "estimate_bytes", "in_class", "judge",
+    "ValidationFailed", "build_validation_tasks", "class_settings", "control_queue", "discover", "estimate_bytes", "in_class", "judge",
     "plan", "plan_versions", "planned_memory", "pool_definitions", "refs_from_extras", "rerun_selection", "route",
     "select_for_rerun", "sweep_interval_s", "task_owner", "validate_one",
 ]

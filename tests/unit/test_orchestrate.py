@@ -137,6 +137,20 @@ def test_planned_memory_is_never_below_the_scanners_estimate(tmp_path):
         assert orchestrate.planned_memory((tmp_path / rel).stat().st_size) >= scan.estimated_bytes, rel
 
 
+def test_a_class_task_loads_with_at_least_its_own_budget():
+    """A version on the large queue whose scan estimate fits the small class still gets the large budget
+    (the host has it), and the RESOURCE_LIMIT threshold (the largest class) does not move."""
+    settings = Settings(worker_classes=parse_worker_classes("s=1GiB,m=4GiB,l=16GiB"))
+    small_est = 100 * 2**20
+    assert settings.class_for(small_est).name == "s"
+    for name, expect in (("s", "s"), ("m", "m"), ("l", "l")):
+        cs = orchestrate.class_settings(settings, name)
+        assert cs.class_for(small_est).name == expect
+        assert cs.largest_class == settings.largest_class
+    assert orchestrate.class_settings(settings, "m").class_for(5 * 2**30).name == "l"
+    assert orchestrate.class_settings(settings, "gone") == settings  # parsed with other classes: unchanged
+
+
 def test_the_control_tasks_queue_is_the_smallest_classes():
     assert orchestrate.control_queue(Settings()) == "ckpt-small"
     settings = Settings(worker_classes=parse_worker_classes("xl=64GiB:p:gpu,tiny=1GiB:p2:cpu"))
