@@ -32,8 +32,16 @@ from typing import Any
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import ReasonCode, Status, VersionRef
 from ckpt_stage.errors import ArtifactMissing, CkptStageError, ConfigError, UsageError
-from ckpt_stage.registry import RUN_ID, SHA256, VALIDATED_AT, Registry, VersionState
-from ckpt_stage.storage import RemoteFile, S3Location, S3Storage, resolve_artifact_uri, sha256_file, version_digest
+from ckpt_stage.registry import MANIFEST_SHA256, RUN_ID, SHA256, VALIDATED_AT, Registry, VersionState
+from ckpt_stage.storage import (
+    RemoteFile,
+    S3Location,
+    S3Storage,
+    manifest_digest,
+    resolve_artifact_uri,
+    sha256_file,
+    version_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +123,19 @@ def manifest_of(state: VersionState, registry: Registry, settings: Settings) -> 
             f"{state.ref}: the report.json of run {run_id} is missing or has no files",
             hint="check that the stage can read the MLflow artifact location, then re-run the version")
     files = tuple(f for f in report["files"] if isinstance(f, dict) and "path" in f)
-    digest = version_digest([(str(f["path"]), str(f.get("sha256", ""))) for f in files])
+    digest_ok = version_digest([(str(f["path"]), str(f.get("sha256", ""))) for f in files]) == state.tags.get(SHA256)
+    pinned = state.tags.get(MANIFEST_SHA256)
+    if pinned:  # versions validated before this tag existed have only ckpt_stage.sha256
+        try:
+            digest_ok = digest_ok and pinned == manifest_digest(
+                [(str(f["path"]), f.get("key"), int(f.get("size", -1)), f.get("etag"), f.get("version_id"),
+                  str(f.get("sha256", ""))) for f in files])
+        except (TypeError, ValueError):
+            digest_ok = False
     return Manifest(
         ref=state.ref, run_id=run_id, files=files, storage=dict(report.get("storage") or {}),
         validated_at=state.tags.get(VALIDATED_AT, ""), attempt=int(report.get("attempt") or state.attempt),
-        digest_ok=digest == state.tags.get(SHA256, ""),
+        digest_ok=digest_ok,
     )
 
 
@@ -196,7 +212,8 @@ def recheck_version(state: VersionState, *, settings: Settings, registry: Regist
     manifest = manifest_of(state, registry, settings)
     if not manifest.digest_ok:
         diffs = [Difference("report.json", "changed",
-                            f"the manifest of run {manifest.run_id} does not match the {SHA256} tag")]
+                            f"the manifest of run {manifest.run_id} does not match the {SHA256} / "
+                            f"{MANIFEST_SHA256} tags")]
     else:
         loc = _location(manifest, state, registry, settings)
         try:
@@ -354,7 +371,7 @@ def verify_download(
     if not manifest.digest_ok:
         raise ManifestUnavailable(
             f"{state.ref}: the recorded manifest (report.json of run {manifest.run_id}) does not match the "
-            f"version's {SHA256} tag", hint="the record was altered; re-run the version before serving it")
+            f"version's {SHA256} / {MANIFEST_SHA256} tags", hint="the record was altered; re-run the version before serving it")
     try:
         diffs = compare_folder(root, manifest.files)
     except OSError as exc:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 TAG = "ckpt_stage."
 STATUS, REASONS, SUMMARY, ATTEMPT = TAG + "status", TAG + "reasons", TAG + "summary", TAG + "attempt"
 VALIDATED_AT, RUN_ID, SHA256 = TAG + "validated_at", TAG + "run_id", TAG + "sha256"
+MANIFEST_SHA256 = TAG + "manifest_sha256"
 LEASE_OWNER, LEASE_UNTIL = TAG + "lease_owner", TAG + "lease_until"
 ARCH, ARCH_KWARGS = TAG + "arch", TAG + "arch_kwargs"
 
@@ -296,6 +297,8 @@ class Registry:
 
     def record(self, report: Report, decision: Decision, *, digest: str) -> str:
         """Write the verdict of one attempt, in the contract's order. Returns the run id."""
+        from ckpt_stage.storage import manifest_digest  # the digests' one home; no S3 client is made
+
         ref = report.model
         assert ref is not None
         run_id = self.log_attempt(report)
@@ -307,6 +310,8 @@ class Registry:
             VALIDATED_AT: iso(now_utc()),
             RUN_ID: run_id,
             SHA256: digest,
+            MANIFEST_SHA256: manifest_digest(
+                [(f.path, f.key, f.size, f.etag, f.version_id, f.sha256) for f in report.files]),
         })
         if decision.verdict is Verdict.PASS:
             self._set_tags(ref, {STATUS: Status.PROMOTED.value})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -457,6 +458,15 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def manifest_digest(files: list[tuple[str, str | None, int, str | None, str | None, str]]) -> str:
+    """The ``ckpt_stage.manifest_sha256`` tag: sha256 of the canonical JSON of every manifest entry
+    ``[path, key, size, etag, version_id, sha256]``, sorted. ``ckpt_stage.sha256`` covers only paths
+    and contents; this one also pins which S3 objects they were, so an edited ``report.json`` (which
+    lives in S3 too) cannot make changed objects look like the validated ones."""
+    rows = sorted([p, k, int(s), e, v, h] for p, k, s, e, v, h in files)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
 def version_digest(files: list[tuple[str, str]]) -> str:

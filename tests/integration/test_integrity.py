@@ -212,6 +212,24 @@ def test_edited_report_cannot_vouch_for_other_bytes(stack, stage_env, tmp_path):
     assert _alias(name) is None
 
 
+def test_report_edited_in_s3_to_match_changed_objects_is_caught(stack, stage_env, tmp_path):
+    """Someone who can write to the bucket (but not to MLflow) overwrites the model and edits the
+    report.json beside it so its ETags match: the manifest tag pins the validated objects."""
+    name = _name("edited")
+    v1 = _register(stack, name, {"model.pt": _weights(1)}, tmp_path)
+    _promote(v1)
+    loc = _prefix(v1)
+    etag = _s3().put_object(Bucket=loc.bucket, Key=f"{loc.prefix}/model.pt", Body=_weights(42))["ETag"].strip('"')
+    run = MlflowClient().get_run(_tags(v1)["ckpt_stage.run_id"])
+    report_loc = S3Location.parse(run.info.artifact_uri + "/report.json")
+    report = json.loads(_s3().get_object(Bucket=report_loc.bucket, Key=report_loc.prefix)["Body"].read())
+    report["files"][0]["etag"] = etag
+    _s3().put_object(Bucket=report_loc.bucket, Key=report_loc.prefix, Body=json.dumps(report).encode())
+    [r] = recheck_promoted(settings=Settings.from_env(), model=name)
+    assert r.outcome == "quarantined" and r.differences[0].path == "report.json"
+    assert _alias(name) is None
+
+
 # -- downloading exactly what was listed ------------------------------------------------------------
 class ReplacingStorage(S3Storage):
     """Overwrites a file in S3 right after the stage listed the version, ``times`` times: the

@@ -93,3 +93,12 @@ def test_iam_policy_reads_models_and_writes_only_reports():
 def _actions(statement: dict) -> list[str]:
     a = statement["Action"]
     return [a] if isinstance(a, str) else list(a)
+
+
+def test_manifest_digest_pins_objects_not_only_contents():
+    from ckpt_stage.storage import manifest_digest
+
+    a = [("a.pt", "p/a.pt", 3, "e1", None, "h"), ("b.pt", "p/b.pt", 4, "e2", None, "g")]
+    assert manifest_digest(a) == manifest_digest(list(reversed(a)))
+    assert manifest_digest(a) != manifest_digest([("a.pt", "p/a.pt", 3, "e9", None, "h"), a[1]])
+    assert manifest_digest(a) != manifest_digest([("a.pt", "p/a.pt", 3, "e1", "v1", "h"), a[1]])
