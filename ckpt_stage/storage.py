@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -39,6 +40,7 @@ from ckpt_stage.errors import (
     ArtifactMissing,
     ConfigError,
     IntegrityMismatch,
+    ObjectChanged,
     StorageMisconfigured,
     StorageUnavailable,
     TransientError,
@@ -85,6 +87,8 @@ class RemoteFile:
     rel: str
     size: int
     etag: str = ""
+    version_id: str | None = None
+    """The object's VersionId when the bucket has versioning (downloads then fetch exactly that version)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,7 @@ class S3Storage:
         self._sleep = sleep
         self._client = client
         self._lock = threading.Lock()
+        self._versioned: dict[str, bool] = {}
 
     @property
     def client(self) -> Any:
@@ -210,6 +215,9 @@ class S3Storage:
     def list_files(self, loc: S3Location) -> list[RemoteFile]:
         prefix = loc.prefix.rstrip("/") + "/" if loc.prefix else ""
 
+        def version_pages() -> list[RemoteFile]:
+            return self._list_current_versions(loc.bucket, prefix)
+
         def pages() -> list[RemoteFile]:
             out: list[RemoteFile] = []
             kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
@@ -224,14 +232,25 @@ class S3Storage:
                     return out
                 kwargs["ContinuationToken"] = resp["NextContinuationToken"]
 
-        files = self._retry(pages, what=f"listing {loc.uri}")
+        with self._lock:
+            versioned = self._versioned.get(loc.bucket)
+        if versioned is None:
+            # First listing of this bucket: list as before (its errors are the listing's), then learn
+            # whether the bucket is versioned and, if so, list again with VersionIds.
+            files = self._retry(pages, what=f"listing {loc.uri}")
+            versioned = self.bucket_versioned(loc.bucket)
+            if versioned:
+                files = self._retry(version_pages, what=f"listing {loc.uri}")
+        else:
+            files = self._retry(version_pages if versioned else pages, what=f"listing {loc.uri}")
         if not files:
             # A single object (the URI names a file, not a folder)?
             if loc.prefix and not loc.prefix.endswith("/"):
                 head = self._head_or_none(loc.bucket, loc.prefix)
                 if head is not None:
                     return [RemoteFile(loc.prefix, PurePosixPath(loc.prefix).name, int(head["ContentLength"]),
-                                       head.get("ETag", "").strip('"'))]
+                                       head.get("ETag", "").strip('"'),
+                                       head.get("VersionId") if versioned else None)]
             raise ArtifactMissing(
                 f"no files at {loc.uri}: the bucket is readable but the version's location is empty",
                 hint="re-register the model version after its upload finished",
@@ -241,6 +260,44 @@ class S3Storage:
             if rel.is_absolute() or ".." in rel.parts:
                 raise StorageMisconfigured(f"refusing object key with a path outside the version: {f.key!r}")
         return sorted(files, key=lambda f: f.rel)
+
+    def bucket_versioned(self, bucket: str) -> bool:
+        """Whether objects in ``bucket`` have VersionIds (versioning enabled, or suspended after having
+        been enabled). Asked once per bucket and adapter. A stage that may not read the setting
+        (``s3:GetBucketVersioning`` denied) falls back to ETag-conditional downloads, which are as exact
+        for a download; the re-check then compares ETags instead of VersionIds."""
+        with self._lock:
+            known = self._versioned.get(bucket)
+        if known is not None:
+            return known
+        try:
+            resp = self._retry(lambda: self.client.get_bucket_versioning(Bucket=bucket),
+                               what=f"reading the versioning of s3://{bucket}")
+            versioned = resp.get("Status") in ("Enabled", "Suspended")
+        except StorageMisconfigured as exc:
+            log.warning("cannot read the versioning of s3://%s (%s); using ETags", bucket, exc)
+            versioned = False
+        with self._lock:
+            self._versioned[bucket] = versioned
+        return versioned
+
+    def _list_current_versions(self, bucket: str, prefix: str) -> list[RemoteFile]:
+        """The current version of every object under ``prefix`` (no delete markers, no older versions)."""
+        out: list[RemoteFile] = []
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            resp = self.client.list_object_versions(**kwargs)
+            for obj in resp.get("Versions", []):
+                key = obj["Key"]
+                if not obj.get("IsLatest") or key.endswith("/"):
+                    continue
+                out.append(RemoteFile(key, key[len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"'),
+                                      obj.get("VersionId")))
+            # A key whose latest entry is a delete marker is gone: it has no IsLatest version above.
+            if not resp.get("IsTruncated"):
+                return out
+            kwargs["KeyMarker"] = resp.get("NextKeyMarker")
+            kwargs["VersionIdMarker"] = resp.get("NextVersionIdMarker")
 
     def _head_or_none(self, bucket: str, key: str) -> dict | None:
         try:
@@ -274,11 +331,11 @@ class S3Storage:
     def _download_verified(
         self, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None
     ) -> LocalFile:
-        local = self._retry(lambda: self._download_once(bucket, rf, dest, progress), what=f"s3://{bucket}/{rf.key}")
+        local = self._fetch_listed(bucket, rf, dest, progress)
         problem = self._integrity_problem(rf, local)
         if problem:
             log.warning("%s; downloading it again once", problem)
-            local = self._retry(lambda: self._download_once(bucket, rf, dest, progress), what=f"s3://{bucket}/{rf.key}")
+            local = self._fetch_listed(bucket, rf, dest, progress)
             problem = self._integrity_problem(rf, local)
             if problem:
                 raise IntegrityMismatch(
@@ -287,6 +344,49 @@ class S3Storage:
                     file=rf.rel,
                 )
         return local
+
+    def _fetch_listed(
+        self, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None
+    ) -> LocalFile:
+        """One download with retries on transient faults, except ObjectChanged: asking again for the
+        listed ETag or VersionId cannot succeed, so it goes straight up for the caller to list again."""
+
+        def once() -> LocalFile | ObjectChanged:
+            try:
+                return self._download_once(bucket, rf, dest, progress)
+            except ObjectChanged as exc:
+                return exc
+
+        result = self._retry(once, what=f"s3://{bucket}/{rf.key}")
+        if isinstance(result, ObjectChanged):
+            raise result
+        return result
+
+    def _get_listed(self, bucket: str, rf: RemoteFile) -> dict[str, Any]:
+        """GET exactly the object that was listed: by VersionId where the bucket has versioning,
+        otherwise on condition that its ETag is still the listed one (If-Match; S3 answers 412
+        PreconditionFailed when the object was overwritten since). A 404 for an object listed moments
+        ago means it was deleted since: also a changed listing, not a missing artifact."""
+        params: dict[str, Any] = {"Bucket": bucket, "Key": rf.key, "ChecksumMode": "ENABLED"}
+        if rf.version_id:
+            params["VersionId"] = rf.version_id
+        elif rf.etag:
+            params["IfMatch"] = f'"{rf.etag}"'
+        try:
+            return dict(self.client.get_object(**params))
+        except botocore.exceptions.ClientError as exc:
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in ("PreconditionFailed", "412", "NoSuchKey", "NoSuchVersion", "404") or status in (404, 412):
+                raise ObjectChanged(
+                    f"{rf.rel}: s3://{bucket}/{rf.key} changed after it was listed ({code or status}); "
+                    "listing the version again",
+                    hint="something is writing to the version's files while it is validated; "
+                         "upload a model before registering it, and never to a registered version's location",
+                    file=rf.rel,
+                ) from exc
+            raise
 
     @staticmethod
     def _integrity_problem(rf: RemoteFile, local: LocalFile) -> str:
@@ -300,7 +400,7 @@ class S3Storage:
         target = dest / rf.rel
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".incomplete")
-        resp = self.client.get_object(Bucket=bucket, Key=rf.key, ChecksumMode="ENABLED")
+        resp = self._get_listed(bucket, rf)
         digest = hashlib.sha256()
         size = 0
 
@@ -358,6 +458,15 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def manifest_digest(files: list[tuple[str, str | None, int, str | None, str | None, str]]) -> str:
+    """The ``ckpt_stage.manifest_sha256`` tag: sha256 of the canonical JSON of every manifest entry
+    ``[path, key, size, etag, version_id, sha256]``, sorted. ``ckpt_stage.sha256`` covers only paths
+    and contents; this one also pins which S3 objects they were, so an edited ``report.json`` (which
+    lives in S3 too) cannot make changed objects look like the validated ones."""
+    rows = sorted([p, k, int(s), e, v, h] for p, k, s, e, v, h in files)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
 def version_digest(files: list[tuple[str, str]]) -> str:

@@ -28,6 +28,7 @@ class FaultProxy:
         self.faults: list[object] = []  # each item: int status or "reset"
         self.requests = 0
         self.faulted = 0
+        self.seen: list[tuple[str, str]] = []  # (method, path) of every request, to count what a pass costs
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,6 +42,7 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else b""
                 with proxy.lock:
                     proxy.requests += 1
+                    proxy.seen.append((self.command, self.path))
                     fault = proxy.faults.pop(0) if proxy.faults else None
                     if fault is not None:
                         proxy.faulted += 1
