@@ -155,7 +155,7 @@ def report_pickle(ctx: Ctx, reports: list[StreamReport], *, label: str, torch_sa
                     f"{label}: pickle stream starting at offset {r.start} is truncated or damaged at offset "
                     f"{r.error.offset}: {r.error.message}", HINT_CORRUPT)
     if torch_safe and not hostile:
-        problems = [p for r in reports if r.end is not None for p in torch_safe_problems(r)]
+        problems = torch_safe_problems(reports)
         if problems:
             ctx.add(ReasonCode.UNSUPPORTED_FORMAT,
                     f"{label} uses {'; '.join(problems[:3])}: torch's safe loader (torch.load(weights_only=True), "
@@ -682,7 +682,8 @@ def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport) -> t
         for r in reports:
             if r.end is None:
                 r.error = None  # cut by the scanner's own limit, reported as RESOURCE_LIMIT below
-    hostile = report_pickle(ctx, reports, label="legacy torch pickle")
+    # torch.load reads all five streams with its weights_only unpickler.
+    hostile = report_pickle(ctx, reports, label="legacy torch pickle", torch_safe=True)
     ctx.fs.has_metadata = True
     if len(reports) < 5 or any(r.end is None for r in reports):
         if region.size > len(buf):

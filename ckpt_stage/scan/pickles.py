@@ -243,16 +243,18 @@ TORCH_SAFE_OPCODES = frozenset({
 TORCH_SAFE_MAPPINGS = frozenset({"collections.OrderedDict", "collections.Counter"})
 
 
-def torch_safe_problems(rep: StreamReport) -> list[str]:
-    """Why torch's weights_only unpickler (what the worker and ``torch.load`` use) cannot read this
-    stream, even with every allowlisted global added: opcodes it does not implement, and targets
-    its APPEND/SETITEM/BINPERSID refuse. Empty when it can."""
+def torch_safe_problems(reports: list[StreamReport]) -> list[str]:
+    """Why torch's weights_only unpickler (what the worker and ``torch.load`` use) cannot read these
+    streams, even with every allowlisted global added: opcodes it does not implement, and targets
+    its APPEND/SETITEM/BINPERSID refuse. Empty when it can. Only streams parsed to STOP count."""
+    done = [r for r in reports if r.end is not None]
     out: list[str] = []
-    unsupported = sorted(rep.opcodes - TORCH_SAFE_OPCODES)
+    unsupported = sorted(set().union(*(r.opcodes for r in done)) - TORCH_SAFE_OPCODES) if done else []
     if unsupported:
+        protocols = sorted({r.protocol for r in done if "PROTO" in r.opcodes}) or [0]
         shown = ", ".join(unsupported[:6]) + (f" and {len(unsupported) - 6} more" if len(unsupported) > 6 else "")
-        out.append(f"pickle protocol {rep.protocol if 'PROTO' in rep.opcodes else '0/1'} opcodes {shown}")
-    out.extend(f"{a.message} (offset {a.offset})" for a in rep.unreadable[:3])
+        out.append(f"pickle protocol {'/'.join(map(str, protocols))} opcodes {shown}")
+    out.extend(f"{a.message} (offset {a.offset})" for r in done for a in r.unreadable[:3])
     return out
 
 
