@@ -818,8 +818,11 @@ def _scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tu
     kind, head = sniff(region)
     if kind is Kind.ZIP:
         return scan_zip(region, ctx, claimed=claimed)
-    if kind in (Kind.PICKLE, Kind.PICKLE_TEXT):
-        fmt, counts = scan_pickle_file(region, ctx, kind, claimed=claimed)
+    if kind in (Kind.PICKLE, Kind.PICKLE_TEXT) or (kind is Kind.BINARY and could_be_pickle(head)):
+        # BINARY: CPython's unpickler needs no PROTO opcode, so a stream may start with FRAME,
+        # SHORT_BINUNICODE...; it is a pickle if the walker confirms it (as for protocol 0/1 text).
+        fmt, counts = scan_pickle_file(region, ctx, Kind.PICKLE if kind is Kind.PICKLE else Kind.PICKLE_TEXT,
+                                       claimed=claimed)
         if fmt is not None:
             return fmt, counts
         kind = Kind.TEXT if head and b"\x00" not in head else Kind.BINARY
