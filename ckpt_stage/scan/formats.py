@@ -164,14 +164,34 @@ def report_pickle(ctx: Ctx, reports: list[StreamReport], *, label: str, torch_sa
     return hostile
 
 
+class StreamCache:
+    """Stream reports of one file by (buffer, offset): sniffing the prefix, recognising the legacy
+    header and the full scan all start at offset 0, and each stream must be walked once, not three
+    times (a stream that takes 20 s would otherwise take a minute)."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[int, int], tuple[bytes, StreamReport]] = {}
+
+    def scan(self, buf: bytes, pos: int, settings: Settings, extra_allow: Any = None) -> StreamReport:
+        key = (id(buf), pos)
+        hit = self._done.get(key)
+        if hit is not None and hit[0] is buf:
+            return hit[1]
+        rep = scan_stream(buf, pos, settings, extra_allow=extra_allow)
+        self._done[key] = (buf, rep)  # the buffer is kept alive, so its id cannot be reused
+        return rep
+
+
 def scan_pickle_bytes(buf: bytes, settings: Settings, *, extra_allow: Any = None,
-                      all_streams: bool = True) -> tuple[list[StreamReport], int, str | None]:
+                      all_streams: bool = True, cache: StreamCache | None = None,
+                      ) -> tuple[list[StreamReport], int, str | None]:
     """Scan every stream in ``buf`` back to back. Returns (reports, end offset, trailing problem)."""
+    cache = cache or StreamCache()
     reports: list[StreamReport] = []
     pos = 0
     trailing = None
     while pos < len(buf) and len(reports) < MAX_STREAMS:
-        rep = scan_stream(buf, pos, settings, extra_allow=extra_allow)
+        rep = cache.scan(buf, pos, settings, extra_allow)
         reports.append(rep)
         if rep.end is None:
             return reports, pos, None
@@ -351,8 +371,8 @@ def _scan_pickle_entry(region: Region, ctx: Ctx, e: ZipEntry, extra_allow: Any, 
     """Scan a member as a pickle. ``hidden``: a member that is not named as one and merely starts
     like one; it is reported only if it turns out to be a pickle (``_is_pickle``)."""
     settings = ctx.settings
-    if not e.readable or e.method not in (STORED, DEFLATED):
-        return None
+    if not e.readable or e.bomb or e.method not in (STORED, DEFLATED):
+        return None  # a compression bomb is already CORRUPT_ARCHIVE: never inflate it
     window = e.usize
     if e.usize > settings.max_pickle_bytes:
         if not hidden:
@@ -610,7 +630,7 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
 PICKLE_PREFIX = 4 * 2**20
 
 
-def _pickle_prefix(region: Region, settings: Settings) -> bytes:
+def _pickle_prefix(region: Region, settings: Settings, cache: StreamCache) -> bytes:
     """The bytes holding the file's pickle streams: a small prefix when the streams (at most the
     five of a legacy file) end inside it, else up to ``max_pickle_bytes``."""
     limit = min(region.size, settings.max_pickle_bytes)
@@ -619,7 +639,7 @@ def _pickle_prefix(region: Region, settings: Settings) -> bytes:
         return small
     pos = 0
     for _ in range(5):
-        rep = scan_stream(small, pos, settings)
+        rep = cache.scan(small, pos, settings)
         if rep.end is None:
             return region.read(0, limit)  # ran out of prefix (or broken): decide on the full window
         pos = rep.end
@@ -634,13 +654,14 @@ def scan_pickle_file(region: Region, ctx: Ctx, kind: Kind, *, claimed: bool) -> 
     """A file that starts like a pickle: legacy torch (five streams + raw storages) or plain."""
     settings = ctx.settings
     limit = settings.max_pickle_bytes
-    buf = _pickle_prefix(region, settings)
-    first = scan_stream(buf, 0, settings)
+    cache = StreamCache()
+    buf = _pickle_prefix(region, settings, cache)
+    first = cache.scan(buf, 0, settings)
     if kind is Kind.PICKLE_TEXT and not first.looks_like_pickle:
         return None, False  # text that merely starts with an opcode letter
     if first.end is not None and first.result == LEGACY_TORCH_MAGIC and not first.hostile:
-        return _scan_legacy(region, ctx, buf, first)
-    reports, end, trailing = scan_pickle_bytes(buf, settings)
+        return _scan_legacy(region, ctx, buf, first, cache)
+    reports, end, trailing = scan_pickle_bytes(buf, settings, cache=cache)
     truncated_by_limit = region.size > len(buf) and (reports[-1].end is None or end >= len(buf))
     if truncated_by_limit:
         reports[-1].error = None
@@ -664,7 +685,8 @@ def scan_pickle_file(region: Region, ctx: Ctx, kind: Kind, *, claimed: bool) -> 
     return FileFormat.PICKLE, False
 
 
-def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport) -> tuple[FileFormat, bool]:  # noqa: C901
+def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport,  # noqa: C901
+                 cache: StreamCache | None = None) -> tuple[FileFormat, bool]:
     """torch.save(..., _use_new_zipfile_serialization=False): magic, protocol version, sys_info,
     the object, the storage keys, then for each key an int64 element count and the raw bytes."""
     settings = ctx.settings
@@ -673,7 +695,7 @@ def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport) -> t
     for _ in range(4):
         if pos >= len(buf):
             break
-        rep = scan_stream(buf, pos, settings)
+        rep = cache.scan(buf, pos, settings) if cache else scan_stream(buf, pos, settings)
         reports.append(rep)
         if rep.end is None:
             break

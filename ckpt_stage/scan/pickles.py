@@ -351,6 +351,7 @@ class _Machine:
         self.frame_end: int | None = None
         self.pending: list[Glob] = []
         self.kept: dict[tuple[str, str, bool], GlobalUse] = {}
+        self.decisions: dict[tuple[str, str], tuple[str, str, allowlist.Decision, bool]] = {}
 
     # -- stack helpers ----------------------------------------------------------------------
     def push(self, v: Any, pos: int) -> None:
@@ -397,21 +398,36 @@ class _Machine:
         self.tracked += len(items)
 
     # -- globals ------------------------------------------------------------------------------
+    def decide(self, module: str, name: str) -> tuple[str, str, allowlist.Decision, bool]:
+        """(normalized module, name, decision, allowed as a defaultdict factory), once per distinct
+        name: the allowlist check costs tens of microseconds, and a stream may repeat a name 1 M times."""
+        key = (module, name)
+        hit = self.decisions.get(key)
+        if hit is not None:
+            return hit
+        nm, nn = allowlist.normalize(module, name)
+        factory = False
+        if not (allowlist.valid_module(nm) and allowlist.valid_name(nn)):
+            decision = allowlist.Decision(False, "malformed")
+        elif self.extra_allow is not None and self.extra_allow(nm, nn):
+            decision = allowlist.Decision(True, "format")
+        else:
+            decision = allowlist.check(nm, nn, self.settings)
+            factory = not decision.allowed and allowlist.check(nm, nn, self.settings, factory=True).allowed
+        out = (nm, nn, decision, factory)
+        if len(self.decisions) < MAX_GLOBALS_KEPT:
+            self.decisions[key] = out
+        return out
+
     def make_global(self, module: str, name: str, pos: int, opcode: str) -> Glob:
         g = Glob(module, name, pos, opcode)
-        nm, nn = allowlist.normalize(module, name)
-        if not (allowlist.valid_module(nm) and allowlist.valid_name(nn)):
+        nm, nn, g.decision, factory = self.decide(module, name)
+        if g.decision.why == "malformed":
             self.anomaly(pos, f"{opcode} imports a malformed name {module!r} {name!r} "
                          "(not a plain dotted module and identifier)")
-            g.decision = allowlist.Decision(False, "malformed")
-        elif self.extra_allow is not None and self.extra_allow(nm, nn):
-            g.decision = allowlist.Decision(True, "format")
-        else:
-            g.decision = allowlist.check(nm, nn, self.settings)
-            if (not g.decision.allowed and len(self.pending) < MAX_PENDING
-                    and allowlist.check(nm, nn, self.settings, factory=True).allowed):
-                self.pending.append(g)  # only OK as a defaultdict factory; decided at STOP
-                return g
+        elif factory and len(self.pending) < MAX_PENDING:
+            self.pending.append(g)  # only OK as a defaultdict factory; decided at STOP
+            return g
         self.record(g, nm, nn)
         return g
 

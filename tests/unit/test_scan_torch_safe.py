@@ -137,7 +137,7 @@ def test_torch_unreadable_benign_is_unsupported_format(kind, tmp_path):
 def test_hostile_content_in_an_unreadable_protocol_stays_unsafe(proto, tmp_path):
     canary = tmp_path / "canary"
     canary.mkdir()
-    path = _save(tmp_path, {"w": _linear_sd(), "x": Reduce(os.system, (touch(canary, "p"),))}, pickle_protocol=proto)
+    _save(tmp_path, {"w": _linear_sd(), "x": Reduce(os.system, (touch(canary, "p"),))}, pickle_protocol=proto)
     result = scan_version(tmp_path, ["model.pt"], S)
     codes = {c.value for c in decide(result.findings, S).codes}
     assert "UNSAFE_PICKLE" in codes and "UNSUPPORTED_FORMAT" not in codes
