@@ -46,6 +46,9 @@ MAX_NESTING = 1000
 #: Items alive on the stack (and under marks). CPython's pickler batches 1000 items per MARK.
 MAX_STACK = 1_000_000
 MAX_MEMO = 2_000_000
+#: Containers, calls and persistent ids one stream may build (~150-300 bytes each in the parent, so
+#: this bounds the walk to a few hundred MB). A state dict needs about eight per tensor.
+MAX_NODES = 1_500_000
 #: Container items remembered per container / in total (only needed for names and shapes).
 MAX_TRACKED_ITEMS = 100_000
 MAX_TRACKED_TOTAL = 2_000_000
@@ -58,6 +61,9 @@ _BYTES_OPS = frozenset({"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
 _SCALAR_OPS = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT",
                          "BINFLOAT"})
 _PUSH_OPS = _UNICODE_OPS | _BYTESTR_OPS | _BYTES_OPS | _SCALAR_OPS | {"NONE", "NEWTRUE", "NEWFALSE"}
+_NODE_OPS = frozenset({"EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE",
+                       "LIST", "FROZENSET", "DICT", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "PERSID",
+                       "BINPERSID"})
 #: Opcodes per stream: ~3 µs each here, so the cap bounds one stream to well under a minute.
 MAX_OPS = 10_000_000
 #: Distinct globals, anomalies, extra BUILD states per object and pending defaultdict factories kept
@@ -347,6 +353,7 @@ class _Machine:
         self.live = 0
         self.memo: dict[int, Any] = {}
         self.tracked = 0
+        self.nodes = 0
         self.declared_proto: int | None = None
         self.frame_end: int | None = None
         self.pending: list[Glob] = []
@@ -550,6 +557,10 @@ class _Machine:
         if op.proto > proto and name != "PROTO":
             self.anomaly(pos, f"{name} needs pickle protocol {op.proto} but the stream declares {proto}")
 
+        if name in _NODE_OPS:
+            self.nodes += 1
+            if self.nodes > MAX_NODES:
+                raise _Limit(pos, f"more than {MAX_NODES:,} containers and calls in one stream")
         if name in _PUSH_OPS:
             self.push(BStr(arg) if name in _BYTESTR_OPS and isinstance(arg, str) else arg, pos)
         elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):

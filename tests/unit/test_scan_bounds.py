@@ -158,3 +158,13 @@ def test_no_deadline_outside_a_scan():
 def test_allowance_grows_with_size():
     assert budget.allowance(60, 0) == 60
     assert budget.allowance(60, 140 * 10**9) > 600  # a 140 GB shard is read and CRC-checked, not timed out
+
+
+def test_node_cap_is_the_scanners_limit(monkeypatch, tmp_path):
+    from ckpt_stage.scan import pickles
+
+    monkeypatch.setattr(pickles, "MAX_NODES", 1_000)
+    rep = scan_stream(bombs.nested_tuples(5_000), 0, S)
+    assert rep.limit and "containers and calls" in rep.limit
+    result, _, _ = _scan(tmp_path, bombs.nested_tuples(5_000))
+    assert "RESOURCE_LIMIT" in {f.code.value for f in result.findings if f.code}
