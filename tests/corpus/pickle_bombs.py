@@ -152,9 +152,11 @@ def zip_many_entries(n: int = 65_535) -> bytes:
 
 
 def zip_many_pickles(n: int = 20_000) -> bytes:
-    """A torch layout with thousands of small hidden pickles (each a stream to walk)."""
+    """A torch layout with thousands of small hidden pickles (each a stream to walk, each importing
+    os.system at its end)."""
     entries = [Z("archive/data.pkl", P.proto(2) + P.NONE + P.STOP), Z("archive/version", b"3\n")]
-    entries += [Z(f"archive/x{i}.bin", P.proto(2) + P.EMPTY_LIST + (P.NONE + P.APPEND) * 50 + P.STOP) for i in range(n)]
+    hidden = P.proto(2) + P.EMPTY_LIST + (P.NONE + P.APPEND) * 50 + P.glob("posix", "system") + P.POP + P.STOP
+    entries += [Z(f"archive/x{i}.bin", hidden + bytes([i % 256])) for i in range(n)]
     return craft_zip(entries)
 
 
