@@ -204,6 +204,10 @@ DENIED_MODULE_PREFIXES: tuple[str, ...] = (
     "mlflow", "yaml", "jinja2",
 )
 
+# ``_under(x, p)`` for every denied prefix at once (C-level; the scanner decides every distinct name).
+_DENIED_EXACT = frozenset(DENIED_MODULE_PREFIXES)
+_DENIED_DOTTED = tuple(p + "." for p in DENIED_MODULE_PREFIXES)
+
 #: Everything ``builtins`` offers beyond the plain containers above (eval, exec, getattr,
 #: __import__, open, compile, breakpoint, ...) is refused.
 _SAFE_BUILTINS = frozenset(n for n in DEFAULT_GLOBALS if n.startswith("builtins."))
@@ -239,7 +243,8 @@ def denied(module: str, name: str) -> bool:
         return full not in _SAFE_BUILTINS and full not in DEFAULTDICT_FACTORIES and full != "builtins.object"
     if module == "torch.serialization":
         return name != "_get_layout"
-    return any(_under(module, p) or _under(full, p) for p in DENIED_MODULE_PREFIXES)
+    return (module in _DENIED_EXACT or full in _DENIED_EXACT or module.startswith(_DENIED_DOTTED)
+            or full.startswith(_DENIED_DOTTED))
 
 
 @dataclass(frozen=True)
