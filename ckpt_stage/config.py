@@ -195,6 +195,9 @@ class Settings:
     max_archive_entries: int = 100_000
     max_compression_ratio: float = 200.0
     max_pickle_bytes: int = 256 * 2**20
+    scan_deadline_s: float = 60.0
+    """Time the static scan of one file may take (plus 1 s per 200 MiB of file, for reading and CRCs);
+    past it the file is quarantined RESOURCE_LIMIT. 0 turns the deadline off."""
     airflow_url: str = ""
     airflow_user: str = ""
     airflow_password: str = ""
@@ -250,6 +253,7 @@ class Settings:
             max_archive_entries=_int(env, "MAX_ARCHIVE_ENTRIES", d.max_archive_entries),
             max_compression_ratio=_float(env, "MAX_COMPRESSION_RATIO", d.max_compression_ratio),
             max_pickle_bytes=_int(env, "MAX_PICKLE_BYTES", d.max_pickle_bytes),
+            scan_deadline_s=_float(env, "SCAN_DEADLINE_S", d.scan_deadline_s),
             airflow_url=env.get(PREFIX + "AIRFLOW_URL", ""),
             airflow_user=env.get(PREFIX + "AIRFLOW_USER", ""),
             airflow_password=env.get(PREFIX + "AIRFLOW_PASSWORD", ""),

@@ -75,9 +75,49 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 _QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
              "per_channel_symmetric", "per_channel_affine_float_qparams")
 
+_LEGACY_TENSOR_TYPES = ("BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short")
+
+#: torch 2.13's own weights-only safe set (``torch._weights_only_unpickler._get_allowed_globals()``),
+#: written out so this module stays importable without torch. We never refuse what torch itself
+#: accepts as weights (nested, meta and wrapper-subclass tensors, ``collections.Counter``, the legacy
+#: ``torch.FloatTensor`` family...). tests/unit/test_scan_torch_safe.py compares this table with the
+#: installed torch, so an upgrade that changes the set fails a test instead of drifting silently.
+TORCH_WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(
+    {
+        "_codecs.encode", "builtins.bytearray", "builtins.complex", "builtins.set",
+        "collections.Counter", "collections.OrderedDict",
+        "torch.Size", "torch.Tensor", "torch.device", "torch.nn.parameter.Parameter",
+        "torch.serialization._get_layout", "torch.storage.TypedStorage", "torch.storage.UntypedStorage",
+        "torch._tensor._rebuild_from_type_v2",
+        *(f"torch._utils.{f}" for f in (
+            "_rebuild_device_tensor_from_cpu_tensor", "_rebuild_device_tensor_from_numpy",
+            "_rebuild_meta_tensor_no_storage", "_rebuild_nested_tensor", "_rebuild_parameter",
+            "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_sparse_tensor", "_rebuild_tensor",
+            "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_wrapper_subclass")),
+        # dtypes by their canonical names (str(torch.float32) == "torch.float32")
+        *(f"torch.{d}" for d in (
+            "bfloat16", "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "complex128", "complex32",
+            "complex64", "float16", "float32", "float4_e2m1fn_x2", "float64", "float8_e4m3fn", "float8_e4m3fnuz",
+            "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "int16", "int32", "int64", "int8", "qint32",
+            "qint8", "quint2x4", "quint4x2", "quint8", "uint16", "uint32", "uint64", "uint8")),
+        *(f"torch.int{n}" for n in range(1, 8)),
+        *(f"torch.uint{n}" for n in range(1, 8)),
+        *(f"torch.{q}" for q in _QSCHEMES),
+        # legacy tensor and storage classes (torch._tensor_classes, torch._storage_classes)
+        *(f"torch.{t}Tensor" for t in _LEGACY_TENSOR_TYPES),
+        *(f"torch.cuda.{t}Tensor" for t in _LEGACY_TENSOR_TYPES),
+        *(f"torch.sparse.{t}Tensor" for t in _LEGACY_TENSOR_TYPES if t != "Bool"),
+        *(f"torch.cuda.sparse.{t}Tensor" for t in _LEGACY_TENSOR_TYPES if t != "Bool"),
+        *(f"torch.{t}Storage" for t in (*_LEGACY_TENSOR_TYPES, "ComplexDouble", "ComplexFloat", "QInt32", "QInt8",
+                                         "QUInt2x4", "QUInt4x2", "QUInt8")),
+        *(f"torch.cuda.{t}Storage" for t in (*_LEGACY_TENSOR_TYPES, "ComplexDouble", "ComplexFloat")),
+    }
+)
+
 #: Always allowed (state_dicts, tensors, containers, numpy arrays).
 DEFAULT_GLOBALS: frozenset[str] = frozenset(
     {
+        *TORCH_WEIGHTS_ONLY_GLOBALS,
         *TENSOR_REBUILDERS,
         "torch.storage.UntypedStorage",
         "torch.storage.TypedStorage",
@@ -93,6 +133,7 @@ DEFAULT_GLOBALS: frozenset[str] = frozenset(
         # Layouts pickle as _get_layout("torch.sparse_coo"); memory formats are not picklable.
         "torch.serialization._get_layout",
         "collections.OrderedDict",
+        "collections.Counter",
         "collections.defaultdict",  # its factory is checked separately (DEFAULTDICT_FACTORIES)
         "builtins.set",
         "builtins.frozenset",
@@ -163,6 +204,10 @@ DENIED_MODULE_PREFIXES: tuple[str, ...] = (
     "mlflow", "yaml", "jinja2",
 )
 
+# ``_under(x, p)`` for every denied prefix at once (C-level; the scanner decides every distinct name).
+_DENIED_EXACT = frozenset(DENIED_MODULE_PREFIXES)
+_DENIED_DOTTED = tuple(p + "." for p in DENIED_MODULE_PREFIXES)
+
 #: Everything ``builtins`` offers beyond the plain containers above (eval, exec, getattr,
 #: __import__, open, compile, breakpoint, ...) is refused.
 _SAFE_BUILTINS = frozenset(n for n in DEFAULT_GLOBALS if n.startswith("builtins."))
@@ -198,7 +243,8 @@ def denied(module: str, name: str) -> bool:
         return full not in _SAFE_BUILTINS and full not in DEFAULTDICT_FACTORIES and full != "builtins.object"
     if module == "torch.serialization":
         return name != "_get_layout"
-    return any(_under(module, p) or _under(full, p) for p in DENIED_MODULE_PREFIXES)
+    return (module in _DENIED_EXACT or full in _DENIED_EXACT or module.startswith(_DENIED_DOTTED)
+            or full.startswith(_DENIED_DOTTED))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ Python's zipfile, scanners) disagree on exactly those points, which is what zip 
 (e.g. picklescan's CVE-2025-1944/CVE-2025-1945: name mismatch and flag bits hid pickles).
 
 ``read_zip`` never raises on hostile input; every problem becomes a ``ZipProblem`` with the code of
-CONTRACT.md (``CORRUPT_ARCHIVE`` or ``UNSUPPORTED_FORMAT``).
+CONTRACT.md (``CORRUPT_ARCHIVE`` or ``UNSUPPORTED_FORMAT``). The only exception it lets through is
+the file's scan deadline (``budget.ScanDeadline``), ticked in every loop over entries and chunks.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import ReasonCode
+from ckpt_stage.scan import budget
 from ckpt_stage.scan._common import Region, human
 
 EOCD_SIG = b"PK\x05\x06"
@@ -86,8 +88,9 @@ class ZipArchive:
         return {e.name: e for e in self.entries}
 
     def problem(self, code: ReasonCode, kind: str, message: str, entry: str | None = None) -> None:
+        new_kind = kind not in self.kinds
         self.kinds.add(kind)
-        if len(self.problems) < 200 or kind not in {p.kind for p in self.problems}:
+        if len(self.problems) < 200 or new_kind:
             self.problems.append(ZipProblem(code, kind, message, entry))
 
 
@@ -214,6 +217,8 @@ def read_zip(region: Region, settings: Settings, *, check_crc: bool = True) -> Z
     i = 0
     names: dict[str, int] = {}
     while i < len(cd):
+        if not len(z.entries) % 1024:
+            budget.tick()
         if cd[i:i + 4] != CD_SIG or i + 46 > len(cd):
             z.problem(ReasonCode.CORRUPT_ARCHIVE, "cd", f"damaged central directory at offset {cd_offset + i:,}")
             return z
@@ -255,16 +260,18 @@ def read_zip(region: Region, settings: Settings, *, check_crc: bool = True) -> Z
                   f"the end record announces {n_total:,} entries but the central directory holds "
                   f"{len(z.entries):,}")
     z.parsed = True
-    for e in z.entries:
+    for n, e in enumerate(z.entries):
+        if not n % 1024:
+            budget.tick()
         _check_entry(region, z, e, settings)
     _check_layout(z)
     # Overlapping entries can make thousands of records point at the same gigabytes: verifying
     # each would multiply the work, and the archive is already refused, so stop here.
     if check_crc and "overlap" not in z.kinds:
-        budget = [INFLATE_BUDGET]
+        inflate_left = [INFLATE_BUDGET]
         for e in z.entries:
             if e.readable and not e.bomb:
-                _check_crc(region, z, e, budget)
+                _check_crc(region, z, e, inflate_left)
     return z
 
 
@@ -383,16 +390,17 @@ def gaps(z: ZipArchive) -> list[tuple[int, int]]:
     return out
 
 
-def _check_crc(region: Region, z: ZipArchive, e: ZipEntry, budget: list[int]) -> None:
+def _check_crc(region: Region, z: ZipArchive, e: ZipEntry, inflate_left: list[int]) -> None:
     crc = 0
     if e.method == STORED:
         for chunk in region.chunks(e.data_offset, e.csize):
             crc = zlib.crc32(chunk, crc)
+            budget.tick()
         size = e.csize
     elif e.method == DEFLATED:
-        if e.usize + 1 > budget[0]:
+        if e.usize + 1 > inflate_left[0]:
             return  # not verified: over the inflate budget (see INFLATE_BUDGET)
-        budget[0] -= e.usize + 1
+        inflate_left[0] -= e.usize + 1
         got = inflate(region, e, limit=e.usize + 1)
         if got is None:
             z.problem(ReasonCode.CORRUPT_ARCHIVE, "deflate", f"entry {e.name!r}: deflate data is damaged", e.name)
@@ -423,6 +431,7 @@ def inflate(region: Region, e: ZipEntry, *, limit: int, keep: bool = False) -> t
         pending = b""
         for chunk in region.chunks(e.data_offset, e.csize, chunk=2**20):
             pending = bytes(chunk)
+            budget.tick()
             while pending and size < limit:
                 data = d.decompress(pending, max(1, limit - size))
                 size += len(data)

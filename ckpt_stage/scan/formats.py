@@ -14,9 +14,19 @@ from typing import Any
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import FileFormat, ReasonCode
 from ckpt_stage.scan._common import HINT_CORRUPT, HINT_NOT_CKPT, FileScan, Region, human
-from ckpt_stage.scan.archives import DEFLATED, STORED, ZipArchive, ZipEntry, gaps, read_entry, read_zip
+from ckpt_stage.scan import budget
 from ckpt_stage.scan import pt2 as pt2_grammar
-from ckpt_stage.scan.pickles import LEGACY_TORCH_MAGIC, Anomaly, StreamReport, TensorDecl, scan_stream, str_items
+from ckpt_stage.scan.archives import DEFLATED, STORED, ZipArchive, ZipEntry, gaps, inflate, read_entry, read_zip
+from ckpt_stage.scan.pickles import (
+    LEGACY_TORCH_MAGIC,
+    MAX_STREAMS,
+    Anomaly,
+    StreamReport,
+    TensorDecl,
+    scan_stream,
+    str_items,
+    torch_safe_problems,
+)
 from ckpt_stage.scan.safetensors import check_safetensors
 from ckpt_stage.scan.sniff import Kind, claims_checkpoint, describe, extension, live_pickle, sniff
 
@@ -50,6 +60,16 @@ HINT_MODELS_OFF = (
 HINT_CONFUSION = (
     "the pickle is built to confuse scanners, which no checkpoint writer does; do not deploy it. Re-save "
     "the weights with torch.save(model.state_dict(), path) or as safetensors"
+)
+HINT_TORCH_UNREADABLE = (
+    "re-save it with torch.save's defaults (pickle protocol 2: do not pass pickle_protocol, and keep only "
+    "tensors, dicts, lists, OrderedDict and Counter in it; turn a defaultdict into a dict first), e.g. "
+    "torch.save(model.state_dict(), path), or save the weights as safetensors"
+)
+HINT_SCAN_DEADLINE = (
+    "no checkpoint writer produces a file that takes this long to read (the file may be built to exhaust "
+    "scanners); if it is a genuine, unusually large checkpoint, ask the operator to raise "
+    "CKPT_STAGE_SCAN_DEADLINE_S, or re-save it as safetensors"
 )
 HINT_PICKLE_LIMIT = (
     "the pickle part of the checkpoint is larger than the scanner reads (CKPT_STAGE_MAX_PICKLE_BYTES): keep "
@@ -91,30 +111,39 @@ def _global_hint(reports: list[StreamReport]) -> str:
     return HINT_THIRD_PARTY
 
 
-def report_pickle(ctx: Ctx, reports: list[StreamReport], *, label: str) -> bool:
-    """Turn stream reports into findings. Returns True when something unsafe was reported."""
+def report_pickle(ctx: Ctx, reports: list[StreamReport], *, label: str, torch_safe: bool = False) -> bool:
+    """Turn stream reports into findings. Returns True when something unsafe was reported.
+
+    Names and anomalies are listed first-N-and-a-count (the streams keep only the first ones).
+    ``torch_safe``: the pickle is one that ``torch.load(weights_only=True)`` reads (a torch zip's
+    ``data.pkl``, a legacy file's streams); benign content that torch's safe unpickler cannot read
+    is then UNSUPPORTED_FORMAT (hostile content stays UNSAFE_PICKLE)."""
     unsafe: dict[str, Any] = {}
     for r in reports:
         for g in r.unsafe:
             unsafe.setdefault(g.full, g)
-    if unsafe:
+    unsafe_uses = sum(r.unsafe_count for r in reports)
+    dropped = sum(r.globals_dropped for r in reports)
+    if unsafe or unsafe_uses:
         names = list(unsafe)
         shown = ", ".join(f"{n} ({unsafe[n].opcode} at offset {unsafe[n].offset})" for n in names[:8])
-        more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+        more = f" and {len(names) - 8 + dropped:,} more distinct names" if len(names) > 8 or dropped else ""
+        uses = f" ({unsafe_uses:,} refused imports in all)" if unsafe_uses > len(names) else ""
         ctx.add(ReasonCode.UNSAFE_PICKLE,
-                f"{label} imports {shown}{more}, outside the pickle allowlist",
-                _global_hint(reports), globals=names[:50])
+                f"{label} imports {shown or 'names'}{more}{uses}, outside the pickle allowlist",
+                _global_hint(reports), globals=names[:50], unsafe_imports=unsafe_uses)
     anomalies = [(r.start, a) for r in reports for a in r.anomalies]
+    n_anomalies = sum(max(r.anomaly_count, len(r.anomalies)) for r in reports)
     if anomalies:
         shown = "; ".join(f"{a.message} (offset {a.offset})" for _, a in anomalies[:5])
-        more = f"; and {len(anomalies) - 5} more" if len(anomalies) > 5 else ""
+        more = f"; and {n_anomalies - 5:,} more" if n_anomalies > 5 else ""
         ctx.add(ReasonCode.UNSAFE_PICKLE, f"{label} is built to confuse scanners: {shown}{more}", HINT_CONFUSION,
-                anomalies=[a.message for _, a in anomalies[:20]])
-    hostile = bool(unsafe or anomalies)
+                anomalies=[a.message for _, a in anomalies[:20]], anomaly_count=n_anomalies)
+    hostile = bool(unsafe or unsafe_uses or anomalies)
     for r in reports:
         if r.limit:
             ctx.add(ReasonCode.RESOURCE_LIMIT, f"{label}: the scanner stopped at its work limit: {r.limit}",
-                    HINT_PICKLE_LIMIT)
+                    HINT_SCAN_DEADLINE if r.deadline else HINT_PICKLE_LIMIT)
         if r.error is None:
             continue
         if hostile:
@@ -126,17 +155,44 @@ def report_pickle(ctx: Ctx, reports: list[StreamReport], *, label: str) -> bool:
             ctx.add(ReasonCode.CORRUPT_ARCHIVE,
                     f"{label}: pickle stream starting at offset {r.start} is truncated or damaged at offset "
                     f"{r.error.offset}: {r.error.message}", HINT_CORRUPT)
+    if torch_safe and not hostile:
+        problems = torch_safe_problems(reports)
+        if problems:
+            ctx.add(ReasonCode.UNSUPPORTED_FORMAT,
+                    f"{label} uses {'; '.join(problems[:3])}: torch's safe loader (torch.load(weights_only=True), "
+                    "what this runtime loads with) cannot read it, although nothing in it is unsafe",
+                    HINT_TORCH_UNREADABLE, problems=problems[:10])
     return hostile
 
 
+class StreamCache:
+    """Stream reports of one file by (buffer, offset): sniffing the prefix, recognising the legacy
+    header and the full scan all start at offset 0, and each stream must be walked once, not three
+    times (a stream that takes 20 s would otherwise take a minute)."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[int, int], tuple[bytes, StreamReport]] = {}
+
+    def scan(self, buf: bytes, pos: int, settings: Settings, extra_allow: Any = None) -> StreamReport:
+        key = (id(buf), pos)
+        hit = self._done.get(key)
+        if hit is not None and hit[0] is buf:
+            return hit[1]
+        rep = scan_stream(buf, pos, settings, extra_allow=extra_allow)
+        self._done[key] = (buf, rep)  # the buffer is kept alive, so its id cannot be reused
+        return rep
+
+
 def scan_pickle_bytes(buf: bytes, settings: Settings, *, extra_allow: Any = None,
-                      all_streams: bool = True) -> tuple[list[StreamReport], int, str | None]:
+                      all_streams: bool = True, cache: StreamCache | None = None,
+                      ) -> tuple[list[StreamReport], int, str | None]:
     """Scan every stream in ``buf`` back to back. Returns (reports, end offset, trailing problem)."""
+    cache = cache or StreamCache()
     reports: list[StreamReport] = []
     pos = 0
     trailing = None
-    while pos < len(buf) and len(reports) < 64:
-        rep = scan_stream(buf, pos, settings, extra_allow=extra_allow)
+    while pos < len(buf) and len(reports) < MAX_STREAMS:
+        rep = cache.scan(buf, pos, settings, extra_allow)
         reports.append(rep)
         if rep.end is None:
             return reports, pos, None
@@ -148,8 +204,8 @@ def scan_pickle_bytes(buf: bytes, settings: Settings, *, extra_allow: Any = None
             trailing = (f"{len(buf) - pos:,} byte(s) of data follow the STOP at offset {pos - 1} and are not "
                         "another pickle stream")
             break
-    if len(reports) >= 64 and pos < len(buf):
-        trailing = "more than 64 pickle streams back to back"
+    if len(reports) >= MAX_STREAMS and pos < len(buf):
+        trailing = f"more than {MAX_STREAMS} pickle streams back to back"
     return reports, pos, trailing
 
 
@@ -243,7 +299,9 @@ def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bo
                     f"zip archive with {len(z.entries)} entries but none of the torch layouts (<folder>/data.pkl "
                     "with version/byteorder, TorchScript, or torch.export .pt2)", HINT_NOT_CKPT)
         # Still look inside: a pickle hidden in any zip is reported for what it is.
-        for e in z.entries:
+        for n, e in enumerate(z.entries):
+            if not n % 256:
+                budget.tick()
             _scan_nested_entry(region, ctx, e, require_known=True)
         return FileFormat.UNKNOWN, claimed or bool(ctx.fs.findings)
     assert prefix is not None
@@ -262,57 +320,141 @@ def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bo
                 HINT_CORRUPT)
     if fmt is FileFormat.TORCH_EXPORT:
         _scan_pt2(region, ctx, z, prefix, by_name)
+        # _scan_pt2 sniffs every member but its raw payloads and its JSON; a binary pickle named
+        # *.json is not JSON, whatever reads it.
+        for e in z.entries:
+            if e.name.endswith(".json") and _head(region, e, 2)[:1] == b"\x80":
+                _scan_nested_entry(region, ctx, e, require_known=False)
         return fmt, True
     extra = _torchscript_allow if fmt is FileFormat.TORCHSCRIPT else None
     ctx.fs.has_metadata = True
+    # Records grouped by folder once (a per-pickle search of all entries was quadratic).
+    folders: dict[str, dict[str, ZipEntry]] = {}
+    for x in z.entries:
+        if x.readable:
+            parent, _, leaf = x.name.rpartition("/")
+            folders.setdefault(parent, {})[leaf] = x
     pkl_names = [e for e in z.entries if e.name.endswith((".pkl", "debug_pkl"))]
+    raw: set[str] = set()
+    """Storage records: declared by a pickle with a matching size; torch reads them as raw bytes."""
     for e in pkl_names:
-        reports = _scan_pickle_entry(region, ctx, e, extra)
         rel = e.name[len(prefix) + 1:]
+        # Only torch.save's data.pkl is read by torch.load(weights_only=True) (TorchScript has its
+        # own C++ unpickler), so only it is held to what torch's safe unpickler can read.
+        reports = _scan_pickle_entry(region, ctx, e, extra, torch_safe=fmt is FileFormat.TORCH_ZIP and rel == "data.pkl")
         if "/" in rel or not rel.endswith(".pkl") or not e.name.startswith(prefix + "/"):
             continue
         # torch.save's data.pkl keeps its storages under data/; TorchScript's constants.pkl under
         # constants/, traced_inputs.pkl under traced_inputs/ (the pickle's stem).
-        folder = f"{prefix}/{rel[:-len('.pkl')]}/"
-        records = {x.name[len(folder):]: x.usize for x in z.entries
-                   if x.name.startswith(folder) and x.readable and "/" not in x.name[len(folder):]}
+        folder = f"{prefix}/{rel[:-len('.pkl')]}"
+        records = {leaf: x.usize for leaf, x in folders.get(folder, {}).items()}
         ctx.fs.storage_bytes += sum(records.values())
         # torch.jit.trace writes traced_inputs/ records empty (observed with torch 2.13): only the
         # pickles torch reads at load time are held to their records.
         if reports is not None and rel in ("data.pkl", "constants.pkl"):
-            _check_storages(ctx, reports, records, folder.rstrip("/"), label=e.name)
+            _check_storages(ctx, reports, records, folder, label=e.name)
+        for r in reports or ():
+            for sd in r.storages:
+                if sd.key in records and (sd.numel is None or sd.itemsize is None
+                                          or sd.numel * sd.itemsize == records[sd.key]):
+                    raw.add(f"{folder}/{sd.key}")
+    # Every other member is sniffed by its bytes: a pickle hidden under any name (extra.bin,
+    # .data/version, an undeclared data/0) is a pickle, and a loader other than torch.load may read it.
+    scanned = {e.name for e in pkl_names}
+    for n, e in enumerate(z.entries):
+        if not n % 256:
+            budget.tick()
+        if e.name not in raw and e.name not in scanned:
+            _scan_nested_entry(region, ctx, e, require_known=True, extra_allow=extra)
     return fmt, True
 
 
-def _scan_pickle_entry(region: Region, ctx: Ctx, e: ZipEntry, extra_allow: Any) -> list[StreamReport] | None:
+def _scan_pickle_entry(region: Region, ctx: Ctx, e: ZipEntry, extra_allow: Any, *, torch_safe: bool = False,
+                       hidden: bool = False) -> list[StreamReport] | None:
+    """Scan a member as a pickle. ``hidden``: a member that is not named as one and merely starts
+    like one; it is reported only if it turns out to be a pickle (``_is_pickle``)."""
     settings = ctx.settings
-    if not e.readable or e.method not in (STORED, DEFLATED):
-        return None
+    if not e.readable or e.bomb or e.method not in (STORED, DEFLATED):
+        return None  # a compression bomb is already CORRUPT_ARCHIVE: never inflate it
+    window = e.usize
     if e.usize > settings.max_pickle_bytes:
-        ctx.add(ReasonCode.RESOURCE_LIMIT,
-                f"pickle record {e.name!r} is {human(e.usize)}, above the scanner's limit of "
-                f"{human(settings.max_pickle_bytes)}", HINT_PICKLE_LIMIT)
-        return None
+        if not hidden:
+            ctx.add(ReasonCode.RESOURCE_LIMIT,
+                    f"pickle record {e.name!r} is {human(e.usize)}, above the scanner's limit of "
+                    f"{human(settings.max_pickle_bytes)}", HINT_PICKLE_LIMIT)
+            return None
+        window = settings.max_pickle_bytes  # a big member that merely starts like a pickle: see below
     key = (region.base + e.data_offset, e.csize)
     if key in ctx.fs.seen:
         return None  # the same bytes under another name (overlap, already reported)
     ctx.fs.seen.add(key)
-    # All pickles of one file together (TorchScript debug pickles, pt2 payloads) get twice the
-    # single-pickle limit, so forged entry lists cannot multiply the scanning work.
-    if ctx.fs.pickle_bytes_scanned + e.usize > 2 * settings.max_pickle_bytes:
+    # All pickles of one file together (TorchScript debug pickles, pt2 payloads, members that start
+    # like pickles) get twice the single-pickle limit, so forged entry lists cannot multiply the work.
+    if ctx.fs.pickle_bytes_scanned + window > 2 * settings.max_pickle_bytes:
         ctx.add(ReasonCode.RESOURCE_LIMIT,
                 f"pickle records in this file add up to more than {human(2 * settings.max_pickle_bytes)}, twice "
                 "the scanner's per-pickle limit", HINT_PICKLE_LIMIT)
         return None
-    ctx.fs.pickle_bytes_scanned += e.usize
-    buf = read_entry(region, e, settings.max_pickle_bytes)
+    ctx.fs.pickle_bytes_scanned += window
+    if window == e.usize:
+        buf = read_entry(region, e, settings.max_pickle_bytes)
+    elif e.method == STORED:
+        buf = region.read(e.data_offset, window)
+    else:
+        got = inflate(region, e, limit=window, keep=True)
+        buf = got[2][:window] if got else None
     if buf is None:
         return None  # damaged deflate data: already a CORRUPT_ARCHIVE from the CRC check
     reports, _end, trailing = scan_pickle_bytes(buf, settings, extra_allow=extra_allow)
+    if hidden and not _is_pickle(reports):
+        if window < e.usize and buf[:1] == b"\x80" and reports[-1].end is None:
+            # A binary pickle larger than the scanner reads: what follows the window is unknown.
+            ctx.add(ReasonCode.RESOURCE_LIMIT,
+                    f"member {e.name!r} ({human(e.usize)}) is a pickle larger than the scanner's limit of "
+                    f"{human(settings.max_pickle_bytes)}", HINT_PICKLE_LIMIT)
+        return None
     if trailing:
         reports[-1].anomalies.append(Anomaly(len(buf), trailing))
-    report_pickle(ctx, reports, label=f"pickle {e.name!r}")
+    report_pickle(ctx, reports, label=f"pickle {e.name!r}", torch_safe=torch_safe)
     return reports
+
+
+#: First bytes of a stream that CPython's unpickler can start on: PROTO, FRAME, MARK, GLOBAL, and
+#: every opcode that pushes a value onto an empty stack (protocol 0/1 text and 2+ binary alike).
+PICKLE_START = frozenset(b"(cNIJKMLFGSTUVXBC]})P" + bytes([0x80, 0x82, 0x83, 0x84, 0x88, 0x89, 0x8A, 0x8B, 0x8C,
+                                                       0x8D, 0x8E, 0x8F, 0x95, 0x96, 0x97]))
+
+
+def could_be_pickle(head: bytes) -> bool:
+    """Whether an unpickler would get past the first opcode of ``head`` (cheap pre-filter)."""
+    if not head or head[0] not in PICKLE_START:
+        return False
+    return head[0] != 0x80 or (len(head) > 1 and head[1] <= 5)
+
+
+def _is_pickle(reports: list[StreamReport]) -> bool:
+    """A member that starts like a pickle *is* one when a stream parsed to its STOP, called
+    something (REDUCE/NEWOBJ/OBJ/INST run before any later break), or, after a PROTO opcode,
+    imported a well-formed global. Text that merely begins with an opcode letter ("little", "def
+    forward", "hello") breaks before any of that and is left alone."""
+    for r in reports:
+        if r.end is not None or r.calls:
+            return True
+        if "PROTO" in r.opcodes and (r.unsafe_count or r.globals):
+            return True
+    return False
+
+
+def _head(region: Region, e: ZipEntry, n: int) -> bytes:
+    """The first ``n`` bytes of a member's content (inflated if deflated)."""
+    if not e.readable:
+        return b""
+    if e.method == STORED:
+        return region.read(e.data_offset, min(n, e.csize))
+    if e.method == DEFLATED:
+        got = inflate(region, e, limit=n, keep=True)
+        return got[2][:n] if got else b""
+    return b""
 
 
 def _check_storages(ctx: Ctx, reports: list[StreamReport], records: dict[str, int], prefix: str,
@@ -350,12 +492,18 @@ def _check_storages(ctx: Ctx, reports: list[StreamReport], records: dict[str, in
     _check_tensors(ctx, [t for r in reports for t in r.tensors], nbytes, label)
 
 
-def _scan_nested_entry(region: Region, ctx: Ctx, e: ZipEntry, *, require_known: bool) -> None:
-    """Sniff one archive entry and scan it as what it is (pickle, nested zip, native code)."""
-    if not e.readable or e.method != STORED or e.csize == 0:
+def _scan_nested_entry(region: Region, ctx: Ctx, e: ZipEntry, *, require_known: bool,
+                       extra_allow: Any = None) -> None:
+    """Sniff one archive entry by its bytes and scan it as what it is (nested zip, native code, or,
+    whatever its name and compression, a pickle)."""
+    if not e.readable or e.csize == 0 or e.method not in (STORED, DEFLATED):
         return
     key = (region.base + e.data_offset, e.csize)
     if key in ctx.fs.seen:
+        return
+    if e.method == DEFLATED:
+        if could_be_pickle(_head(region, e, 2)):
+            _scan_pickle_entry(region, ctx, e, extra_allow, hidden=True)
         return
     sub = region.sub(e.data_offset, e.csize, e.name)
     kind, head = sniff(sub)
@@ -372,13 +520,13 @@ def _scan_nested_entry(region: Region, ctx: Ctx, e: ZipEntry, *, require_known: 
                           HINT_CORRUPT)
             return
         scan_zip(sub, inner, claimed=not require_known)
-    elif kind is Kind.PICKLE:
-        _scan_pickle_entry(region, ctx, e, None)
     elif kind is Kind.NATIVE:
         inner.add(ReasonCode.UNSUPPORTED_FORMAT,
                   f"archive holds {describe(kind, head)} (native code, e.g. an AOTInductor package)",
                   "export with torch.export.save / mlflow.pytorch.log_model(serialization_format='pt2') without "
                   "AOTInductor compilation; compiled code cannot be validated")
+    elif could_be_pickle(head):
+        _scan_pickle_entry(region, ctx, e, extra_allow, hidden=True)
 
 
 def _json_entry(region: Region, ctx: Ctx, e: ZipEntry) -> Any:
@@ -504,7 +652,7 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
 PICKLE_PREFIX = 4 * 2**20
 
 
-def _pickle_prefix(region: Region, settings: Settings) -> bytes:
+def _pickle_prefix(region: Region, settings: Settings, cache: StreamCache) -> bytes:
     """The bytes holding the file's pickle streams: a small prefix when the streams (at most the
     five of a legacy file) end inside it, else up to ``max_pickle_bytes``."""
     limit = min(region.size, settings.max_pickle_bytes)
@@ -513,7 +661,7 @@ def _pickle_prefix(region: Region, settings: Settings) -> bytes:
         return small
     pos = 0
     for _ in range(5):
-        rep = scan_stream(small, pos, settings)
+        rep = cache.scan(small, pos, settings)
         if rep.end is None:
             return region.read(0, limit)  # ran out of prefix (or broken): decide on the full window
         pos = rep.end
@@ -528,13 +676,14 @@ def scan_pickle_file(region: Region, ctx: Ctx, kind: Kind, *, claimed: bool) -> 
     """A file that starts like a pickle: legacy torch (five streams + raw storages) or plain."""
     settings = ctx.settings
     limit = settings.max_pickle_bytes
-    buf = _pickle_prefix(region, settings)
-    first = scan_stream(buf, 0, settings)
+    cache = StreamCache()
+    buf = _pickle_prefix(region, settings, cache)
+    first = cache.scan(buf, 0, settings)
     if kind is Kind.PICKLE_TEXT and not first.looks_like_pickle:
         return None, False  # text that merely starts with an opcode letter
     if first.end is not None and first.result == LEGACY_TORCH_MAGIC and not first.hostile:
-        return _scan_legacy(region, ctx, buf, first)
-    reports, end, trailing = scan_pickle_bytes(buf, settings)
+        return _scan_legacy(region, ctx, buf, first, cache)
+    reports, end, trailing = scan_pickle_bytes(buf, settings, cache=cache)
     truncated_by_limit = region.size > len(buf) and (reports[-1].end is None or end >= len(buf))
     if truncated_by_limit:
         reports[-1].error = None
@@ -558,7 +707,8 @@ def scan_pickle_file(region: Region, ctx: Ctx, kind: Kind, *, claimed: bool) -> 
     return FileFormat.PICKLE, False
 
 
-def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport) -> tuple[FileFormat, bool]:  # noqa: C901
+def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport,  # noqa: C901
+                 cache: StreamCache | None = None) -> tuple[FileFormat, bool]:
     """torch.save(..., _use_new_zipfile_serialization=False): magic, protocol version, sys_info,
     the object, the storage keys, then for each key an int64 element count and the raw bytes."""
     settings = ctx.settings
@@ -567,7 +717,7 @@ def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport) -> t
     for _ in range(4):
         if pos >= len(buf):
             break
-        rep = scan_stream(buf, pos, settings)
+        rep = cache.scan(buf, pos, settings) if cache else scan_stream(buf, pos, settings)
         reports.append(rep)
         if rep.end is None:
             break
@@ -576,7 +726,8 @@ def _scan_legacy(region: Region, ctx: Ctx, buf: bytes, first: StreamReport) -> t
         for r in reports:
             if r.end is None:
                 r.error = None  # cut by the scanner's own limit, reported as RESOURCE_LIMIT below
-    hostile = report_pickle(ctx, reports, label="legacy torch pickle")
+    # torch.load reads all five streams with its weights_only unpickler.
+    hostile = report_pickle(ctx, reports, label="legacy torch pickle", torch_safe=True)
     ctx.fs.has_metadata = True
     if len(reports) < 5 or any(r.end is None for r in reports):
         if region.size > len(buf):
@@ -690,7 +841,25 @@ def scan_safetensors(region: Region, ctx: Ctx) -> tuple[FileFormat, bool]:
 
 
 def scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tuple[FileFormat, bool]:
-    """Scan one file; returns (format, counts as a checkpoint)."""
+    """Scan one file under its deadline; returns (format, counts as a checkpoint).
+
+    Past the deadline the file is quarantined RESOURCE_LIMIT (model-caused, so never retried in a
+    loop and never passed): every loop over the file's own data ticks the budget, so only input
+    built to exhaust the scanner (or a file far beyond what the settings expect) gets there. Not
+    UNSAFE_PICKLE: a slow scan proves no intent, and the owner of a genuine giant gets a hint."""
+    seconds = budget.allowance(ctx.settings.scan_deadline_s, region.size) if ctx.settings.scan_deadline_s else 0
+    try:
+        with budget.deadline(seconds):
+            return _scan_region(region, ctx, path, mlflow_dir=mlflow_dir)
+    except budget.ScanDeadline as exc:
+        ctx.add(ReasonCode.RESOURCE_LIMIT,
+                f"{exc} ({human(region.size)} file, CKPT_STAGE_SCAN_DEADLINE_S={ctx.settings.scan_deadline_s:g} "
+                f"plus 1 s per {human(budget.BYTES_PER_SECOND)}); what was found before it is listed",
+                HINT_SCAN_DEADLINE)
+        return FileFormat.UNKNOWN, True
+
+
+def _scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tuple[FileFormat, bool]:
     claimed = claims_checkpoint(path, mlflow_dir=mlflow_dir)
     kind, head = sniff(region)
     ctx.fs.container = kind.value
@@ -710,8 +879,11 @@ def scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tup
             kind = Kind.PICKLE
     if kind is Kind.ZIP:
         return scan_zip(region, ctx, claimed=claimed)
-    if kind in (Kind.PICKLE, Kind.PICKLE_TEXT):
-        fmt, counts = scan_pickle_file(region, ctx, kind, claimed=claimed)
+    if kind in (Kind.PICKLE, Kind.PICKLE_TEXT) or (kind is Kind.BINARY and could_be_pickle(head)):
+        # BINARY: CPython's unpickler needs no PROTO opcode, so a stream may start with FRAME,
+        # SHORT_BINUNICODE...; it is a pickle if the walker confirms it (as for protocol 0/1 text).
+        fmt, counts = scan_pickle_file(region, ctx, Kind.PICKLE if kind is Kind.PICKLE else Kind.PICKLE_TEXT,
+                                       claimed=claimed)
         if fmt is not None:
             return fmt, counts
         kind = Kind.TEXT if head and b"\x00" not in head else Kind.BINARY

@@ -20,21 +20,25 @@ mmaitre314/picklescan#22):
   an anomaly reported as ``UNSAFE_PICKLE``;
 * dotted global names (protocol 4 resolves ``A.b.c`` attribute by attribute).
 
-Bounded work: the caller hands at most ``max_pickle_bytes``; the machine caps opcodes per stream,
-memo entries (both reported as the scanner's own limit, RESOURCE_LIMIT), stack size and nesting
-depth (anomalies: no writer produces them), and remembers only a bounded number of container items.
+Bounded work (the parent has no rlimit around the scan): the caller hands at most
+``max_pickle_bytes``; every opcode costs O(1) amortised (no list copies, no searches, one final
+depth walk that visits each edge once); the machine caps opcodes per stream, memo entries (both
+reported as the scanner's own limit, RESOURCE_LIMIT), stack size and nesting depth (anomalies: no
+writer produces them); it remembers a bounded number of container items, BUILD states, distinct
+globals, anomalies and tensors, keeping the first ones and counting the rest; and it checks the
+file's deadline (``budget.tick``) every few thousand opcodes.
 """
 
 from __future__ import annotations
 
 import io
 import pickletools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_stage.config import Settings
-from ckpt_stage.scan import allowlist
+from ckpt_stage.scan import allowlist, budget
 
 #: A legitimate checkpoint nests a few dozen levels; anything deeper than CPython's default
 #: recursion limit crashes whatever walks it recursively afterwards (resource exhaustion).
@@ -42,6 +46,9 @@ MAX_NESTING = 1000
 #: Items alive on the stack (and under marks). CPython's pickler batches 1000 items per MARK.
 MAX_STACK = 1_000_000
 MAX_MEMO = 2_000_000
+#: Containers, calls and persistent ids one stream may build (~150-300 bytes each in the parent, so
+#: this bounds the walk to a few hundred MB). A state dict needs about eight per tensor.
+MAX_NODES = 1_500_000
 #: Container items remembered per container / in total (only needed for names and shapes).
 MAX_TRACKED_ITEMS = 100_000
 MAX_TRACKED_TOTAL = 2_000_000
@@ -54,8 +61,24 @@ _BYTES_OPS = frozenset({"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
 _SCALAR_OPS = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT",
                          "BINFLOAT"})
 _PUSH_OPS = _UNICODE_OPS | _BYTESTR_OPS | _BYTES_OPS | _SCALAR_OPS | {"NONE", "NEWTRUE", "NEWFALSE"}
+_NODE_OPS = frozenset({"EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE",
+                       "LIST", "FROZENSET", "DICT", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "PERSID",
+                       "BINPERSID"})
 #: Opcodes per stream: ~3 µs each here, so the cap bounds one stream to well under a minute.
 MAX_OPS = 10_000_000
+#: Distinct globals, anomalies, extra BUILD states per object and pending defaultdict factories kept
+#: per stream: the first ones are reported, the rest only counted (1 M imports of os.system must
+#: not become 1 M objects in the parent).
+MAX_GLOBALS_KEPT = 10_000
+MAX_ANOMALIES_KEPT = 50
+MAX_EXTRA_STATES = 16
+MAX_PENDING = 10_000
+#: Tensor and storage declarations kept per stream (a 100k-tensor state dict stays well inside).
+MAX_DECLS = 1_000_000
+#: Streams read back to back from one buffer (torch's legacy format has five).
+MAX_STREAMS = 64
+#: Opcodes between two deadline checks.
+TICK_EVERY = 4096
 
 
 class BStr(str):
@@ -92,15 +115,18 @@ class Box:
 
 
 class Call:
-    """The result of REDUCE / NEWOBJ / OBJ / INST: ``callee(*args)``; ``state`` from BUILD."""
+    """The result of REDUCE / NEWOBJ / OBJ / INST: ``callee(*args)``; ``state`` from BUILD, later
+    BUILD states and NEWOBJ_EX kwargs in ``extra`` (at most ``MAX_EXTRA_STATES``), items appended or
+    set after construction (``OrderedDict()`` filled by SETITEMS) in ``items``."""
 
-    __slots__ = ("callee", "args", "kind", "state", "tensor", "extra")
+    __slots__ = ("callee", "args", "kind", "state", "tensor", "extra", "items")
 
     def __init__(self, callee: Any, args: Any, kind: str):
         self.callee, self.args, self.kind = callee, args, kind
         self.state: Any = None
         self.tensor: TensorDecl | None = None
         self.extra: list = []
+        self.items: Box | None = None
 
 
 class Pid:
@@ -115,7 +141,7 @@ class Opaque:
     __slots__ = ()
 
 
-@dataclass
+@dataclass(slots=True)
 class GlobalUse:
     module: str
     name: str
@@ -129,13 +155,13 @@ class GlobalUse:
         return f"{self.module}.{self.name}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Anomaly:
     offset: int
     message: str
 
 
-@dataclass
+@dataclass(slots=True)
 class StorageDecl:
     key: str
     storage_type: str
@@ -145,7 +171,7 @@ class StorageDecl:
     offset: int
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorDecl:
     storage_key: str | None
     storage_offset: Any
@@ -182,8 +208,22 @@ class StreamReport:
     result: Any = None
     limit: str | None = None
     """Set when the scanner stopped at one of its own work limits (reported as RESOURCE_LIMIT)."""
+    deadline: bool = False
+    """The limit hit was the file's scan deadline."""
     looks_like_pickle: bool = False
     """For sniffing protocol 0/1 text: reached STOP, or imported a well-formed global."""
+    unsafe_count: int = 0
+    calls: int = 0
+    """REDUCE / NEWOBJ / OBJ / INST opcodes executed (what makes a stream run code before any break)."""
+    """Imports refused by the allowlist, all of them (``globals`` keeps distinct first uses only)."""
+    globals_dropped: int = 0
+    """Distinct globals past ``MAX_GLOBALS_KEPT``, counted but not kept."""
+    anomaly_count: int = 0
+    """Anomalies seen, all of them (``anomalies`` keeps the first ``MAX_ANOMALIES_KEPT``)."""
+    opcodes: set[str] = field(default_factory=set)
+    """Names of the opcodes the stream uses (for what torch's weights_only unpickler can read)."""
+    unreadable: list[Anomaly] = field(default_factory=list)
+    """Benign constructs torch's weights_only unpickler refuses (see ``torch_safe_problems``)."""
 
     @property
     def unsafe(self) -> list[GlobalUse]:
@@ -191,7 +231,37 @@ class StreamReport:
 
     @property
     def hostile(self) -> bool:
-        return bool(self.unsafe or self.anomalies)
+        return bool(self.unsafe_count or self.anomaly_count or self.unsafe or self.anomalies)
+
+
+#: The opcodes torch 2.13's weights_only unpickler executes (torch/_weights_only_unpickler.py,
+#: ``Unpickler.load``); anything else is "Unsupported operand". Protocol 2 (torch.save's default)
+#: needs only these; protocols 0/1 (text INT, FLOAT, STRING, PUT, GET, POP, DICT/LIST...), 3 (BINBYTES)
+#: and 4/5 (FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL, ADDITEMS...) use others.
+#: tests/unit/test_scan_torch_safe.py compares this table with the installed torch.
+TORCH_SAFE_OPCODES = frozenset({
+    "APPEND", "APPENDS", "BINFLOAT", "BINGET", "BININT", "BININT1", "BININT2", "BINPERSID", "BINPUT",
+    "BINUNICODE", "BUILD", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET", "EMPTY_TUPLE", "GLOBAL", "LONG1",
+    "LONG_BINGET", "LONG_BINPUT", "MARK", "NEWFALSE", "NEWOBJ", "NEWTRUE", "NONE", "PROTO", "REDUCE",
+    "SETITEM", "SETITEMS", "SHORT_BINSTRING", "STOP", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+})
+#: What its SETITEM(S) accepts as a target besides a plain dict (``_check_set_item_target``).
+TORCH_SAFE_MAPPINGS = frozenset({"collections.OrderedDict", "collections.Counter"})
+
+
+def torch_safe_problems(reports: list[StreamReport]) -> list[str]:
+    """Why torch's weights_only unpickler (what the worker and ``torch.load`` use) cannot read these
+    streams, even with every allowlisted global added: opcodes it does not implement, and targets
+    its APPEND/SETITEM/BINPERSID refuse. Empty when it can. Only streams parsed to STOP count."""
+    done = [r for r in reports if r.end is not None]
+    out: list[str] = []
+    unsupported = sorted(set().union(*(r.opcodes for r in done)) - TORCH_SAFE_OPCODES) if done else []
+    if unsupported:
+        protocols = sorted({r.protocol for r in done if "PROTO" in r.opcodes}) or [0]
+        shown = ", ".join(unsupported[:6]) + (f" and {len(unsupported) - 6} more" if len(unsupported) > 6 else "")
+        out.append(f"pickle protocol {'/'.join(map(str, protocols))} opcodes {shown}")
+    out.extend(f"{a.message} (offset {a.offset})" for r in done for a in r.unreadable[:3])
+    return out
 
 
 class _Broken(Exception):
@@ -204,43 +274,71 @@ class _Limit(_Broken):
     """The scanner's own work limit, not a property of the stream."""
 
 
-def _children(v: Any) -> list:
+_NODES = (Box, Call, Pid)
+
+
+def _children(v: Any) -> Iterator[Any]:
+    """The values directly inside ``v``, without copying its item list."""
     if isinstance(v, Box):
-        return v.items if v.state is None else [*v.items, v.state]
-    if isinstance(v, Call):
-        out = [v.args]
+        yield from v.items
         if v.state is not None:
-            out.append(v.state)
-        out.extend(v.extra)
-        return out
-    if isinstance(v, Pid):
-        return [v.value]
-    return []
+            yield v.state
+    elif isinstance(v, Call):
+        yield v.args
+        if v.state is not None:
+            yield v.state
+        yield from v.extra
+        if v.items is not None:
+            yield v.items
+    elif isinstance(v, Pid):
+        yield v.value
 
 
 def nesting_depth(root: Any, limit: int = MAX_NESTING) -> int:
-    """Longest chain of containment below ``root`` (cycles ignored), stopping once past ``limit``."""
+    """Longest chain of containment below ``root`` (cycles ignored), stopping once past ``limit``.
+
+    One iterative post-order walk: each node is entered once and each edge followed once, so the
+    cost is linear in what the machine tracked (shared sub-structures through the memo are not
+    re-walked: a DAG of n nodes with 2^n paths costs n)."""
+    if not isinstance(root, _NODES):
+        return 0
     depth: dict[int, int] = {}
-    on_path: set[int] = set()
-    stack: list[tuple[Any, int]] = [(root, 0)]
-    while stack:
-        node, state = stack.pop()
-        nid = id(node)
-        kids = [k for k in _children(node) if isinstance(k, Box | Call | Pid)]
-        if state == 0:
-            if nid in depth or nid in on_path:
-                continue
-            on_path.add(nid)
-            stack.append((node, 1))
-            if len(on_path) > limit:
-                return len(on_path)
-            stack.extend((k, 0) for k in kids if id(k) not in depth and id(k) not in on_path)
-        else:
+    on_path: set[int] = {id(root)}
+    # frames: [node, its children iterator, deepest child so far]
+    frames: list[list[Any]] = [[root, _children(root), 0]]
+    steps = 0
+    while frames:
+        frame = frames[-1]
+        steps += 1
+        if not steps % 65536:
+            budget.tick()
+        kid = next(frame[1], _END)
+        if kid is _END:
+            frames.pop()
+            nid = id(frame[0])
             on_path.discard(nid)
-            depth[nid] = 1 + max((depth.get(id(k), 0) for k in kids), default=0)
-            if depth[nid] > limit:
-                return depth[nid]
+            d = 1 + frame[2]
+            depth[nid] = d
+            if d > limit:
+                return d
+            if frames and d > frames[-1][2]:
+                frames[-1][2] = d
+            continue
+        if not isinstance(kid, _NODES):
+            continue
+        kid_id = id(kid)
+        if kid_id in depth:
+            if depth[kid_id] > frame[2]:
+                frame[2] = depth[kid_id]
+        elif kid_id not in on_path:
+            on_path.add(kid_id)
+            frames.append([kid, _children(kid), 0])
+            if len(frames) > limit:
+                return len(frames)
     return depth.get(id(root), 0)
+
+
+_END = object()
 
 
 class _Machine:
@@ -255,9 +353,12 @@ class _Machine:
         self.live = 0
         self.memo: dict[int, Any] = {}
         self.tracked = 0
+        self.nodes = 0
         self.declared_proto: int | None = None
         self.frame_end: int | None = None
         self.pending: list[Glob] = []
+        self.kept: dict[tuple[str, str, bool], GlobalUse] = {}
+        self.decisions: dict[tuple[str, str], tuple[str, str, allowlist.Decision, bool]] = {}
 
     # -- stack helpers ----------------------------------------------------------------------
     def push(self, v: Any, pos: int) -> None:
@@ -288,7 +389,8 @@ class _Machine:
         return items
 
     def anomaly(self, pos: int, msg: str) -> None:
-        if len(self.r.anomalies) < 50:
+        self.r.anomaly_count += 1
+        if len(self.r.anomalies) < MAX_ANOMALIES_KEPT:
             self.r.anomalies.append(Anomaly(pos, msg))
 
     def track(self, box: Box, items: list) -> None:
@@ -303,31 +405,58 @@ class _Machine:
         self.tracked += len(items)
 
     # -- globals ------------------------------------------------------------------------------
+    def decide(self, module: str, name: str) -> tuple[str, str, allowlist.Decision, bool]:
+        """(normalized module, name, decision, allowed as a defaultdict factory), once per distinct
+        name: the allowlist check costs tens of microseconds, and a stream may repeat a name 1 M times."""
+        key = (module, name)
+        hit = self.decisions.get(key)
+        if hit is not None:
+            return hit
+        nm, nn = allowlist.normalize(module, name)
+        factory = False
+        if not (allowlist.valid_module(nm) and allowlist.valid_name(nn)):
+            decision = allowlist.Decision(False, "malformed")
+        elif self.extra_allow is not None and self.extra_allow(nm, nn):
+            decision = allowlist.Decision(True, "format")
+        else:
+            decision = allowlist.check(nm, nn, self.settings)
+            factory = not decision.allowed and allowlist.check(nm, nn, self.settings, factory=True).allowed
+        out = (nm, nn, decision, factory)
+        if len(self.decisions) < MAX_GLOBALS_KEPT:
+            self.decisions[key] = out
+        return out
+
     def make_global(self, module: str, name: str, pos: int, opcode: str) -> Glob:
         g = Glob(module, name, pos, opcode)
-        nm, nn = allowlist.normalize(module, name)
-        if not (allowlist.valid_module(nm) and allowlist.valid_name(nn)):
+        nm, nn, g.decision, factory = self.decide(module, name)
+        if g.decision.why == "malformed":
             self.anomaly(pos, f"{opcode} imports a malformed name {module!r} {name!r} "
                          "(not a plain dotted module and identifier)")
-            g.decision = allowlist.Decision(False, "malformed")
-        elif self.extra_allow is not None and self.extra_allow(nm, nn):
-            g.decision = allowlist.Decision(True, "format")
-        else:
-            g.decision = allowlist.check(nm, nn, self.settings)
-            if not g.decision.allowed and allowlist.check(nm, nn, self.settings, factory=True).allowed:
-                self.pending.append(g)  # only OK as a defaultdict factory; decided at STOP
-                return g
+        elif factory and len(self.pending) < MAX_PENDING:
+            self.pending.append(g)  # only OK as a defaultdict factory; decided at STOP
+            return g
         self.record(g, nm, nn)
         return g
 
     def record(self, g: Glob, module: str, name: str) -> None:
+        """Keep the first use of each distinct global (up to ``MAX_GLOBALS_KEPT``), count every use."""
         assert g.decision is not None
-        use = GlobalUse(module, name, g.offset, g.opcode, g.decision.allowed, g.decision.why)
+        allowed = g.decision.allowed
+        if not allowed:
+            self.r.unsafe_count += 1
+        key = (module, name, allowed)
+        use = self.kept.get(key)
+        if use is None:
+            use = GlobalUse(module, name, g.offset, g.opcode, allowed, g.decision.why)
+            if len(self.kept) < MAX_GLOBALS_KEPT:
+                self.kept[key] = use
+                self.r.globals.append(use)
+            else:
+                self.r.globals_dropped += 1
         g.use = use
-        if len(self.r.globals) < 10_000 or not use.allowed:
-            self.r.globals.append(use)
 
     def callee(self, v: Any, pos: int, op: str) -> None:
+        self.r.calls += 1
         if isinstance(v, Glob):
             v.called = True
         elif isinstance(v, Call) and isinstance(v.callee, Glob) and v.callee.use is not None \
@@ -381,7 +510,7 @@ class _Machine:
             offset=pos,
         )
         call.tensor = t
-        if len(self.r.tensors) < 1_000_000:
+        if len(self.r.tensors) < MAX_DECLS:
             self.r.tensors.append(t)
 
     def storage_of(self, v: Any) -> StorageDecl | None:
@@ -389,6 +518,10 @@ class _Machine:
 
     def persistent(self, pid: Any, pos: int) -> Pid:
         p = Pid(pid)
+        storage_pid = isinstance(pid, Box) and pid.kind == "tuple" and bool(pid.items) and pid.items[0] == "storage"
+        if not (storage_pid or (type(pid) is int)) and len(self.r.unreadable) < 3:
+            self.r.unreadable.append(Anomaly(pos, f"a persistent id that is not a storage ({_describe(pid)}), "
+                                             "which torch's weights_only unpickler refuses"))
         if isinstance(pid, Box) and pid.kind == "tuple" and len(pid.items) >= 5 and pid.items[0] == "storage":
             _, stype, key, location, numel = pid.items[:5]
             if isinstance(stype, Glob) and isinstance(key, str):
@@ -407,7 +540,7 @@ class _Machine:
                     offset=pos,
                 )
                 p.decl = decl
-                if len(self.r.storages) < 1_000_000:
+                if len(self.r.storages) < MAX_DECLS:
                     self.r.storages.append(decl)
         return p
 
@@ -424,6 +557,10 @@ class _Machine:
         if op.proto > proto and name != "PROTO":
             self.anomaly(pos, f"{name} needs pickle protocol {op.proto} but the stream declares {proto}")
 
+        if name in _NODE_OPS:
+            self.nodes += 1
+            if self.nodes > MAX_NODES:
+                raise _Limit(pos, f"more than {MAX_NODES:,} containers and calls in one stream")
         if name in _PUSH_OPS:
             self.push(BStr(arg) if name in _BYTESTR_OPS and isinstance(arg, str) else arg, pos)
         elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
@@ -511,6 +648,7 @@ class _Machine:
             module, gname = self._raw_global(pos)
             g = self.make_global(module, gname, pos, name)
             g.called = True
+            self.r.calls += 1
             args = self.pop_mark(pos, name)
             b = Box("tuple")
             self.track(b, args)
@@ -560,7 +698,15 @@ class _Machine:
                 if target.state is None:
                     target.state = state
                 elif isinstance(target, Call):
-                    target.extra.append(state)
+                    if len(target.extra) < MAX_EXTRA_STATES:
+                        target.extra.append(state)
+                    elif len(target.extra) == MAX_EXTRA_STATES:
+                        # A pickler BUILDs each object once; keeping every state of a BUILD chain
+                        # made the walk quadratic. Past the cap the states are dropped, which is
+                        # safe only because the stream is refused for it.
+                        target.extra.append(Opaque())
+                        self.anomaly(pos, f"BUILD applied more than {MAX_EXTRA_STATES} times to one object "
+                                     "(no pickler does this)")
         elif name in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"):
             if name in ("APPEND", "SETITEM"):
                 items = [self.pop(pos, name) for _ in range(1 if name == "APPEND" else 2)][::-1]
@@ -571,15 +717,15 @@ class _Machine:
                 raise _Broken(pos, f"{name} with an odd number of items")
             if isinstance(target, Glob):
                 self.anomaly(pos, f"{name} mutates the imported global {target.full} itself")
-            elif isinstance(target, Box):
+            else:
+                self.torch_target(target, name, pos)
+            if isinstance(target, Box):
                 self.track(target, items)
             elif isinstance(target, Call):
                 # OrderedDict()/defaultdict()/list subclasses filled after construction.
-                holder = next((e for e in target.extra if isinstance(e, Box) and e.kind == "items"), None)
-                if holder is None:
-                    holder = Box("items")
-                    target.extra.append(holder)
-                self.track(holder, items)
+                if target.items is None:
+                    target.items = Box("items")
+                self.track(target.items, items)
             if name.startswith("SET"):
                 self.name_tensors(items)
         elif name == "PERSID":
@@ -594,6 +740,26 @@ class _Machine:
         else:  # pragma: no cover - genops knows no other opcodes
             self.anomaly(pos, f"unexpected opcode {name}")
         return False
+
+    def torch_target(self, target: Any, op: str, pos: int) -> None:
+        """Record what torch's weights_only APPEND/SETITEM would refuse (a ``defaultdict`` with items,
+        a list subclass): benign, but unloadable by this runtime (reported UNSUPPORTED_FORMAT)."""
+        if len(self.r.unreadable) >= 3:
+            return
+        if op in ("APPEND", "APPENDS"):
+            ok = isinstance(target, Box) and target.kind == "list"
+            want = "a plain list"
+        elif op in ("SETITEM", "SETITEMS"):
+            ok = (isinstance(target, Box) and target.kind == "dict") or (
+                isinstance(target, Call) and isinstance(target.callee, Glob)
+                and "{}.{}".format(*allowlist.normalize(target.callee.module, target.callee.name))
+                in TORCH_SAFE_MAPPINGS)
+            want = "a dict, OrderedDict or Counter"
+        else:
+            return
+        if not ok:
+            self.r.unreadable.append(Anomaly(pos, f"{op} into {_describe(target)}, where torch's weights_only "
+                                             f"unpickler accepts only {want}"))
 
     def name_tensors(self, items: list) -> None:
         for k, v in zip(items[::2], items[1::2], strict=False):
@@ -639,12 +805,16 @@ def scan_stream(buf: bytes, start: int, settings: Settings, *,
     f = io.BytesIO(buf)
     f.seek(start)
     pos = start
+    opcodes = report.opcodes
     try:
         for n_ops, (op, arg, op_pos) in enumerate(pickletools.genops(f)):
             pos = op_pos if op_pos is not None else pos  # genops gives None only for untellable files
-            if n_ops >= MAX_OPS:
-                report.limit = f"more than {MAX_OPS:,} opcodes in one stream"
-                break
+            if not n_ops % TICK_EVERY:
+                budget.tick()
+                if n_ops >= MAX_OPS:
+                    report.limit = f"more than {MAX_OPS:,} opcodes in one stream"
+                    break
+            opcodes.add(op.name)
             if machine.step(op, arg, pos):
                 report.end = f.tell()
                 break
@@ -654,6 +824,10 @@ def scan_stream(buf: bytes, start: int, settings: Settings, *,
             report.end = None
     except _Limit as exc:
         report.limit = f"{exc.message} (at offset {exc.offset})"
+    except budget.ScanDeadline as exc:
+        # What was found so far is still reported (an unsafe global before the deadline counts).
+        report.limit = f"{exc} (at offset {pos:,})"
+        report.deadline = True
     except _Broken as exc:
         report.error = Anomaly(exc.offset, exc.message)
     except RecursionError:  # pragma: no cover - genops is iterative; belt and braces
@@ -666,7 +840,10 @@ def scan_stream(buf: bytes, start: int, settings: Settings, *,
         machine.anomaly(report.end, f"STOP at {report.end - 1} leaves {machine.frame_end - report.end:,} "
                         "byte(s) of its FRAME unread")
     if report.end is not None and report.result is not None:
-        depth = nesting_depth(report.result)
+        try:
+            depth = nesting_depth(report.result)
+        except budget.ScanDeadline as exc:
+            report.limit, report.deadline, depth = f"{exc} (measuring nesting)", True, 0
         if depth > MAX_NESTING:
             machine.anomaly(start, f"values nest more than {MAX_NESTING} levels deep (resource exhaustion)")
     report.looks_like_pickle = report.end is not None or any(
@@ -681,7 +858,9 @@ def pickle_globals(buf: bytes, settings: Settings | None = None) -> list[tuple[s
     settings = settings or Settings()
     out: dict[tuple[str, str], None] = {}
     pos = 0
-    while pos < len(buf):
+    for _ in range(MAX_STREAMS):
+        if pos >= len(buf):
+            break
         rep = scan_stream(buf, pos, settings)
         for g in rep.globals:
             out.setdefault((g.module, g.name), None)
