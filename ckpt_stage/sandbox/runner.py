@@ -664,6 +664,11 @@ MAX_KEY = 300
 MAX_ITEMS = 200_000
 """Most entries in any one list or mapping of ``info`` (a layer table of a very large model)."""
 MAX_DEPTH = 8
+MAX_NODES = 2_000_000
+"""Most JSON values (counted before parsing as the bytes ``[``, ``{`` and ``,``, an upper bound) in one
+result. The byte cap alone is not enough: 30 MiB of ``{},{},...`` parsed into ten million dicts took
+the parent from 230 MiB to 1 GiB before any schema check could refuse it (and jobs run concurrently in
+one stage process). A layer table of 200,000 tensors needs about 1.2 million."""
 MAX_NUMBER = 2.0**63
 _TOP_KEYS = frozenset({"findings", "runtime", "recorded", "timings_s", "peak_anon_bytes", "isolation", "info"})
 _FINDING_KEYS = frozenset({"code", "message", "hint", "file", "severity", "detail"})
@@ -753,6 +758,9 @@ def parse_result(raw: bytes) -> LoadResult:
     """The worker's result JSON → LoadResult, or ResultInvalid. Only known keys; reason codes must be
     the contract's; every string is capped and escaped; numbers finite and bounded. The worker's own
     ``isolation`` claims are dropped: the parent measures those."""
+    nodes = raw.count(b"[") + raw.count(b"{") + raw.count(b",")
+    if nodes > MAX_NODES:
+        raise ResultInvalid(f"it holds about {nodes} JSON values (at most {MAX_NODES})")
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
