@@ -277,12 +277,12 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
 
 def _top_level_packages(spec: dict) -> list[str]:
     """Top-level names the worker may import from sys.path entries outside the interpreter's prefixes:
-    ckpt_stage, the entry's module, the job's allowed architecture and pickle packages."""
+    ckpt_stage, the entry's module, the job's allowed architecture and pickle packages (the operator's
+    settings). Never ``job.arch`` itself: it comes from the version's tags, and a name chosen by
+    whoever registered the version must not decide what of the host is bound in."""
     job = spec["job"]
     mods = ["ckpt_stage", spec["entry"].partition(":")[0], *(job.get("arch_modules") or ()),
             *(job.get("pickle_modules") or ())]
-    if job.get("arch"):
-        mods.append(str(job["arch"]).partition(":")[0])
     return sorted({m.split(".")[0] for m in mods if m})
 
 

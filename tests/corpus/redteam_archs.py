@@ -450,3 +450,11 @@ def stderr_flood_no_newline(job):
     for _ in range(300):
         os.write(2, chunk)
     os._exit(0)
+
+
+def peek_paths(job):
+    """Test-only loader entry: which of ``job.arch_kwargs["paths"]`` exist in the worker (whatever
+    ``job.arch`` names: it is never imported here)."""
+    from ckpt_stage.sandbox.job import LoadResult
+
+    return LoadResult(info={"observed": {p: os.path.exists(p) for p in job.arch_kwargs.get("paths", [])}})

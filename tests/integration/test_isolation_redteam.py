@@ -217,6 +217,12 @@ def test_a_sys_path_folder_is_bound_package_by_package(model_dir, monkeypatch):
         ob = observed(result)
         assert ob[str(secret)] == "ENOENT" and ob[str(base / "unrelated_pkg" / "__init__.py")] == "ENOENT", ob
         assert ob["listing"] == ["rt_syspath_pkg"], ob
+        # The version's own arch tag names a folder beside the package: a name from the registry, not
+        # the operator's settings, so it binds nothing.
+        result = run(job_for(model_dir, "unrelated_pkg:Anything", modules=("rt_syspath_pkg",),
+                             paths=[str(base / "unrelated_pkg"), str(base / "rt_syspath_pkg")]),
+                     entry=f"{RT}:peek_paths")
+        assert observed(result) == {str(base / "unrelated_pkg"): False, str(base / "rt_syspath_pkg"): True}
     finally:
         runner.shutdown()
         shutil.rmtree(base, ignore_errors=True)
