@@ -300,17 +300,21 @@ class NprocHog(_Small):
 
         threading.stack_size(64 * 1024)
         stop = threading.Event()
-        n, why = 0, None
-        while n < 5000:
+        threads: list[threading.Thread] = []
+        why = None
+        while len(threads) < 5000:
+            t = threading.Thread(target=stop.wait, daemon=True)
             try:
-                threading.Thread(target=stop.wait, daemon=True).start()
+                t.start()
             except RuntimeError as exc:  # "can't start new thread": EAGAIN from clone()
                 why = str(exc)
                 break
-            n += 1
+            threads.append(t)
         time.sleep(seconds)
         stop.set()
-        self.observed = {"threads": n, "stopped_by": why}
+        for t in threads:  # gone before the loader's own torch op needs threads of its own budget
+            t.join()
+        self.observed = {"threads": len(threads), "stopped_by": why}
 
 
 class Lingerer(_Small):
