@@ -116,9 +116,12 @@ def _supervisor(spec_fd: int, result_w: int, status_w: int, stderr_w: int, serve
     ns: dict[str, bool] = {}
     if spec.get("namespaces", True):
         got = iso.unshare_best_effort(
-            [iso.CLONE_NEWNET, iso.CLONE_NEWPID, iso.CLONE_NEWNS, iso.CLONE_NEWIPC, iso.CLONE_NEWUTS])
+            [iso.CLONE_NEWNET, iso.CLONE_NEWPID, iso.CLONE_NEWNS, iso.CLONE_NEWIPC, iso.CLONE_NEWUTS,
+             iso.CLONE_NEWCGROUP])
+        # A cgroup namespace, entered after joining the job's cgroup: /proc/self/cgroup shows "/"
+        # instead of the stage's pid and the job's id (ckpt-stage/<pid>-<job>).
         ns = {"net": got[iso.CLONE_NEWNET], "pid": got[iso.CLONE_NEWPID], "mnt": got[iso.CLONE_NEWNS],
-              "ipc": got[iso.CLONE_NEWIPC], "uts": got[iso.CLONE_NEWUTS]}
+              "ipc": got[iso.CLONE_NEWIPC], "uts": got[iso.CLONE_NEWUTS], "cgroup": got[iso.CLONE_NEWCGROUP]}
     pid = os.fork()
     if pid == 0:
         _init_main(spec, result_w, status, cgroup, ns)
@@ -152,6 +155,7 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
         "mount_namespace": ns.get("mnt", False),
         "ipc_namespace": ns.get("ipc", False),
         "uts_namespace": ns.get("uts", False),
+        "cgroup_namespace": ns.get("cgroup", False),
         "cgroup_memory": cgroup,
         "env_stripped": iso.env_is_clean(os.environ),
         "proc_private": False,

@@ -96,6 +96,7 @@ def env_is_clean(env: Mapping[str, str]) -> bool:
 # --- syscalls through ctypes ---------------------------------------------------------------------
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
