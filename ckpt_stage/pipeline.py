@@ -293,10 +293,10 @@ def _mode_allows(st: os.stat_result, uid: int, groups: set[int], bit_user: int) 
     return bool(st.st_mode & (bit_user >> 6))
 
 
-def _readable_by_invoker(path: str) -> bool:
+def _readable_by_invoker(path: str, st: os.stat_result | None = None) -> bool:
     uid, groups = _invoker()
     try:
-        if not _mode_allows(os.stat(path), uid, groups, stat.S_IRUSR):
+        if not _mode_allows(st or os.stat(path), uid, groups, stat.S_IRUSR):
             return False
         parent = os.path.dirname(path)
         while True:
@@ -396,6 +396,7 @@ def _stage(src_root: Path, rels: Sequence[str], dest: Path) -> None:
     (inside the folder, checked by ``collect_paths``) is staged as a copy of its target's bytes."""
     dest.mkdir(parents=True, exist_ok=False)
     os.chmod(dest, 0o700)
+    top = os.path.realpath(src_root)
     for rel in rels:
         src, dst = src_root / rel, dest / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -406,6 +407,16 @@ def _stage(src_root: Path, rels: Sequence[str], dest: Path) -> None:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise UsageError(f"{rel} is not a regular file", hint="give the path of a checkpoint file")
+            # collect_paths checked names, and a name can be swapped for a link (to /proc/self/environ,
+            # to a file the user cannot read) before this open: check again what was opened.
+            opened = os.readlink(f"/proc/self/fd/{fd}")
+            if not _inside(opened, top) or any(_inside(opened, fs) for fs in _PSEUDO_FS):
+                raise UsageError(f"{rel} changed while it was being staged: it is now {opened}, outside {top}",
+                                 hint=_LINK_HINT)
+            if not _readable_by_invoker(opened, st):
+                raise UsageError(f"{rel} changed while it was being staged: you cannot read it yourself",
+                                 hint="inspect only files your own user can read, and leave them unchanged "
+                                      "while inspect runs")
             if st.st_mode & 0o444 == 0o444:
                 try:
                     os.link(f"/proc/self/fd/{fd}", dst, follow_symlinks=True)

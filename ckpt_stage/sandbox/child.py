@@ -10,7 +10,7 @@
                       /proc, a few /etc files) and pivot_roots into it, detaching the host's root;
                       forks the loader, measures it, reaps, and reports the loader's exit status
                       (the loader cannot forge it)
-                └─ loader  rlimits; drops to nobody (no caps, no_new_privs, not dumpable); seccomp
+                └─ loader  rlimits; drops to a uid of its own (no caps, no_new_privs, not dumpable); seccomp
                            filter; stops itself so init can read what is in force off
                            /proc/2/status; runs ``load_and_check(job)``; writes the LoadResult JSON
                            to its pipe
@@ -43,6 +43,8 @@ from ckpt_stage.sandbox import isolation as iso
 # read (interpreter prefix, sys.path), planned into masks while still root.
 MASK_PLAN: dict[str, list[str]] = {}
 NEEDED_PATHS: list[str] = []
+PREFIXES: list[str] = []
+"""The interpreter's prefixes (stdlib, site-packages): bound whole into the private root."""
 
 SETUP_FAILED = 71
 """Exit status of a loader that could not set up its own isolation (reported as INTERNAL_ERROR)."""
@@ -114,9 +116,12 @@ def _supervisor(spec_fd: int, result_w: int, status_w: int, stderr_w: int, serve
     ns: dict[str, bool] = {}
     if spec.get("namespaces", True):
         got = iso.unshare_best_effort(
-            [iso.CLONE_NEWNET, iso.CLONE_NEWPID, iso.CLONE_NEWNS, iso.CLONE_NEWIPC, iso.CLONE_NEWUTS])
+            [iso.CLONE_NEWNET, iso.CLONE_NEWPID, iso.CLONE_NEWNS, iso.CLONE_NEWIPC, iso.CLONE_NEWUTS,
+             iso.CLONE_NEWCGROUP])
+        # A cgroup namespace, entered after joining the job's cgroup: /proc/self/cgroup shows "/"
+        # instead of the stage's pid and the job's id (ckpt-stage/<pid>-<job>).
         ns = {"net": got[iso.CLONE_NEWNET], "pid": got[iso.CLONE_NEWPID], "mnt": got[iso.CLONE_NEWNS],
-              "ipc": got[iso.CLONE_NEWIPC], "uts": got[iso.CLONE_NEWUTS]}
+              "ipc": got[iso.CLONE_NEWIPC], "uts": got[iso.CLONE_NEWUTS], "cgroup": got[iso.CLONE_NEWCGROUP]}
     pid = os.fork()
     if pid == 0:
         _init_main(spec, result_w, status, cgroup, ns)
@@ -150,6 +155,7 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
         "mount_namespace": ns.get("mnt", False),
         "ipc_namespace": ns.get("ipc", False),
         "uts_namespace": ns.get("uts", False),
+        "cgroup_namespace": ns.get("cgroup", False),
         "cgroup_memory": cgroup,
         "env_stripped": iso.env_is_clean(os.environ),
         "proc_private": False,
@@ -179,7 +185,9 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
         new_root = os.path.dirname(spec["fallback_dir"])
         try:
             iso.build_private_root(new_root, NEEDED_PATHS, model_fd=root_fd, model=MODEL, work=WORK,
-                                   work_opts=work_opts, shm_bytes=min(size, 16 * 2**20))
+                                   work_opts=work_opts, shm_bytes=min(size, 16 * 2**20),
+                                   ids=tuple(spec["drop_to"]) if spec.get("drop_to") else (65534, 65534),
+                                   whole=PREFIXES, packages=_top_level_packages(spec))
             iso.enter_root(new_root)
             info.update(private_root=True, proc_private=True, private_tmp=True, readonly_model=True)
             model_root, work = MODEL, WORK
@@ -269,6 +277,17 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
     else:
         status.send(ev="exit", code=os.WEXITSTATUS(st), cpu_s=cpu, maxrss_kb=ru.ru_maxrss)
     return 0
+
+
+def _top_level_packages(spec: dict) -> list[str]:
+    """Top-level names the worker may import from sys.path entries outside the interpreter's prefixes:
+    ckpt_stage, the entry's module, the job's allowed architecture and pickle packages (the operator's
+    settings). Never ``job.arch`` itself: it comes from the version's tags, and a name chosen by
+    whoever registered the version must not decide what of the host is bound in."""
+    job = spec["job"]
+    mods = ["ckpt_stage", spec["entry"].partition(":")[0], *(job.get("arch_modules") or ()),
+            *(job.get("pickle_modules") or ())]
+    return sorted({m.split(".")[0] for m in mods if m})
 
 
 def _reachable(path: str) -> bool:

@@ -87,6 +87,7 @@ def _preload(entries: list[str]) -> dict[str, Any]:
     # What an unprivileged loader must be able to read, planned while still root.
     needed = [p for p in sys.path if p] + [sys.prefix, sys.base_prefix, sys.exec_prefix]
     child.NEEDED_PATHS = sorted({os.path.realpath(p) for p in needed if os.path.isdir(p)})
+    child.PREFIXES = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
     child.MASK_PLAN = isolation.plan_masks(child.NEEDED_PATHS)
     hello["masks"] = sorted(child.MASK_PLAN)
     hello["threads"] = len(os.listdir("/proc/self/task"))

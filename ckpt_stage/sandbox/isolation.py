@@ -96,6 +96,7 @@ def env_is_clean(env: Mapping[str, str]) -> bool:
 # --- syscalls through ctypes ---------------------------------------------------------------------
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
@@ -262,12 +263,35 @@ NEVER_BIND = frozenset({"/", "/tmp", "/var", "/var/tmp", "/dev", "/dev/shm", "/p
                         "/var/run", "/etc", "/home", "/root", "/srv", "/opt", "/mnt", "/media"})
 """Shared host directories that a sys.path entry may name but the worker never gets whole; what lives
 below them (a venv in /opt/venv, pyenv in /root/.pyenv) is bound on its own."""
-_ETC_SYNTH = {
-    "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/tmp/work:/usr/sbin/nologin\n",
-    "group": "root:x:0:\nnogroup:x:65534:\n",
-    "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
-    "hosts": "127.0.0.1 localhost\n",
-}
+def _etc_synth(uid: int, gid: int) -> dict[str, str]:
+    # The unprivileged account is called nobody whatever its number (each job has a uid of its own).
+    return {
+        "passwd": f"root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:{uid}:{gid}:nobody:/tmp/work:/usr/sbin/nologin\n",
+        "group": f"root:x:0:\nnogroup:x:{gid}:\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+        "hosts": "127.0.0.1 localhost\n",
+    }
+
+
+def _below_any(path: str, bases: Iterable[str]) -> bool:
+    return any(path == b or path.startswith(b.rstrip("/") + "/") for b in bases)
+
+
+def package_entries(directory: str, packages: Iterable[str]) -> list[str]:
+    """What of ``directory`` (a sys.path entry) the import system needs to import each top-level name
+    of ``packages``: the package dir, the module file, an extension module (``name.*.so``)."""
+    out: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return out
+    for top in packages:
+        for n in names:
+            if n == top or n == top + ".py" or (n.startswith(top + ".") and n.endswith(".so")):
+                p = os.path.join(directory, n)
+                if not os.path.islink(p) and (os.path.isdir(p) or os.path.isfile(p)):
+                    out.append(p)
+    return sorted(set(out))
 
 
 def umount2(target: str, flags: int) -> None:
@@ -301,12 +325,17 @@ def _bind_into(new_root: str, source: str, target: str | None = None, *, noexec:
 
 
 def build_private_root(new_root: str, needed: Iterable[str], *, model_fd: int, model: str, work: str,
-                       work_opts: str, shm_bytes: int) -> None:
+                       work_opts: str, shm_bytes: int, ids: tuple[int, int] = (65534, 65534),
+                       whole: Iterable[str] = (), packages: Iterable[str] | None = None) -> None:
     """Assemble the worker's whole filesystem on a tmpfs at ``new_root`` (in a private mount
     namespace, as root): system dirs, ``needed`` (interpreter prefixes, sys.path) and the model
     read-only, a private tmpfs at ``work``, a minimal /dev, a fresh /proc (the caller's PID namespace),
     a few /etc files. Nothing else of the host is reachable once ``enter_root`` pivots into it:
-    no /run or /var/run (database Unix sockets), /tmp, /home, /etc, /srv, /opt."""
+    no /run or /var/run (database Unix sockets), /tmp, /home, /etc, /srv, /opt.
+
+    ``needed`` dirs below one of ``whole`` (the interpreter's prefixes: stdlib, site-packages) are
+    bound whole; any other is bound only for the top-level ``packages`` it holds (when given)."""
+    packages = None if packages is None else sorted(set(packages))
     mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4m")
     bound: list[str] = []
     links: list[tuple[str, str]] = []
@@ -316,12 +345,22 @@ def build_private_root(new_root: str, needed: Iterable[str], *, model_fd: int, m
         elif os.path.isdir(d):
             _bind_into(new_root, d)
             bound.append(d)
+    whole_dirs = [os.path.realpath(p) for p in whole]
     for d in sorted({os.path.realpath(p) for p in needed}):
-        if d in NEVER_BIND:
+        if d in NEVER_BIND and packages is None:
             continue  # a script's dir on sys.path may be /tmp itself: never hand that over whole
-        if os.path.isdir(d) and not any(d == b or d.startswith(b.rstrip("/") + "/") for b in bound):
+        if not os.path.isdir(d) or any(d == b or d.startswith(b.rstrip("/") + "/") for b in bound):
+            continue
+        if packages is None or _below_any(d, whole_dirs):
             _bind_into(new_root, d)
             bound.append(d)
+            continue
+        # Any other sys.path entry (a source checkout, an Airflow dags or plugins folder, a script's
+        # dir, a home directory) is bound package by package: only the top-level packages the worker
+        # imports, never the folder's other files (configs, .env, .git, DAG files with connections).
+        os.makedirs(new_root + d, mode=0o755, exist_ok=True)
+        for entry in package_entries(d, packages):
+            _bind_into(new_root, entry)
     for d in SYS_DIRS:
         if os.path.isdir(d):
             _bind_into(new_root, d)
@@ -338,7 +377,7 @@ def build_private_root(new_root: str, needed: Iterable[str], *, model_fd: int, m
             os.symlink(os.readlink(src), f"{etc}/{name}")
         elif os.path.isfile(src):
             _bind_into(new_root, src)
-    for name, text in _ETC_SYNTH.items():
+    for name, text in _etc_synth(*ids).items():
         with open(f"{etc}/{name}", "w") as fh:
             fh.write(text)
         os.chmod(f"{etc}/{name}", 0o644)
@@ -476,9 +515,10 @@ def measured_facts(status: Mapping[str, str]) -> dict[str, object]:
 FSIZE_BYTES = 64 * 2**20
 NOFILE = 256
 NPROC = 1024
-"""RLIMIT_NPROC counts every task (threads too) of the *real uid*, system wide: all concurrent workers
-share the one ``nobody`` budget, and torch starts one OpenMP thread per core. 1024 stops a fork bomb
-without starving a big node's thread pools."""
+"""RLIMIT_NPROC counts every task (threads too) of the *real uid*, system wide: the runner gives each
+job a uid of its own (``runner.JOB_UID_BASE``), so this is one job's budget, not one shared by every
+concurrent worker; torch starts one OpenMP thread per core. 1024 stops a fork bomb without starving a
+big node's thread pools."""
 
 
 def set_rlimits(cpu_s: float, *, nproc: bool) -> dict[str, int]:

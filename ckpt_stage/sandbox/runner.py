@@ -15,10 +15,10 @@ Lifecycle of one job::
     rooted    init (PID 1 of the new PID namespace, root) built the private root on a tmpfs and
               pivoted into it (no path leads back to the host); reported the measures in force
               (``isolated``); timings_s.worker_start ends when it forks the loader (``loading``)
-    armed     the loader set rlimits, dropped to nobody with no_new_privs, loaded its seccomp
-              filter and stopped itself; init read Uid/NoNewPrivs/Seccomp off its /proc status
-              (``armed``, timings_s.worker_armed) and let it go on: these facts are measured,
-              never the loader's word
+    armed     the loader set rlimits, dropped to a uid of its own (``JOB_UID_BASE``) with
+              no_new_privs, loaded its seccomp filter and stopped itself; init read
+              Uid/NoNewPrivs/Seccomp off its /proc status (``armed``, timings_s.worker_armed) and
+              let it go on: these facts are measured, never the loader's word
     loading   the loader runs ``load_and_check``; the parent samples its RssAnon (and its status)
     reported  the loader's result (JSON, size-capped) and init's record of its exit status arrived,
               or the deadline passed and the process group and cgroup were SIGKILLed
@@ -44,6 +44,7 @@ import math
 import os
 import pwd
 import re
+import secrets
 import selectors
 import shutil
 import signal
@@ -199,16 +200,36 @@ def _restart_server(key: tuple, dead: ForkServer) -> None:
 # --- one job -------------------------------------------------------------------------------------
 
 
-def _nobody() -> tuple[int, int] | None:
+JOB_UID_BASE = 0x6F000000
+JOB_UID_SPAN = 2**24
+"""Each job drops to a uid of its own, drawn from [JOB_UID_BASE, JOB_UID_BASE + JOB_UID_SPAN) (the top
+of the range systemd sets aside for containers' uid blocks, never for accounts), never the shared ``nobody``:
+RLIMIT_NPROC counts every task of a *real uid* system wide, so under one shared uid a job that starts
+threads up to the limit left every concurrent job (and the host's own ``nobody`` services) unable to
+start one (libgomp: "Thread creation failed", an INTERNAL_ERROR for an innocent version). A uid of its
+own also means no other process anywhere shares the job's credentials (signals, ptrace, file modes)."""
+
+
+def _job_ids(run: _Run) -> tuple[int, int] | None:
+    """A uid/gid pair no other job of this process holds (registers ``run`` as active, so two threads
+    never draw the same); None when there is nothing to drop or no way to."""
     if os.geteuid() != 0:
         return None  # already unprivileged: nothing to drop
     if not isolation.has_caps(isolation.CAP_SETUID, isolation.CAP_SETGID):
         return None  # root without CAP_SETUID/SETGID cannot drop: recorded as unprivileged_user=false
-    try:
-        pw = pwd.getpwnam("nobody")
-        return pw.pw_uid, pw.pw_gid
-    except KeyError:
-        return 65534, 65534
+    with _lock:
+        taken = {r.ids[0] for r in _active.values() if r.ids}
+        for _ in range(64):
+            uid = JOB_UID_BASE + secrets.randbelow(JOB_UID_SPAN)
+            if uid in taken:
+                continue
+            try:
+                pwd.getpwuid(uid)  # an account the host does use: draw again
+            except KeyError:
+                run.ids = (uid, uid)
+                _active[run.id] = run
+                return run.ids
+    return None
 
 
 def _make_readable(root: str) -> None:
@@ -233,6 +254,7 @@ class _Run:
         self.reply: socket.socket | None = None
         self.cgroup: isolation.MemoryCgroup | None = None
         self.cgroup_note = ""
+        self.ids: tuple[int, int] | None = None
         self.workdir = ""
         self.server: ForkServer | None = None
         self.supervisor_pid: int | None = None
@@ -259,7 +281,7 @@ class _Run:
     # -- lifecycle --
 
     def execute(self) -> LoadResult:
-        drop_to = _nobody()
+        drop_to = _job_ids(self)
         if drop_to:
             _make_readable(self.job.root)
         self.workdir = tempfile.mkdtemp(prefix="ckpt-stage-job-")
@@ -664,6 +686,11 @@ MAX_KEY = 300
 MAX_ITEMS = 200_000
 """Most entries in any one list or mapping of ``info`` (a layer table of a very large model)."""
 MAX_DEPTH = 8
+MAX_NODES = 2_000_000
+"""Most JSON values (counted before parsing as the bytes ``[``, ``{`` and ``,``, an upper bound) in one
+result. The byte cap alone is not enough: 30 MiB of ``{},{},...`` parsed into ten million dicts took
+the parent from 230 MiB to 1 GiB before any schema check could refuse it (and jobs run concurrently in
+one stage process). A layer table of 200,000 tensors needs about 1.2 million."""
 MAX_NUMBER = 2.0**63
 _TOP_KEYS = frozenset({"findings", "runtime", "recorded", "timings_s", "peak_anon_bytes", "isolation", "info"})
 _FINDING_KEYS = frozenset({"code", "message", "hint", "file", "severity", "detail"})
@@ -753,6 +780,9 @@ def parse_result(raw: bytes) -> LoadResult:
     """The worker's result JSON → LoadResult, or ResultInvalid. Only known keys; reason codes must be
     the contract's; every string is capped and escaped; numbers finite and bounded. The worker's own
     ``isolation`` claims are dropped: the parent measures those."""
+    nodes = raw.count(b"[") + raw.count(b"{") + raw.count(b",")
+    if nodes > MAX_NODES:
+        raise ResultInvalid(f"it holds about {nodes} JSON values (at most {MAX_NODES})")
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:

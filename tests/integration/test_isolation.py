@@ -95,7 +95,9 @@ def test_clean_job_reports_the_isolation_in_force(model_dir):
         assert iso[measure] is True, (measure, iso)
     assert iso["cgroup_memory"] is (not _cgroup_reason())
     ob = result.info["observed"]
-    assert (ob["uid"], ob["euid"], ob["gid"], ob["groups"]) == (65534, 65534, 65534, [])
+    # Each job runs as a uid of its own (not the shared nobody: see runner.JOB_UID_BASE).
+    assert runner.JOB_UID_BASE <= ob["uid"] < runner.JOB_UID_BASE + runner.JOB_UID_SPAN
+    assert (ob["euid"], ob["gid"], ob["groups"]) == (ob["uid"], ob["uid"], [])
     assert ob["pid"] == 2 and ob["ppid"] == 1 and ob["proc_pids"] == [1, 2]
     assert ob["cwd"] == ob["home"] and ob["home_writable"] and ob["cwd_listing"] == []
     assert ob["mlflow_pickle"] is None  # pickled models allowed: MLflow's own default stands

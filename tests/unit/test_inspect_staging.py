@@ -156,3 +156,45 @@ def test_inspect_cli_exit_status_for_a_link_out_is_usage(tmp_path):
     res = CliRunner().invoke(main, ["inspect", str(d), "--json"])
     assert res.exit_code == 2, res.output
     assert "env.txt" in res.output
+
+
+# -- a file swapped between the checks and the staging (TOCTOU) -------------------------------------
+
+
+@pytest.mark.parametrize("swap", ["proc_environ", "outside_file", "unreadable_inside", "parent_dir_link"])
+def test_a_file_swapped_after_the_checks_is_not_staged(tmp_path, monkeypatch, swap):
+    """collect_paths checks names; the stage opens them later. A name swapped in between for a link
+    out of the folder (``/proc/self/environ``, a file elsewhere), for a file the invoker cannot read,
+    or a parent directory swapped for a link, must not be staged."""
+    d = _model_dir(tmp_path)
+    (d / "sub").mkdir()
+    torch.save(torch.nn.Linear(4, 2).state_dict(), d / "sub" / "w.pt")
+    root, rels = collect_paths([d])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "w.pt").write_text("a file outside the inspected folder")
+    target = d / "sub" / "w.pt"
+    if swap == "proc_environ":
+        target.unlink()
+        os.symlink("/proc/self/environ", target)
+    elif swap == "outside_file":
+        target.unlink()
+        os.symlink(outside / "w.pt", target)
+    elif swap == "unreadable_inside":
+        monkeypatch.setenv("SUDO_UID", "65534")  # invoked through sudo by nobody
+        monkeypatch.setenv("SUDO_GID", "65534")
+        os.chmod(d, 0o755)
+        os.chmod(tmp_path, 0o755)
+        for p in (d, d / "sub"):
+            os.chmod(p, 0o755)
+        os.chmod(d / "model.pt", 0o644)
+        os.chmod(target, 0o600)
+    else:
+        for p in (d / "sub").iterdir():
+            p.unlink()
+        (d / "sub").rmdir()
+        os.symlink(outside, d / "sub")
+    staging = tmp_path / "stage"
+    with pytest.raises(UsageError, match="changed while it was being staged"):
+        _stage(root, rels, staging)
+    assert not (staging / "sub" / "w.pt").exists()
