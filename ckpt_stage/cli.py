@@ -223,7 +223,16 @@ def sweep(as_json: bool) -> None:
 
         settings = Settings.from_env()
         with _stdout_to_stderr() as real:
-            outcomes = pipeline.sweep(settings=settings, on_result=_line_per_version(as_json))
+            try:
+                outcomes = pipeline.sweep(settings=settings, on_result=_line_per_version(as_json))
+            except CkptStageError as exc:
+                # Even when the versions cannot be listed (MLflow down), --json prints its one document.
+                if as_json:
+                    _emit_json(real, {"results": [], "count": 0, "errors": 1,
+                                      "error": {"code": exc.code.value, "message": exc.message, "hint": exc.hint}})
+                    logging.getLogger("ckpt_stage").error("sweep: %s", exc.message)
+                    return EXIT_ERROR
+                raise
             code = _batch_summary(outcomes, as_json, real)
         return code
 
@@ -293,7 +302,7 @@ def rerun(model: str | None, version: str | None, status: str | None, reason: st
             for i, ref in enumerate(refs, 1):
                 with _progress_bar(as_json, f"[{i}/{len(refs)}] {ref}") as progress:
                     outcome = pipeline.validate_one_safely(ref, settings=settings, registry=registry, force=True,
-                                                           progress=progress)
+                                                           progress=progress, batch=len(refs) > 1)
                 line(ref, outcome)
                 outcomes.append(outcome)
             code = _batch_summary(outcomes, as_json, real)

@@ -13,7 +13,7 @@ from ckpt_stage.domain import Verdict
 from ckpt_stage.errors import RegistryUnavailable, TransientError
 from ckpt_stage.pipeline import validate_version
 from ckpt_stage.registry import Registry
-from tests.faults import FaultProxy
+from tests.faults.proxy import FaultProxy
 
 pytestmark = pytest.mark.integration
 

@@ -1,8 +1,11 @@
 """S3 faults injected on a real socket in front of the real S3 API server: retry what is transient,
-never what is permanent, and turn what is left into the right verdict."""
+never what is permanent, and turn what is left into the right verdict (rows 5 and 7 of the reliability
+table: transport faults never become model codes; the deadline bounds the whole operation)."""
 
 from __future__ import annotations
 
+import hashlib
+import time
 import uuid
 
 import pytest
@@ -11,10 +14,10 @@ from mlflow import MlflowClient
 from ckpt_stage import devstack, samples
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import ReasonCode, Verdict, VersionRef
-from ckpt_stage.errors import ArtifactMissing, StorageMisconfigured, StorageUnavailable
+from ckpt_stage.errors import ArtifactMissing, IntegrityMismatch, StorageMisconfigured, StorageUnavailable
 from ckpt_stage.pipeline import validate_version
 from ckpt_stage.storage import S3Location, S3Storage
-from tests.faults import FaultProxy
+from tests.faults.proxy import FaultProxy, on
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +106,73 @@ def test_multipart_uploads_with_composite_checksums_verify(stack, stage_env, tmp
     head = client.head_object(Bucket=loc.bucket, Key=f"{loc.prefix}/big.bin", ChecksumMode="ENABLED")
     assert "-" in head["ETag"]  # really multipart
     files = S3Storage(Settings()).download(loc, tmp_path / "out")
-    import hashlib
-
     assert files[0].sha256 == hashlib.sha256(data).hexdigest()
     assert files[0].size == len(data)
+
+
+# -- row 5: transient faults never become model codes ------------------------------------------------------
+def test_bodies_cut_short_behind_a_fixing_proxy_are_retried_not_quarantined(uploaded, proxy, tmp_path):
+    """A proxy that fixes up Content-Length makes a cut body look complete: two such downloads (cut at
+    different points) do not agree with each other, so they are a transport fault, retried."""
+    proxy.arm("truncate_fixlen", "truncate_fixlen", match=on("GET", "model.pt"))
+    files = _storage([]).download(uploaded, tmp_path / "out")
+    assert files[0].size == (tmp_path / "out" / "model.pt").stat().st_size
+    assert proxy.by_kind["truncate_fixlen"] == 2
+
+
+@pytest.mark.parametrize("kind", ["truncate_fixlen", "truncate"])
+def test_bodies_cut_short_every_time_are_storage_unavailable(uploaded, proxy, tmp_path, kind):
+    proxy.arm(*[kind] * 10, match=on("GET", "model.pt"))
+    with pytest.raises(StorageUnavailable) as err:
+        _storage([]).download(uploaded, tmp_path / "out")
+    assert not isinstance(err.value, IntegrityMismatch)
+
+
+def test_the_same_wrong_bytes_twice_against_s3s_checksum_are_integrity_mismatch(stack, stage_env, proxy, tmp_path):
+    """The model code still comes out when it is earned: the object carries a full-object CRC32 (asked for
+    at upload), and two complete downloads agree with each other and not with it."""
+    folder = tmp_path / "m"
+    samples.state_dict(folder)
+    loc = S3Location(stack.bucket, f"faults/{uuid.uuid4().hex}")
+    S3Storage(Settings()).upload_dir(folder, loc)  # through the proxy, unfaulted
+    head = S3Storage(Settings()).client.head_object(Bucket=loc.bucket, Key=f"{loc.prefix}/model.pt",
+                                                    ChecksumMode="ENABLED")
+    assert head.get("ChecksumCRC32") and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+    proxy.arm(*["corrupt"] * 10, match=on("GET", "model.pt"))
+    with pytest.raises(IntegrityMismatch, match="two complete downloads agree"):
+        _storage([]).download(loc, tmp_path / "out")
+    assert proxy.by_kind["corrupt"] == 2  # exactly one re-download
+
+
+def test_a_cut_body_in_a_validation_ends_in_pass_not_quarantine(stack, stage_env, proxy, build_sample):
+    folder, tags = build_sample(samples.state_dict)
+    ref = devstack.register_folder(stack.bucket, f"cut-{uuid.uuid4().hex[:6]}", folder, tags)
+    proxy.arm("truncate_fixlen", "truncate_fixlen", match=on("GET", "model.pt"))
+    out = validate_version(ref, settings=Settings.from_env(), storage=S3Storage(Settings.from_env(),
+                                                                                sleep=lambda s: None))
+    assert out.report.verdict is Verdict.PASS, out.report.summary
+    assert proxy.by_kind["truncate_fixlen"] == 2
+
+
+# -- row 7: bounded time ---------------------------------------------------------------------------------
+def test_a_black_holed_s3_gives_up_within_the_deadline(uploaded, proxy, tmp_path):
+    """S3 accepts connections and never answers: the deadline bounds the attempt in flight too (each
+    attempt's socket timeouts fit in what is left), so giving up takes the deadline, not a read timeout more."""
+    proxy.arm(*["stall"] * 50)
+    storage = S3Storage(Settings(s3_attempts=5, s3_deadline_s=4.0))
+    t0 = time.monotonic()
+    with pytest.raises(StorageUnavailable):
+        storage.download(uploaded, tmp_path / "out")
+    took = time.monotonic() - t0
+    print(f"black-holed S3: gave up after {took:.1f} s (deadline 4 s)")
+    assert took < 4.0 + 2.0
+    assert proxy.by_kind["stall"] >= 2  # retried inside the deadline, not one long wait
+
+
+def test_a_slow_drip_body_is_cut_off_at_the_deadline(uploaded, proxy, tmp_path):
+    proxy.arm(*[("latency", 3.0)] * 10, match=on("GET", "model.pt"))
+    storage = S3Storage(Settings(s3_attempts=5, s3_deadline_s=2.0))
+    t0 = time.monotonic()
+    with pytest.raises(StorageUnavailable):
+        storage.download(uploaded, tmp_path / "out")
+    assert time.monotonic() - t0 < 2.0 + 2.0
