@@ -278,6 +278,7 @@ class Registry:
         A backend conflict on a tag write (two first writes of one tag at once) is retried here: MLflow's
         client does not retry a 400, so this is not a second retry loop over the client's.
         """
+        started = time.monotonic()
         state = self.get(ref)
         held_by = state.tags.get(LEASE_OWNER, "")
         if not force:
@@ -289,8 +290,12 @@ class Registry:
                 log.info("%s already has status %s; nothing to claim", ref, state.status)
                 return None
         until = now_utc() + dt.timedelta(seconds=self.settings.lease_s)
-        self._write_retrying_conflicts(ref, {LEASE_OWNER: owner, LEASE_UNTIL: iso(until)})
-        time.sleep(0.05)  # let a racing claimer's write land before the re-read
+        # The owner tag goes last: it is the ticket, and the last one written wins.
+        self._write_retrying_conflicts(ref, {LEASE_UNTIL: iso(until), LEASE_OWNER: owner})
+        # A rival that read before our ticket landed writes its own at most its read-to-write time later;
+        # under the same load that is about ours, so wait that long (twice, at least 0.25 s) before the
+        # re-read: then a rival's later ticket is seen here and this claim gives way.
+        time.sleep(max(0.25, 2 * (time.monotonic() - started)))
         again = self.get(ref)
         if again.tags.get(LEASE_OWNER) != owner:
             log.info("%s: lost the claim to %s", ref, again.tags.get(LEASE_OWNER))
