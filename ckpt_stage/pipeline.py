@@ -38,7 +38,7 @@ from ckpt_stage.errors import (
     UsageError,
 )
 from ckpt_stage.policy import decide, summarize
-from ckpt_stage.registry import ARCH, ARCH_KWARGS, Registry, VersionState, default_owner, now_utc
+from ckpt_stage.registry import ARCH, ARCH_KWARGS, LEASE_OWNER, Registry, VersionState, default_owner, now_utc
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
 from ckpt_stage.scan import ScanResult, scan_version
 from ckpt_stage.storage import S3Storage, resolve_artifact_uri, sha256_file, version_digest
@@ -298,7 +298,6 @@ def validate_version(
         state = registry.claim(ref, owner, force=force)
         if state is None:
             return Outcome(None, skipped=f"{ref} needs no claim: decided meanwhile, or another worker holds the lease")
-        attempt = registry.next_attempt(ref, state)
     except (UsageError, ConfigError):
         raise
     except Exception as exc:  # noqa: BLE001 - classified below; the claim wrote nothing that strands the version
@@ -337,19 +336,32 @@ def validate_version(
                 shutil.rmtree(workdir, ignore_errors=True)
 
     decision = decide(findings, settings)
-    timings["total"] = time.perf_counter() - t0
-    report = build_report(checked, decision, model=ref, attempt=attempt, findings=findings, timings=timings,
-                          files=files)
-    if origin:
-        report = report.replace(extra={**report.extra, **origin})
-    digest = version_digest([(f.path, f.sha256) for f in report.files])
+    attempt = 0
     try:
-        run_id = registry.record(report, decision, digest=digest)
+        # Re-read before recording: a rival that took the lease over (a lost race between claims, or a
+        # lease that ran out while this attempt was cut off from MLflow) records its own complete verdict;
+        # this attempt then records nothing. The attempt number is taken now, from every recorded run, so
+        # overlapping attempts do not share one.
+        now = registry.get(ref)
+        rival = now.tags.get(LEASE_OWNER, "")
+        if rival not in ("", owner) and (now.lease_until or now_utc()) > now_utc():
+            log.warning("%s: %s took the lease over while this attempt ran; leaving the verdict to it", ref, rival)
+            return Outcome(None, skipped=f"{ref}: another worker ({rival}) took the lease over; its verdict stands")
+        attempt = registry.next_attempt(ref, now)
+        timings["total"] = time.perf_counter() - t0
+        report = build_report(checked, decision, model=ref, attempt=attempt, findings=findings, timings=timings,
+                              files=files)
+        if origin:
+            report = report.replace(extra={**report.extra, **origin})
+        digest = version_digest([(f.path, f.sha256) for f in report.files])
+        run_id = registry.record(report, decision, digest=digest, owner=owner)
+    except (UsageError, ConfigError):
+        raise
     except Exception as exc:  # noqa: BLE001 - classified; the version must stay eligible, never half-recorded
         log.error("recording the verdict of %s failed: %s", ref, exc)
         outcome = _unrecorded(ref, exc, attempt=attempt, what=f"recording the {decision.verdict.value} verdict")
         try:
-            registry.record_error_status(ref, outcome.report.summary if outcome.report else str(exc))
+            registry.record_error_status(ref, outcome.report.summary if outcome.report else str(exc), owner=owner)
         except Exception as again:  # noqa: BLE001 - the lease runs out and the version is eligible again
             log.error("%s: could not even record status error (%s); its lease expires within %.0f s", ref, again,
                       settings.lease_s)

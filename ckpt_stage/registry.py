@@ -456,7 +456,8 @@ class Registry:
         except Exception as exc:  # noqa: BLE001 - the original failure is the one to report
             log.warning("could not finish run %s as %s: %s", run_id, status, exc)
 
-    def record(self, report: Report, decision: Decision, *, digest: str, attempt_id: str | None = None) -> str:
+    def record(self, report: Report, decision: Decision, *, digest: str, attempt_id: str | None = None,
+               owner: str | None = None) -> str:
         """Write the verdict of one attempt, in the contract's order. Returns the run id.
 
         The run (finished, with ``report.json``) comes before any version tag; ``status`` is written
@@ -489,17 +490,17 @@ class Registry:
             self._set_tags(ref, {STATUS: Status.QUARANTINED.value})
         else:
             self._set_tags(ref, {STATUS: Status.ERROR.value})
-        self._clear_lease(ref)
+        self._clear_lease(ref, owner=owner)  # a rival's live lease stays: its attempt records after this one
         return run_id
 
-    def record_error_status(self, ref: VersionRef, summary: str) -> None:
+    def record_error_status(self, ref: VersionRef, summary: str, *, owner: str | None = None) -> None:
         """Last resort when a full record failed: leave the version eligible for a re-run, and never
         holding the alias (a forced re-check of a promoted version may have got half-way)."""
         self._set_tags(ref, {SUMMARY: summary[:500], VALIDATED_AT: iso(now_utc())})
         self._set_tags(ref, {STATUS: Status.ERROR.value})
         with contextlib.suppress(CkptStageError):
             self.sync_alias(ref.name)
-        self._clear_lease(ref)
+        self._clear_lease(ref, owner=owner)
 
     def sync_alias(self, model: str, *, excluding: str | None = None) -> str | None:
         """Point the alias at the highest promoted version (never ``excluding``); remove it if none."""

@@ -182,9 +182,9 @@ class FaultProxy:
                     fault = f
                     del self.faults[i]
                     break
-            if fault is None and self.chaos_rate and (self.chaos_match is None or self.chaos_match(method, path)):
-                if self.rng.random() < self.chaos_rate:
-                    fault = self.rng.choice(self.chaos_kinds)
+            if (fault is None and self.chaos_rate and (self.chaos_match is None or self.chaos_match(method, path))
+                    and self.rng.random() < self.chaos_rate):
+                fault = self.rng.choice(self.chaos_kinds)
             if fault is not None:
                 self.faulted += 1
                 self.by_kind[kind_of(fault)] += 1
