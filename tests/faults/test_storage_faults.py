@@ -111,20 +111,43 @@ def test_multipart_uploads_with_composite_checksums_verify(stack, stage_env, tmp
 
 
 # -- row 5: transient faults never become model codes ------------------------------------------------------
-def test_bodies_cut_short_behind_a_fixing_proxy_are_retried_not_quarantined(uploaded, proxy, tmp_path):
-    """A proxy that fixes up Content-Length makes a cut body look complete: two such downloads (cut at
-    different points) do not agree with each other, so they are a transport fault, retried."""
+def _upload_without_checksum(stack, folder, prefix: str) -> S3Location:
+    """Objects stored without any S3 checksum (older uploaders; botocore < 1.36 or
+    ``request_checksum_calculation=when_required``): only the listed size can be checked."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=stack.s3.url, config=Config(request_checksum_calculation="when_required"))
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.put_object(Bucket=stack.bucket, Key=f"{prefix}/{path.relative_to(folder).as_posix()}",
+                          Body=path.read_bytes())
+    head = client.head_object(Bucket=stack.bucket, Key=f"{prefix}/model.pt", ChecksumMode="ENABLED")
+    assert not any(k.startswith("Checksum") and k != "ChecksumType" for k in head), head
+    return S3Location(stack.bucket, prefix)
+
+
+@pytest.fixture
+def plain(stack, stage_env, tmp_path):
+    folder = tmp_path / "plain"
+    samples.state_dict(folder)
+    return _upload_without_checksum(stack, folder, f"plain/{uuid.uuid4().hex}")
+
+
+def test_bodies_cut_short_behind_a_fixing_proxy_are_retried_not_quarantined(plain, proxy, tmp_path):
+    """A proxy that fixes up Content-Length makes a cut body look complete, and without an S3 checksum
+    only the size tells: two such downloads (cut at different points) do not agree with each other, so
+    they are a transport fault, retried."""
     proxy.arm("truncate_fixlen", "truncate_fixlen", match=on("GET", "model.pt"))
-    files = _storage([]).download(uploaded, tmp_path / "out")
+    files = _storage([]).download(plain, tmp_path / "out")
     assert files[0].size == (tmp_path / "out" / "model.pt").stat().st_size
     assert proxy.by_kind["truncate_fixlen"] == 2
 
 
 @pytest.mark.parametrize("kind", ["truncate_fixlen", "truncate"])
-def test_bodies_cut_short_every_time_are_storage_unavailable(uploaded, proxy, tmp_path, kind):
+def test_bodies_cut_short_every_time_are_storage_unavailable(plain, proxy, tmp_path, kind):
     proxy.arm(*[kind] * 10, match=on("GET", "model.pt"))
     with pytest.raises(StorageUnavailable) as err:
-        _storage([]).download(uploaded, tmp_path / "out")
+        _storage([]).download(plain, tmp_path / "out")
     assert not isinstance(err.value, IntegrityMismatch)
 
 
@@ -146,7 +169,12 @@ def test_the_same_wrong_bytes_twice_against_s3s_checksum_are_integrity_mismatch(
 
 def test_a_cut_body_in_a_validation_ends_in_pass_not_quarantine(stack, stage_env, proxy, build_sample):
     folder, tags = build_sample(samples.state_dict)
-    ref = devstack.register_folder(stack.bucket, f"cut-{uuid.uuid4().hex[:6]}", folder, tags)
+    loc = _upload_without_checksum(stack, folder, f"plain/{uuid.uuid4().hex}")
+    client = MlflowClient()
+    name = f"cut-{uuid.uuid4().hex[:6]}"
+    client.create_registered_model(name)
+    mv = client.create_model_version(name, source=loc.uri, tags=tags)
+    ref = VersionRef(name, str(mv.version))
     proxy.arm("truncate_fixlen", "truncate_fixlen", match=on("GET", "model.pt"))
     out = validate_version(ref, settings=Settings.from_env(), storage=S3Storage(Settings.from_env(),
                                                                                 sleep=lambda s: None))
