@@ -250,9 +250,15 @@ class Registry:
             if not token:
                 return
 
-    def sweepable(self) -> list[VersionState]:
+    def sweepable(self, *, repair: bool = True) -> list[VersionState]:
+        """The versions a sweep validates, in order. From the same listing, ``repair`` first reconciles every
+        model's alias (``reconcile``), so each sweep (the CLI's and the DAG's ``discover``) repairs
+        what an earlier one left half-done."""
         at = now_utc()
-        out = [v for v in self.iter_versions() if v.needs_validation(at)]
+        listing = list(self.iter_versions())
+        if repair:
+            self.reconcile(listing)
+        out = [v for v in listing if v.needs_validation(at)]
         return sorted(out, key=lambda v: (v.ref.name, int(v.ref.version) if v.ref.version.isdigit() else 0))
 
     def alias_version(self, model: str) -> str | None:
