@@ -133,7 +133,8 @@ def validate(model: str, version: str, as_json: bool) -> None:
                 outcome = validate_one_safely(ref, settings=settings, progress=progress)
             if outcome.report is None:
                 raise CkptStageError(outcome.skipped, code=ReasonCode.INTERNAL_ERROR,
-                                     hint="wait for the lease to expire, or run `ckpt-stage rerun`")
+                                     hint=f"a decided version gets a new attempt with `ckpt-stage rerun --model "
+                                          f"{model} --version {version}`; a leased one is free when its lease ends")
             if as_json:
                 _emit_json(real, outcome.report.to_dict())
         if not as_json:

@@ -380,9 +380,9 @@ class Registry:
     def log_attempt(self, report: Report, *, attempt_id: str | None = None) -> str:
         """One MLflow run per attempt with ``report.json`` and metrics, finished; returns its run id.
 
-        Idempotent: the run carries ``ckpt_stage.attempt_id``; it is looked up before it is created and
-        after a lost answer, and a second run that the client's own retry of ``runs/create`` made (the
-        first answer was lost, the server had created it) is deleted. A run whose report could not be
+        Idempotent: the run carries ``ckpt_stage.attempt_id``; it is looked up again after a lost answer,
+        and a second run that the client's own retry of ``runs/create`` made (the first answer was lost,
+        the server had created it) is deleted. A run whose report could not be
         stored is finished as FAILED, never left RUNNING.
         """
         from mlflow.entities import Metric, Param, RunTag
@@ -436,9 +436,6 @@ class Registry:
         return list(runs)
 
     def _run_for_attempt(self, attempt_id: str, tags: dict[str, str], *, what: str) -> str:
-        found = self._runs_with_attempt_id(attempt_id)
-        if found:
-            return str(found[0].info.run_id)
         try:
             with translate(what):
                 run_id = str(self.client.create_run(self.experiment_id(), tags=tags).info.run_id)
