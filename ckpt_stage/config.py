@@ -19,6 +19,9 @@ from ckpt_stage.errors import ConfigError
 PREFIX = "CKPT_STAGE_"
 
 DEFAULT_ARCH_MODULES = ("torch.nn",)
+#: ``python_function.loader_module`` values whose ``_load_pyfunc`` a serving host may run: only the
+#: stock loader of the one flavor the stage validates (``mlflow.pyfunc.load_model`` imports it).
+DEFAULT_LOADER_MODULES = ("mlflow.pytorch",)
 MIN_SWEEP_INTERVAL_S = 5.0
 MIN_LEASE_S = 3.0
 
@@ -47,29 +50,74 @@ def format_size(n: float) -> str:
     return f"{n:.1f} PiB"  # pragma: no cover
 
 
+def default_pool(class_name: str) -> str:
+    """The Airflow pool of a worker class unless ``CKPT_STAGE_WORKER_CLASSES`` names one."""
+    return f"ckpt_stage_{class_name}"
+
+
+def default_queue(class_name: str) -> str:
+    """The Celery queue of a worker class unless ``CKPT_STAGE_WORKER_CLASSES`` names one: ``ckpt-small``,
+    ``ckpt-large``. Workers for the class listen with ``airflow celery worker --queues ckpt-<class>``."""
+    return f"ckpt-{class_name}"
+
+
 @dataclass(frozen=True)
 class WorkerClass:
-    """A worker size class: versions whose estimated memory fits ``memory_bytes`` run there."""
+    """A worker size class: versions whose estimated memory fits ``memory_bytes`` run there.
+
+    ``pool`` bounds how many loads of the class run at once; ``queue`` is the Celery queue (under the
+    KubernetesExecutor, the pod's memory request/limit come from ``memory_bytes`` instead, ``ckpt_stage.k8s``).
+    """
 
     name: str
     memory_bytes: int
     pool: str = ""
-    queue: str = "default"
+    queue: str = ""
+
+    def __post_init__(self) -> None:
+        # Frozen: fill the defaults through object.__setattr__ so WorkerClass("small", n) means the same
+        # pool and queue as "small=n" in CKPT_STAGE_WORKER_CLASSES.
+        if not self.pool:
+            object.__setattr__(self, "pool", default_pool(self.name))
+        if not self.queue:
+            object.__setattr__(self, "queue", default_queue(self.name))
+
+
+# Pool and queue names travel into Airflow (pool names), Celery/AMQP/Redis (queue names) and Kubernetes
+# labels: keep them to a portable alphabet.
+_CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def parse_worker_classes(text: str) -> tuple[WorkerClass, ...]:
-    """``"small=2GiB,large=12GiB"`` (optionally ``small=2GiB:pool:queue``), sorted by size."""
-    out = []
+    """``"small=2GiB,large=12GiB"`` (optionally ``small=2GiB:pool:queue``), sorted by size.
+
+    The sizes are the routing thresholds: a version goes to the smallest class whose budget holds its
+    estimate; one above the largest is refused with RESOURCE_LIMIT before it is loaded.
+    """
+    key = f"{PREFIX}WORKER_CLASSES"
+    out: list[WorkerClass] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
-            raise ConfigError(f"{PREFIX}WORKER_CLASSES: {part!r} is not NAME=SIZE[:POOL[:QUEUE]]")
+            raise ConfigError(f"{key}: {part!r} is not NAME=SIZE[:POOL[:QUEUE]] (example: small=4GiB,large=16GiB)")
         name, _, rest = part.partition("=")
+        name = name.strip()
         size, *more = rest.split(":")
-        pool = more[0] if len(more) > 0 and more[0] else f"ckpt_stage_{name.strip()}"
-        queue = more[1] if len(more) > 1 and more[1] else "default"
-        out.append(WorkerClass(name.strip(), parse_size(size, name=f"{PREFIX}WORKER_CLASSES"), pool, queue))
+        if len(more) > 2:
+            raise ConfigError(f"{key}: {part!r} has more than NAME=SIZE:POOL:QUEUE")
+        pool = more[0].strip() if len(more) > 0 and more[0].strip() else default_pool(name)
+        queue = more[1].strip() if len(more) > 1 and more[1].strip() else default_queue(name)
+        for what, value in (("class name", name), ("pool", pool), ("queue", queue)):
+            if not _CLASS_NAME_RE.match(value):
+                raise ConfigError(f"{key}: {what} {value!r} in {part!r} must be 1-63 letters, digits, '_', '.' "
+                                  "or '-', starting with a letter or digit")
+        out.append(WorkerClass(name, parse_size(size, name=key), pool, queue))
     if not out:
-        raise ConfigError(f"{PREFIX}WORKER_CLASSES is empty; give at least one NAME=SIZE")
+        raise ConfigError(f"{key} is empty; give at least one NAME=SIZE (example: small=4GiB,large=16GiB)")
+    names = [c.name for c in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        # The DAG has one task per class, named after it. (Classes may share a pool or a queue on purpose.)
+        raise ConfigError(f"{key}: class {', '.join(dupes)} is given twice; give each class its own name")
     return tuple(sorted(out, key=lambda c: c.memory_bytes))
 
 
@@ -119,6 +167,12 @@ class Settings:
     arch_modules: tuple[str, ...] = DEFAULT_ARCH_MODULES
     pickle_modules: tuple[str, ...] = ()
     allow_pickled_models: bool = True
+    allow_loader_modules: tuple[str, ...] = DEFAULT_LOADER_MODULES
+    """Exact ``MLmodel`` ``python_function.loader_module`` names accepted (``CKPT_STAGE_ALLOW_LOADER_MODULES``
+    adds to the default)."""
+    allow_model_code: tuple[str, ...] = ()
+    """Module prefixes whose code a version may carry (MLflow ``code_paths``, Hugging Face ``auto_map``):
+    ``CKPT_STAGE_ALLOW_MODEL_CODE``. Such code is imported only inside the isolated worker."""
     require_input_example: bool = False
     cache_dir: Path = field(default_factory=_default_cache)
     keep_cache: bool = False
@@ -128,10 +182,9 @@ class Settings:
     worker_cgroup: str = ""
     """Parent cgroup directory for per-job memory cgroups; "" picks <memory v1 mount>/ckpt-stage or
     /sys/fs/cgroup/ckpt-stage (v2). On cgroup v2 it must be a delegated subtree without processes."""
-    worker_classes: tuple[WorkerClass, ...] = (
-        WorkerClass("small", 4 * 2**30, "ckpt_stage_small"),
-        WorkerClass("large", 16 * 2**30, "ckpt_stage_large"),
-    )
+    worker_classes: tuple[WorkerClass, ...] = (WorkerClass("small", 4 * 2**30), WorkerClass("large", 16 * 2**30))
+    """Size classes, smallest first (``CKPT_STAGE_WORKER_CLASSES``): pools ``ckpt_stage_<name>``, Celery
+    queues ``ckpt-<name>`` unless named."""
     lease_s: float = 60.0
     """How long a claim holds a version without news. A heartbeat renews it every third of it while the
     attempt runs, so a live attempt keeps its version however long it takes, and a killed one's versions
@@ -190,6 +243,8 @@ class Settings:
             arch_modules=tuple(dict.fromkeys(DEFAULT_ARCH_MODULES + arch_extra)),
             pickle_modules=_list(env, "PICKLE_MODULES"),
             allow_pickled_models=_bool(env, "ALLOW_PICKLED_MODELS", d.allow_pickled_models),
+            allow_loader_modules=tuple(dict.fromkeys(DEFAULT_LOADER_MODULES + _list(env, "ALLOW_LOADER_MODULES"))),
+            allow_model_code=_list(env, "ALLOW_MODEL_CODE"),
             require_input_example=_bool(env, "REQUIRE_INPUT_EXAMPLE", d.require_input_example),
             cache_dir=Path(cache) if cache else d.cache_dir,
             keep_cache=_bool(env, "KEEP_CACHE", d.keep_cache),

@@ -51,6 +51,15 @@ def sweep_interval_s(env: Mapping[str, str] | None = None) -> float:
     return Settings.from_env(env).sweep_interval_s
 
 
+def control_queue(settings: Settings) -> str:
+    """The Celery queue of the tasks that load nothing (discover, select, plan, batch): the smallest class's.
+
+    Every deployment runs workers for it, so no worker has to listen on Airflow's ``default`` queue too
+    (the executor's ``[operators] default_queue``); LocalExecutor and KubernetesExecutor ignore queues.
+    """
+    return settings.worker_classes[0].queue
+
+
 def task_id_for(wc: WorkerClass, verb: str = "validate") -> str:
     return f"{verb}_" + re.sub(r"[^A-Za-z0-9_.-]", "_", wc.name)
 
@@ -157,20 +166,44 @@ def estimate_bytes(ref: VersionRef, *, settings: Settings, registry: Any, storag
         return None
 
 
+def planned_memory(s3_bytes: int) -> int:
+    """The memory a version is planned with: its S3 bytes plus the scanner's working-memory allowance.
+
+    The scanner's own estimate (``scan.estimate``: declared tensor storage + the same allowance) is at most
+    this wherever tensor data is stored uncompressed inside the files (torch zip, safetensors, pt2, legacy
+    torch.save), so the class the pipeline picks on the worker is not larger than the class, and so the
+    queue, the version was routed to (tests/unit/test_orchestrate.py checks it on real files).
+    """
+    from ckpt_stage.scan.estimate import OVERHEAD_BYTES
+
+    return int(s3_bytes) + OVERHEAD_BYTES
+
+
+def route(estimated_bytes: int | None, settings: Settings) -> WorkerClass:
+    """Planned memory → worker class (and so pool and queue): the smallest class that holds it.
+
+    A version too big for every class, or of unknown size, goes to the largest class: there the scan's
+    tensor-metadata estimate refuses it with RESOURCE_LIMIT before anything is loaded, and an unknown size
+    is safest where the fewest run at once.
+    """
+    if estimated_bytes is None:
+        return settings.largest_class
+    return settings.class_for(estimated_bytes) or settings.largest_class
+
+
 def plan(refs: Sequence[VersionRef], settings: Settings,
          estimate: Callable[[VersionRef], int | None]) -> list[dict[str, Any]]:
-    """Size each version and give it a worker class: ``[{name, version, estimated_bytes, worker_class}]``.
-
-    A version too big for every class, or of unknown size, goes to the largest class: there the pipeline's
-    own (tensor-metadata) estimate quarantines it with RESOURCE_LIMIT if it really does not fit, and an
-    unknown size is safest where the fewest run at once.
-    """
+    """Size each version and route it: ``[{name, version, s3_bytes, estimated_bytes, worker_class, queue,
+    over_budget}]`` (``estimated_bytes``: ``planned_memory`` of the S3 bytes; ``over_budget``: above the
+    largest class, to be refused unloaded)."""
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(refs)))) as pool:
         sizes = list(pool.map(estimate, refs))
     out = []
     for ref, size in zip(refs, sizes, strict=True):
-        wc = (settings.class_for(size) if size is not None else None) or settings.largest_class
-        out.append({**ref.to_dict(), "estimated_bytes": size, "worker_class": wc.name})
+        need = planned_memory(size) if size is not None else None
+        wc = route(need, settings)
+        out.append({**ref.to_dict(), "s3_bytes": size, "estimated_bytes": need, "worker_class": wc.name,
+                    "queue": wc.queue, "over_budget": need is not None and need > settings.largest_class.memory_bytes})
     return out
 
 
@@ -285,26 +318,28 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
 
     from ckpt_stage.errors import PermanentError
 
-    @task(task_id="plan")
+    @task(task_id="plan", queue=control_queue(settings))
     def plan_classes(found: list[dict[str, str]]) -> list[dict[str, Any]]:
         planned = plan_versions([VersionRef(r["name"], r["version"]) for r in found])
         for item in planned:
-            log.info("%s v%s: %s bytes in S3 → worker class %s", item["name"], item["version"],
-                     item["estimated_bytes"], item["worker_class"])
+            log.info("%s v%s: %s bytes in S3, ~%s bytes to load → worker class %s, queue %s%s", item["name"],
+                     item["version"], item["s3_bytes"], item["estimated_bytes"], item["worker_class"],
+                     item["queue"], " (over every budget: refused before loading)" if item["over_budget"] else "")
         return planned
 
     # One small task per class picks its versions: a mapped task can expand only over a task's
     # return_value, not over one key of a multiple_outputs dict ("cannot map over XCom with custom key").
-    @task
+    @task(queue=control_queue(settings))
     def batch(planned: list[dict[str, Any]], worker_class: str) -> list[dict[str, Any]]:
         return in_class(planned, worker_class)
 
-    def run(ref: dict[str, Any]) -> dict[str, Any]:
+    def run(ref: dict[str, Any], worker_class: str) -> dict[str, Any]:
         from airflow.sdk import get_current_context
 
         try:
             context = get_current_context()
-            return validate_one(ref, force=force, owner=task_owner(context), airflow=task_identity(context))
+            return validate_one(ref, force=force, owner=task_owner(context), airflow=task_identity(context),
+                                settings=class_settings(Settings.from_env(), worker_class))
         except ValidationFailed as exc:
             if exc.retry:
                 raise
@@ -314,12 +349,17 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
             raise AirflowFailException(f"{exc.code.value}: {exc}") from exc
 
     planned: Any = plan_classes(refs)  # an XComArg, resolved to the list at run time
+    on_kubernetes = _kubernetes_executor()
     for wc in settings.worker_classes:
         picked = batch.override(task_id=task_id_for(wc, "batch"))(planned, wc.name)
+        extra: dict[str, Any] = {}
+        if on_kubernetes:
+            # KubernetesExecutor: each class's pod gets that class's memory and CPU (queues mean nothing there).
+            extra["executor_config"] = {"pod_override": _pod_override(wc)}
         validate_task = task(
             task_id=task_id_for(wc, verb),
-            pool=wc.pool or "default_pool",
-            queue=wc.queue or "default",
+            pool=wc.pool,
+            queue=wc.queue,
             retries=3,
             retry_delay=dt.timedelta(seconds=30),
             # A multiplier in Airflow 3.3 (delay * 2.0 ** (try - 1)): True would mean 1.0, a constant delay.
@@ -331,8 +371,37 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
             map_index_template="{{ task.op_kwargs['ref']['name'] }} v{{ task.op_kwargs['ref']['version'] }}",
             doc_md=f"Validates the versions of worker class **{wc.name}** (≤ {wc.memory_bytes / 2**30:.1f} GiB) "
                    f"in pool `{wc.pool}`, queue `{wc.queue}`.",
+            **extra,
         )(run)
-        validate_task.expand(ref=picked)
+        validate_task.partial(worker_class=wc.name).expand(ref=picked)
+
+
+def class_settings(settings: Settings, worker_class: str) -> Settings:
+    """The settings a ``validate_<class>`` task validates with: no class below its own.
+
+    The pipeline gives a load the budget of the smallest class that holds the scan's estimate. On the
+    class's queue that is at least the class's own budget, which its hosts are sized for: a version routed
+    here with a smaller scan estimate (an MLflow folder whose files outweigh its tensors; an unknown size
+    parked in the largest class) gets the room the queue has, not a smaller class's. The largest class, and
+    so the RESOURCE_LIMIT threshold, stays the same.
+    """
+    budget = next((c.memory_bytes for c in settings.worker_classes if c.name == worker_class), None)
+    if budget is None:
+        return settings  # the DAG was parsed with other classes than this process has: keep its own
+    return settings.replace(worker_classes=tuple(c for c in settings.worker_classes if c.memory_bytes >= budget))
+
+
+def _kubernetes_executor() -> bool:
+    """Whether Airflow's configured executor (``[core] executor``, possibly a list) is the KubernetesExecutor."""
+    from airflow.configuration import conf
+
+    return "KubernetesExecutor" in conf.get("core", "executor", fallback="")
+
+
+def _pod_override(wc: WorkerClass) -> Any:
+    from ckpt_stage import k8s
+
+    return k8s.pod_override(wc)
 
 
 def pool_definitions(settings: Settings, *, host_memory_bytes: int | None = None) -> dict[str, dict[str, Any]]:
@@ -355,8 +424,7 @@ def pool_definitions(settings: Settings, *, host_memory_bytes: int | None = None
 
 __all__ = [
     "PREFIX", "RERUN_DAG_ID", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
-    "ValidationFailed", "build_validation_tasks", "discover", "estimate_bytes", "in_class", "judge", "plan",
-    "plan_versions",
-    "pool_definitions", "refs_from_extras", "rerun_selection", "select_for_rerun", "sweep_interval_s",
-    "task_owner", "validate_one",
+    "ValidationFailed", "build_validation_tasks", "class_settings", "control_queue", "discover", "estimate_bytes", "in_class", "judge",
+    "plan", "plan_versions", "planned_memory", "pool_definitions", "refs_from_extras", "rerun_selection", "route",
+    "select_for_rerun", "sweep_interval_s", "task_owner", "validate_one",
 ]

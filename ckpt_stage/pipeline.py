@@ -7,10 +7,13 @@ problems become findings with infrastructure codes (verdict ``error``, never a q
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import platform
 import shutil
+import stat
 import time
 import traceback
 import uuid
@@ -41,6 +44,8 @@ from ckpt_stage.policy import decide, summarize
 from ckpt_stage.registry import ARCH, ARCH_KWARGS, LEASE_OWNER, Registry, VersionState, default_owner, now_utc
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
 from ckpt_stage.scan import ScanResult, scan_version
+from ckpt_stage.scan.estimate import oversized_files
+from ckpt_stage.scan.reading import Reading, stamp_of
 from ckpt_stage.storage import S3Storage, resolve_artifact_uri, sha256_file, version_digest
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,10 @@ class Checked:
     load: LoadResult | None
     timings_s: dict[str, float]
     limit_bytes: int
+
+    def replace(self, *, findings: tuple[Finding, ...], hashes: dict[str, str]) -> Checked:
+        files = tuple(dataclasses.replace(f, sha256=hashes.get(f.path, f.sha256)) for f in self.files)
+        return dataclasses.replace(self, files=files, findings=findings)
 
 
 def _runtime_here() -> dict[str, str]:
@@ -93,38 +102,103 @@ def check_local(
     hashes: dict[str, str] | None = None,
     extra_findings: Sequence[Finding] = (),
 ) -> Checked:
-    """Static scan, estimate, then (only if the scan found nothing blocking) the isolated load."""
+    """Sizes from metadata, static scan, estimate, then (only if nothing blocking was found) the
+    isolated load, which gets the scan's reading of every file (``scan.reading``) and obeys it."""
     timings: dict[str, float] = {}
+    hashes = dict(hashes or {})
+    too_big = _oversized(root, rels, settings)
+    if too_big is not None:  # decided from st_size: nothing read, nothing hashed
+        return too_big.replace(findings=tuple(extra_findings) + too_big.findings, hashes=hashes)
     t0 = time.perf_counter()
     scan = scan_version(root, rels, settings)
     timings["scan"] = time.perf_counter() - t0
-    hashes = dict(hashes or {})
     files = tuple(
         FileInfo(rel, (root / rel).stat().st_size, hashes.get(rel) or sha256_file(root / rel),
                  scan.formats.get(rel, FileFormat.UNKNOWN))
         for rel in rels
     )
     findings = list(extra_findings) + list(scan.findings)  # RESOURCE_LIMIT over every class comes from the scan
+    readings = tuple(dataclasses.replace(scan.readings[f.path], sha256=f.sha256) for f in files
+                     if f.path in scan.readings)
+    findings.extend(_changed_while_scanned(root, readings))
     limit = (settings.class_for(scan.estimated_bytes) or settings.largest_class).memory_bytes
     load: LoadResult | None = None
     if not any(f.blocking for f in findings):
         job = LoadJob(
             root=str(root),
             files=tuple((rel, scan.formats.get(rel, FileFormat.UNKNOWN).value) for rel in rels),
+            readings=readings,
             arch=arch,
             arch_kwargs=dict(arch_kwargs or {}),
             arch_modules=settings.arch_modules,
             pickle_modules=settings.pickle_modules,
             allow_pickled_models=settings.allow_pickled_models,
+            model_code=dict(scan.model_code),
             require_input_example=settings.require_input_example,
             timeout_s=settings.worker_timeout_s,
             cpu_s=settings.worker_cpu_s,
             memory_bytes=limit,
+            expected=expected_facts(root, rels, scan),
         )
         load = run_worker(job, settings)
         findings.extend(load.findings)
         timings.update(load.timings_s)
     return Checked(files, tuple(findings), scan, load, timings, limit)
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16",
+                       "U32": "uint32", "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+                       "F8_E5M2": "float8_e5m2"}
+_MODEL_FORMATS = {FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY, FileFormat.SAFETENSORS, FileFormat.TORCH_EXPORT,
+                  FileFormat.TORCHSCRIPT, FileFormat.PICKLE}
+
+
+def expected_facts(root: Path, rels: Sequence[str], scan: ScanResult) -> dict[str, Any]:
+    """What the worker must report having loaded, read here from bytes the scan already accepted, for
+    the runner's cross-check (``runner.cross_check``). Only where it is unambiguous: one safetensors
+    file is the whole state_dict, its header names every tensor, shape and dtype."""
+    ckpts = [rel for rel in rels if scan.formats.get(rel) in _MODEL_FORMATS]
+    if len(ckpts) != 1 or scan.formats.get(ckpts[0]) is not FileFormat.SAFETENSORS:
+        return {}
+    try:
+        with open(root / ckpts[0], "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n <= 100 * 2**20 else {}
+        tensors = {name: {"shape": [int(d) for d in t["shape"]], "dtype": _SAFETENSORS_DTYPES[t["dtype"]]}
+                   for name, t in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # the scan judged the header; an expectation is only a cross-check
+    return {"tensors": tensors} if tensors else {}
+
+
+def _oversized(root: Path, rels: Sequence[str], settings: Settings,
+               sizes: dict[str, int] | None = None) -> Checked | None:
+    """The outcome for files too big for every worker, decided from their sizes (``sizes``, or
+    ``st_size``) before anything is read, hashed, copied or downloaded; None when all fit."""
+    if sizes is None:
+        sizes = {rel: (root / rel).stat().st_size for rel in rels}
+    findings = oversized_files(sizes, settings)
+    if not findings:
+        return None
+    files = tuple(FileInfo(rel, sizes.get(rel, 0), "", FileFormat.UNKNOWN) for rel in rels)
+    return Checked(files, tuple(findings), ScanResult(findings=tuple(findings)), None, {"scan": 0.0},
+                   settings.largest_class.memory_bytes)
+
+
+def _changed_while_scanned(root: Path, readings: Sequence[Reading]) -> list[Finding]:
+    """The digest the worker will check covers the bytes the scan read only if nothing wrote to the
+    file from the scan's open to the end of hashing: a write moves ctime, which its owner cannot reset."""
+    out = []
+    for r in readings:
+        try:
+            now = stamp_of((root / r.path).stat())
+        except OSError:
+            now = (0, 0, 0, 0)
+        if now != r.stamp:
+            out.append(Finding(ReasonCode.CORRUPT_ARCHIVE, f"{r.path} was modified while it was being scanned",
+                               "validate it again once nothing writes to the file", file=r.path))
+    return out
 
 
 def build_report(
@@ -175,39 +249,162 @@ def _finding_from_error(exc: CkptStageError) -> Finding:
 
 
 # -- inspect ---------------------------------------------------------------------------------------
+_PSEUDO_FS = ("/proc", "/sys", "/dev")
+_LINK_HINT = ("copy the file into the folder (or pass it as its own argument) instead of linking to it; "
+              "inspect follows a symlink only to a regular file inside the inspected folder")
+
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def _invoker() -> tuple[int, set[int]]:
+    """Who asked: the real user (under sudo, the user who ran sudo), and their groups."""
+    uid, gid = os.getuid(), os.getgid()
+    if uid == 0 and os.environ.get("SUDO_UID", "").isdigit():
+        uid, gid = int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", gid) or gid)
+        try:
+            import pwd
+
+            groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+        except (KeyError, OSError):
+            groups = {gid}
+        return uid, groups
+    return uid, {gid, *os.getgroups()}
+
+
+def _mode_allows(st: os.stat_result, uid: int, groups: set[int], bit_user: int) -> bool:
+    # Permission bits as the kernel checks them for an ordinary user: no DAC override, even for root,
+    # so a root stage never stages what the file's modes keep from the person who asked.
+    if st.st_uid == uid:
+        return bool(st.st_mode & bit_user)
+    if st.st_gid in groups:
+        return bool(st.st_mode & (bit_user >> 3))
+    return bool(st.st_mode & (bit_user >> 6))
+
+
+def _readable_by_invoker(path: str) -> bool:
+    uid, groups = _invoker()
+    try:
+        if not _mode_allows(os.stat(path), uid, groups, stat.S_IRUSR):
+            return False
+        parent = os.path.dirname(path)
+        while True:
+            if not _mode_allows(os.stat(parent), uid, groups, stat.S_IXUSR):
+                return False
+            if parent == "/":
+                return True
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+
+
+def _usable_file(path: Path, shown: str) -> None:
+    """A file ``inspect`` may hand to the worker: a regular file, not on /proc, /sys or /dev, that the
+    invoking user could read themselves. Anything else is a usage error naming it."""
+    real = os.path.realpath(path)
+    if any(_inside(real, fs) for fs in _PSEUDO_FS):
+        raise UsageError(f"{shown} is {real}, not a checkpoint file",
+                         hint="give the path of a checkpoint file or model directory")
+    st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{shown} is not a regular file (a FIFO, device or socket)",
+                         hint="give the path of a checkpoint file or model directory")
+    if not _readable_by_invoker(real):
+        raise UsageError(f"{shown}: you cannot read this file yourself (its permissions do not allow it)",
+                         hint="inspect only files your own user can read; copy it with the owner's consent")
+
+
 def collect_paths(paths: Sequence[Path]) -> tuple[Path, list[str]]:
-    """Local files or one MLflow model directory → (root, paths relative to root)."""
-    resolved = [Path(p).resolve() for p in paths]
-    for p in resolved:
-        if not p.exists():
+    """Local files or one MLflow model directory → (root, paths relative to root).
+
+    Inside a directory only regular files count; a symlink is followed only to a regular file inside
+    the directory: a link out of it (``/proc/self/environ``, another user's file, the stage's own
+    config) is a usage error naming the link, as is a FIFO, socket or device."""
+    given = [Path(os.path.abspath(p)) for p in paths]
+    for p in given:
+        if not os.path.lexists(p) or not p.exists():
             raise ConfigError(f"no such file or directory: {p}")
+    resolved = [p.resolve() for p in given]
     if len(resolved) == 1 and resolved[0].is_dir():
         root = resolved[0]
-        rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        rels = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in sorted(dirnames):  # a symlinked directory is not walked into
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full):
+                    raise UsageError(f"{Path(full).relative_to(root)} is a symlink to a directory "
+                                     f"({os.path.realpath(full)})", hint=_LINK_HINT)
+            for name in filenames:
+                full = os.path.join(dirpath, name)
+                rel = Path(full).relative_to(root).as_posix()
+                if os.path.islink(full):
+                    target = os.path.realpath(full)
+                    if not _inside(target, str(root)) or not os.path.isfile(target) or os.path.islink(target):
+                        raise UsageError(f"{rel} is a symlink to {target}, outside {root} or not a regular file",
+                                         hint=_LINK_HINT)
+                _usable_file(Path(full), rel)
+                rels.append(rel)
+        rels.sort()
         if not rels:
             raise ConfigError(f"{root} holds no files")
         return root, rels
     if any(p.is_dir() for p in resolved):
         raise ConfigError("give either one model directory or checkpoint files, not a mix")
+    for g in given:
+        _usable_file(g, str(g))
     root = Path(_common_dir(resolved))
     return root, [p.relative_to(root).as_posix() for p in resolved]
 
 
+def _copy_sparse(src_fd: int, dst: Path, size: int) -> None:
+    """Copy only the data extents (SEEK_DATA/SEEK_HOLE): a sparse file (1 TiB of holes) stays sparse
+    instead of filling the cache disk."""
+    with open(dst, "wb") as out:
+        off = 0
+        while off < size:
+            try:
+                data = os.lseek(src_fd, off, os.SEEK_DATA)
+            except OSError:
+                break  # no data after off (ENXIO): the rest is a hole
+            hole = os.lseek(src_fd, data, os.SEEK_HOLE)
+            out.seek(data)
+            pos = data
+            while pos < hole:
+                chunk = os.pread(src_fd, min(8 * 2**20, hole - pos), pos)
+                if not chunk:
+                    break
+                out.write(chunk)
+                pos += len(chunk)
+            off = hole
+        out.truncate(size)
+
+
 def _stage(src_root: Path, rels: Sequence[str], dest: Path) -> None:
     """Hard-link (world-readable files, same filesystem) or copy ``rels`` under ``dest``; the user's
-    files keep their permissions because only links to already-readable inodes are shared."""
+    files keep their permissions because only links to already-readable inodes are shared. A symlink
+    (inside the folder, checked by ``collect_paths``) is staged as a copy of its target's bytes."""
     dest.mkdir(parents=True, exist_ok=False)
     os.chmod(dest, 0o700)
     for rel in rels:
         src, dst = src_root / rel, dest / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.stat().st_mode & 0o004:
-            try:
-                os.link(src, dst)
-                continue
-            except OSError:
-                pass  # another filesystem, or links not allowed: copy
-        shutil.copyfile(src, dst)
+        real = os.path.realpath(src)
+        # O_NONBLOCK: a file swapped for a FIFO since collect_paths cannot hang the stage.
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"{rel} is not a regular file", hint="give the path of a checkpoint file")
+            if st.st_mode & 0o444 == 0o444:
+                try:
+                    os.link(f"/proc/self/fd/{fd}", dst, follow_symlinks=True)
+                    continue
+                except OSError:
+                    pass  # another filesystem, or links not allowed: copy
+            _copy_sparse(fd, dst, st.st_size)
+        finally:
+            os.close(fd)
 
 
 def _common_dir(files: Sequence[Path]) -> str:
@@ -232,8 +429,14 @@ def inspect_paths(
     t0 = time.perf_counter()
     staging = settings.cache_dir / "inspect" / uuid.uuid4().hex[:12]
     try:
-        _stage(src_root, rels, staging)
-        checked = check_local(staging, rels, settings, arch=arch, arch_kwargs=arch_kwargs)
+        # Sizes first, from the user's own files: a too-big (or sparse) file is refused before the
+        # staging step could link or copy it, and before a byte of it is read.
+        too_big = _oversized(src_root, rels, settings)
+        if too_big is not None:
+            checked = too_big
+        else:
+            _stage(src_root, rels, staging)
+            checked = check_local(staging, rels, settings, arch=arch, arch_kwargs=arch_kwargs)
         findings = list(checked.findings)
     except Exception as exc:  # noqa: BLE001 - the parent always writes a report
         checked, findings = None, [_internal(exc)]
@@ -314,9 +517,17 @@ def validate_version(
             t = time.perf_counter()
             try:
                 loc = resolve_artifact_uri(registry.download_uri(ref), settings)
-                local = storage.download(loc, workdir, progress=progress)
-                hashes = {lf.rel: lf.sha256 for lf in local}
-                files = [FileInfo(lf.rel, lf.size, lf.sha256) for lf in local]
+                remote = storage.list_files(loc)
+                # Sizes from the listing first: a file too big for every worker is never downloaded.
+                too_big = _oversized(workdir, [f.rel for f in remote], settings, {f.rel: f.size for f in remote})
+                if too_big is not None:
+                    checked = too_big
+                    files = list(too_big.files)
+                    findings.extend(too_big.findings)
+                else:
+                    local = storage.download(loc, workdir, files=remote, progress=progress)
+                    hashes = {lf.rel: lf.sha256 for lf in local}
+                    files = [FileInfo(lf.rel, lf.size, lf.sha256) for lf in local]
             except CkptStageError as exc:
                 findings.append(_finding_from_error(exc))
             timings["download"] = time.perf_counter() - t

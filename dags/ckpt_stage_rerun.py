@@ -53,7 +53,7 @@ SETTINGS = Settings.from_env()
     },
 )
 def ckpt_stage_rerun():
-    @task
+    @task(queue=orchestrate.control_queue(SETTINGS))  # loads nothing: the smallest class's queue
     def select() -> list[dict[str, str]]:
         from airflow.sdk.exceptions import AirflowFailException
 

@@ -11,6 +11,12 @@ Tasks: ``discover`` (the triggering events' versions that still need a verdict, 
 ``validate_<class>``, one mapped task instance per version in the class's pool and queue, so each
 version has its own log, state and retries.
 
+Under the CeleryExecutor each class has its queue (``ckpt-small``, ``ckpt-large`` by default, or as
+``CKPT_STAGE_WORKER_CLASSES`` names them): start ``airflow celery worker --queues ckpt-large`` on hosts with
+the large class's memory. ``discover``, ``plan`` and the ``batch_*`` tasks load nothing and run on the
+smallest class's queue. A version above the largest class's budget is routed to the largest class, where
+it is refused with RESOURCE_LIMIT before anything is loaded.
+
 A model problem ends its task successfully with a quarantine recorded. An infrastructure failure that
 may pass (S3 or MLflow unavailable, a lost worker) fails the task for Airflow to retry with exponential
 backoff; a misconfiguration or a bug in the stage (INTERNAL_ERROR) fails it without retries. Either way
@@ -52,7 +58,8 @@ MODEL_VERSION_CREATED = Asset(name=orchestrate.REGISTRATIONS_ASSET_NAME, uri=orc
     doc_md=__doc__,
 )
 def ckpt_stage_validate():
-    @task
+    # Loads nothing: on the smallest class's queue, which every Celery deployment has workers for.
+    @task(queue=orchestrate.control_queue(SETTINGS))
     def discover() -> list[dict[str, str]]:
         from ckpt_stage.registry import Registry
 

@@ -10,7 +10,7 @@ import importlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -346,6 +346,9 @@ class Weights:
     other_keys: tuple[str, ...] = ()
     problem: str = ""
     """Why there are no weights (when ``state`` is None)."""
+    copies: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Other copies of the weights in the same training checkpoint (``{"model": sd, "ema": sd2}``),
+    by key: not loaded into the architecture, but finite-checked like the weights used."""
 
 
 def find_weights(obj: Any, *, depth: int = 2) -> Weights:
@@ -368,7 +371,11 @@ def find_weights(obj: Any, *, depth: int = 2) -> Weights:
                 inner = find_weights(obj[key], depth=depth - 1)
                 if inner.state is not None:
                     where = key if inner.key is None else f"{key}.{inner.key}"
-                    return Weights(inner.state, where, inner.module, tuple(k for k in keys if k != key))
+                    copies = {f"{key}.{k}": v for k, v in inner.copies.items()}
+                    for other in MODEL_KEYS:
+                        if other != key and other in obj and is_state_dict(obj[other]):
+                            copies[other] = dict(obj[other])
+                    return Weights(inner.state, where, inner.module, tuple(k for k in keys if k != key), copies=copies)
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if tensors and not any(k in obj for k in OPTIMIZER_KEYS):
         # A state_dict with a few extra entries (an epoch counter, a config): keep the tensors.

@@ -4,11 +4,20 @@
 
     fork server (root, stripped env, torch imported, never ran a torch op)
       └─ supervisor   setsid; joins the job's memory cgroup; unshare(net, pid, mount, ipc, uts)
-           └─ init    PID 1 of the new PID namespace, still root: private mounts, fresh /proc,
-                      tmpfs /tmp (work dir) + the model bound read-only; forks the loader, reaps,
-                      and reports the loader's exit status (the loader cannot forge it)
-                └─ loader  rlimits; drops to nobody (no caps, no_new_privs, not dumpable);
-                           runs ``load_and_check(job)``; writes the LoadResult JSON to its pipe
+           └─ init    PID 1 of the new PID namespace, still root: builds the worker's private root
+                      (a tmpfs: system dirs, interpreter and sys.path read-only, the model read-only
+                      and noexec at /tmp/model, a private tmpfs work dir, a minimal /dev, a fresh
+                      /proc, a few /etc files) and pivot_roots into it, detaching the host's root;
+                      forks the loader, measures it, reaps, and reports the loader's exit status
+                      (the loader cannot forge it)
+                └─ loader  rlimits; drops to nobody (no caps, no_new_privs, not dumpable); seccomp
+                           filter; stops itself so init can read what is in force off
+                           /proc/2/status; runs ``load_and_check(job)``; writes the LoadResult JSON
+                           to its pipe
+
+Without a mount namespace (or where pivot_root is refused) init falls back to per-path measures
+(masks over /root, private tmpfs on /tmp, /var/tmp, /dev/shm) and the report says
+``private_root: false``.
 
 Why three: unshare(CLONE_NEWPID) only moves the caller's *children* into the new namespace, and a
 PID 1 ignores signals it has no handler for (SIGXCPU, a self-sent SIGABRT), which would blur the
@@ -159,7 +168,28 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
         except OSError as exc:
             mounts = False
             notes.append(f"mounts refused: {exc}")
-    if mounts:
+    # Owner set by mount options: the pod template grants no CAP_CHOWN.
+    owner = ",uid={},gid={}".format(*spec["drop_to"]) if spec.get("drop_to") else ""
+    size = int(spec.get("tmp_bytes") or 64 * 2**20)
+    work_opts = f"mode=0700,size={size}{owner}"
+    info["private_root"] = False
+    if mounts and info["pid_namespace"] and spec.get("private_root", True):
+        # The whole filesystem of the worker, built on a tmpfs over the runner's job dir (a directory
+        # only this mount namespace changes) and pivoted into: see isolation.build_private_root.
+        new_root = os.path.dirname(spec["fallback_dir"])
+        try:
+            iso.build_private_root(new_root, NEEDED_PATHS, model_fd=root_fd, model=MODEL, work=WORK,
+                                   work_opts=work_opts, shm_bytes=min(size, 16 * 2**20))
+            iso.enter_root(new_root)
+            info.update(private_root=True, proc_private=True, private_tmp=True, readonly_model=True)
+            model_root, work = MODEL, WORK
+        except OSError as exc:
+            notes.append(f"no private root: {exc}")
+            try:  # undo what was half built; the per-path measures below still apply
+                iso.umount2(new_root, iso.MNT_DETACH)
+            except OSError:
+                pass
+    if mounts and not info["private_root"]:
         if info["pid_namespace"]:
             try:
                 iso.mount("proc", "/proc", "proc", iso.MS_NOSUID | iso.MS_NODEV | iso.MS_NOEXEC)
@@ -177,16 +207,13 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
             info["readonly_model"] = True
             model_root = MODEL
             os.makedirs(WORK, mode=0o700)
-            # Owner set by mount options: the pod template grants no CAP_CHOWN.
-            owner = ",uid={},gid={}".format(*spec["drop_to"]) if spec.get("drop_to") else ""
-            size = int(spec.get("tmp_bytes") or 64 * 2**20)
-            iso.mount("tmpfs", WORK, "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, f"mode=0700,size={size}{owner}")
+            iso.mount("tmpfs", WORK, "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, work_opts)
             work = WORK
             info["private_tmp"] = True
         except OSError as exc:
             notes.append(str(exc))
     os.close(root_fd)
-    if spec.get("drop_to"):
+    if spec.get("drop_to") and not info["private_root"]:
         # Without the binds, the unprivileged loader reads the host's paths directly. If it cannot reach
         # them, the loader's errors would look like the model's fault (a false quarantine): stop here
         # with an infrastructure error instead.
@@ -212,12 +239,28 @@ def _init(spec: dict, result_w: int, status: _Status, cgroup: bool, ns: dict[str
         _loader_main(spec, result_w, status.fd, model_root, work)
     os.close(result_w)
     status.send(ev="loading", ns_pid=pid)
+    # /proc/<pid> names the loader only where this /proc is the namespace's own (or there is no PID
+    # namespace at all); otherwise pid 2 of the host's /proc is someone else.
+    can_measure = info["proc_private"] or not info["pid_namespace"]
+    measured = False
     while True:  # PID 1 reaps every orphan of the namespace; only the loader's end matters
         try:
-            got, st, ru = os.wait4(-1, 0)
+            got, st, ru = os.wait4(-1, os.WUNTRACED)
         except ChildProcessError:
             status.send(ev="error", msg="loader vanished")
             return 1
+        if got == pid and os.WIFSTOPPED(st):
+            # The loader stops itself once, after its last set-up step and before any job code:
+            # read what is in force off its /proc status (its own word is never taken).
+            if not measured:
+                measured = True
+                facts = iso.measured_facts(iso.proc_status(pid)) if can_measure else {}
+                status.send(ev="armed", facts=facts)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
+            continue
         if got == pid:
             break
     cpu = ru.ru_utime + ru.ru_stime
@@ -286,6 +329,16 @@ def _loader_main(spec: dict, result_w: int, status_w: int, model_root: str, work
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
         os._exit(SETUP_FAILED)
+    if spec.get("seccomp", True):
+        # Last: the set-up above needs mount-free but otherwise ordinary syscalls; from here on the
+        # job's code runs under the filter. A platform without libseccomp runs without it; init
+        # measures what is in force either way (Seccomp: in /proc/<pid>/status).
+        try:
+            iso.install_seccomp()
+        except Exception as exc:  # noqa: BLE001
+            print(f"ckpt-stage worker: no seccomp filter: {type(exc).__name__}: {exc}", file=sys.stderr)
+    # Let init read the measures off /proc before the entry runs (see _init).
+    os.kill(os.getpid(), signal.SIGSTOP)
 
     try:
         from ckpt_stage.sandbox.job import LoadJob

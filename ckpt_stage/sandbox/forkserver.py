@@ -72,6 +72,11 @@ def _preload(entries: list[str]) -> dict[str, Any]:
         runtime["mlflow"] = importlib.metadata.version("mlflow")  # no import: mlflow is heavy
     except importlib.metadata.PackageNotFoundError:
         pass
+    try:
+        # libseccomp is opened now, by the server, rather than by each worker after its pivot.
+        import pyseccomp  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - the worker then runs without a filter, and says so
+        hello["preload_errors"]["pyseccomp"] = f"{type(exc).__name__}: {exc}"
     for entry in entries:
         mod = entry.partition(":")[0]
         try:

@@ -1,5 +1,5 @@
-"""Isolation primitives of the worker: environment scrubbing, namespaces, mounts, privileges,
-rlimits, memory cgroups and /proc sampling.
+"""Isolation primitives of the worker: environment scrubbing, namespaces, mounts, the private root
+(pivot_root), the seccomp filter, privileges, rlimits, memory cgroups and /proc sampling.
 
 Everything here is small and does one thing; ``child.py`` strings the child-side pieces together
 and ``runner.py`` the parent-side ones. Every measure is best effort at the call site: a platform
@@ -28,30 +28,54 @@ from pathlib import Path
 
 # Allowlist first: an unknown variable is dropped, because a denylist can never know every way a
 # deployment spells a secret (Airflow alone has AIRFLOW_CONN_*, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN,
-# ...). What the worker needs: how to find Python and its libraries, locale, thread counts, torch
-# knobs and the stage's own non-secret settings.
+# ...). What the worker needs: how to find Python and its libraries, locale, thread counts and torch
+# knobs. Not the stage's own CKPT_STAGE_* settings: the LoadJob carries everything the worker uses, and
+# those settings hold URLs (CKPT_STAGE_AIRFLOW_URL, webhook receivers) that may carry tokens.
 _ENV_KEEP_NAMES = frozenset(
     {"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX",
-     "CUDA_VISIBLE_DEVICES", "SOURCE_DATE_EPOCH"}
+     "CUDA_VISIBLE_DEVICES", "SOURCE_DATE_EPOCH",
+     "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONNOUSERSITE", "PYTHONSAFEPATH", "PYTHONUNBUFFERED",
+     "PYTHONHASHSEED", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONFAULTHANDLER", "PYTHONWARNINGS",
+     "PYTHONMALLOC"}
 )
-_ENV_KEEP_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "NUMEXPR_",
-                      "TORCH_", "PYTORCH_", "CKPT_STAGE_")
+_ENV_KEEP_PREFIXES = ("LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "NUMEXPR_", "TORCH_", "PYTORCH_")
 # Then the denylist, which wins over the allowlist. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 silently turns
 # weights_only off for every torch.load that does not pass it (torch >= 2.6), so it must never reach
-# the worker. PYTHONSTARTUP/PYTHONINSPECT/PYTHONBREAKPOINT run code; PYTHONHOME would repoint stdlib.
-_ENV_DROP_NAMES = frozenset(
-    {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "PYTHONSTARTUP", "PYTHONINSPECT", "PYTHONBREAKPOINT",
-     "PYTHONHOME", "PYTHONUSERBASE", "PYTHONEXECUTABLE"}
-)
+# the worker.
+_ENV_DROP_NAMES = frozenset({"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"})
 _ENV_DROP_PREFIXES = ("AWS_", "MLFLOW_", "AZURE_", "GOOGLE_", "AIRFLOW", "GCS_", "S3_")
+# A name that says secret (*_TOKEN, *_SECRET, *_PASSWORD, *_KEY, ...), whatever its prefix.
 _SECRET_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|_KEY$|_KEY_ID$|APIKEY|AUTH|COOKIE|SESSION)",
                         re.IGNORECASE)
-# A value that carries user:password@ (database URLs and the like) is dropped whatever its name.
-_URL_WITH_PASSWORD_RE = re.compile(r"://[^/@\s]*:[^/@\s]*@")
+# A value that carries URL userinfo (user:password@ or a bare token@: database URLs, git remotes).
+_URL_USERINFO_RE = re.compile(r"://[^/?#\s]*@")
+# A query (or fragment) parameter whose name can carry a credential: ?token=, &sig= (Azure SAS),
+# X-Amz-Signature/X-Amz-Credential (S3 presigned URLs), X-Goog-*, access_token, api_key, code (OAuth).
+_URL_PARAM_RE = re.compile(r"[?&#;]([A-Za-z0-9_.\-]+)=")
+_CREDENTIAL_PARAMS = frozenset(
+    {"token", "sig", "signature", "key", "apikey", "password", "passwd", "pwd", "pass", "secret", "code",
+     "auth", "authorization", "credential", "credentials", "session", "sessionid", "jwt", "ticket",
+     "otp", "sas", "se", "sp", "sv", "hmac", "private_token", "client_secret", "access_token",
+     "refresh_token", "id_token", "api_key", "auth_token"})
+_CREDENTIAL_PARAM_PREFIXES = ("x-amz-", "x-goog-", "x-ms-", "x-oss-")
+_CREDENTIAL_PARAM_SUFFIXES = ("token", "secret", "password", "_key", "-key", "signature", "_sig")
+
+
+def carries_credential(value: str) -> bool:
+    """Whether an environment value may hold a credential: URL userinfo, or a URL parameter named like
+    one (matched as a name, so ``?page=2`` or ``?zipcode=`` do not count)."""
+    if _URL_USERINFO_RE.search(value):
+        return True
+    for m in _URL_PARAM_RE.finditer(value):
+        name = m.group(1).lower()
+        if (name in _CREDENTIAL_PARAMS or name.startswith(_CREDENTIAL_PARAM_PREFIXES)
+                or name.endswith(_CREDENTIAL_PARAM_SUFFIXES)):
+            return True
+    return False
 
 
 def scrub_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The environment a worker may see: allowlisted names minus anything secret-looking."""
+    """The environment a worker may see: allowlisted names, minus secret-looking names and values."""
     out: dict[str, str] = {}
     for key, value in env.items():
         up = key.upper()
@@ -59,7 +83,7 @@ def scrub_env(env: Mapping[str, str]) -> dict[str, str]:
             continue
         if up in _ENV_DROP_NAMES or up.startswith(_ENV_DROP_PREFIXES):
             continue
-        if _SECRET_RE.search(up) or _URL_WITH_PASSWORD_RE.search(value):
+        if _SECRET_RE.search(up) or carries_credential(value):
             continue
         out[key] = value
     return out
@@ -217,6 +241,234 @@ def bind_readonly(source: str, target: str, *, recursive: bool = False, noexec: 
     # A bind mount takes the flags of its first mount; read-only needs a second, remount, call.
     extra = MS_NOEXEC if noexec else 0
     mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | extra)
+
+
+# --- private root --------------------------------------------------------------------------------
+
+MNT_DETACH = 2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
+"""Host directories the interpreter and its native libraries live in, bound read-only into the
+worker's root (a top-level symlink, as on merged-/usr systems, is recreated as the same symlink)."""
+ETC_FILES = ("ld.so.cache", "localtime")
+"""The only host files of /etc the worker sees: the dynamic loader's cache (torch's extension
+libraries are found through it) and the time zone. passwd, group and nsswitch.conf are written
+fresh (root and nobody only): getpwuid works, the host's account list stays out."""
+DEV_NODES = ("null", "zero", "full", "random", "urandom")
+SYS_DIRS = ("/sys/devices/system/cpu",)
+"""torch's cpuinfo and OpenMP read the CPU topology here; nothing else of /sys (no /sys/fs/cgroup)."""
+NEVER_BIND = frozenset({"/", "/tmp", "/var", "/var/tmp", "/dev", "/dev/shm", "/proc", "/sys", "/run",
+                        "/var/run", "/etc", "/home", "/root", "/srv", "/opt", "/mnt", "/media"})
+"""Shared host directories that a sys.path entry may name but the worker never gets whole; what lives
+below them (a venv in /opt/venv, pyenv in /root/.pyenv) is bound on its own."""
+_ETC_SYNTH = {
+    "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/tmp/work:/usr/sbin/nologin\n",
+    "group": "root:x:0:\nnogroup:x:65534:\n",
+    "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+    "hosts": "127.0.0.1 localhost\n",
+}
+
+
+def umount2(target: str, flags: int) -> None:
+    _check(_lib().umount2(_enc(target), ctypes.c_int(flags)), f"umount {target}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    # glibc has no wrapper (and Python 3.11 no os.pivot_root): the raw syscall.
+    import platform
+
+    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"pivot_root: unknown syscall number on {platform.machine()}")
+    lib = _lib()
+    lib.syscall.restype = ctypes.c_long
+    _check(int(lib.syscall(ctypes.c_long(nr), _enc(new_root), _enc(put_old))), "pivot_root")
+
+
+def _bind_into(new_root: str, source: str, target: str | None = None, *, noexec: bool = False,
+               dev: bool = False) -> None:
+    dest = new_root + (target or source)
+    if os.path.isdir(source):
+        os.makedirs(dest, mode=0o755, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+        with open(dest, "a"):
+            pass
+    mount(source, dest, None, MS_BIND | MS_REC)
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (0 if dev else MS_NODEV) | (MS_NOEXEC if noexec or dev else 0)
+    mount(None, dest, None, flags)
+
+
+def build_private_root(new_root: str, needed: Iterable[str], *, model_fd: int, model: str, work: str,
+                       work_opts: str, shm_bytes: int) -> None:
+    """Assemble the worker's whole filesystem on a tmpfs at ``new_root`` (in a private mount
+    namespace, as root): system dirs, ``needed`` (interpreter prefixes, sys.path) and the model
+    read-only, a private tmpfs at ``work``, a minimal /dev, a fresh /proc (the caller's PID namespace),
+    a few /etc files. Nothing else of the host is reachable once ``enter_root`` pivots into it:
+    no /run or /var/run (database Unix sockets), /tmp, /home, /etc, /srv, /opt."""
+    mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4m")
+    bound: list[str] = []
+    links: list[tuple[str, str]] = []
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):
+            links.append((d, os.readlink(d)))
+        elif os.path.isdir(d):
+            _bind_into(new_root, d)
+            bound.append(d)
+    for d in sorted({os.path.realpath(p) for p in needed}):
+        if d in NEVER_BIND:
+            continue  # a script's dir on sys.path may be /tmp itself: never hand that over whole
+        if os.path.isdir(d) and not any(d == b or d.startswith(b.rstrip("/") + "/") for b in bound):
+            _bind_into(new_root, d)
+            bound.append(d)
+    for d in SYS_DIRS:
+        if os.path.isdir(d):
+            _bind_into(new_root, d)
+    # Symlinks last: a relative target resolves inside the new root; an absolute one is only
+    # followed after the pivot, also inside it.
+    for d, target in links:
+        if not os.path.lexists(new_root + d):
+            os.symlink(target, new_root + d)
+    etc = new_root + "/etc"
+    os.makedirs(etc, mode=0o755, exist_ok=True)
+    for name in ETC_FILES:
+        src = "/etc/" + name
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), f"{etc}/{name}")
+        elif os.path.isfile(src):
+            _bind_into(new_root, src)
+    for name, text in _ETC_SYNTH.items():
+        with open(f"{etc}/{name}", "w") as fh:
+            fh.write(text)
+        os.chmod(f"{etc}/{name}", 0o644)
+    dev = new_root + "/dev"
+    os.makedirs(dev, mode=0o755)
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+    for name in DEV_NODES:
+        if os.path.exists("/dev/" + name):
+            _bind_into(new_root, "/dev/" + name, dev=True)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+    os.makedirs(dev + "/shm")
+    mount("tmpfs", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"mode=1777,size={shm_bytes}")
+    mount(None, dev, None, MS_REMOUNT | MS_NOSUID | MS_NOEXEC | MS_RDONLY, "mode=0755,size=64k")
+    os.makedirs(new_root + "/proc", mode=0o555)
+    mount("proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.makedirs(new_root + os.path.dirname(model), mode=0o755, exist_ok=True)
+    _bind_into(new_root, f"/proc/self/fd/{model_fd}", model, noexec=True)
+    os.makedirs(new_root + work, mode=0o700)
+    mount("tmpfs", new_root + work, "tmpfs", MS_NOSUID | MS_NODEV, work_opts)
+
+
+def enter_root(new_root: str) -> None:
+    """pivot_root into ``new_root`` and detach the old root, so no path leads back to the host
+    (a chroot alone would leave the old root reachable through a second chroot or an fd)."""
+    os.chdir(new_root)
+    # pivot_root(".", "."): the old root is stacked on top of the new one, then detached (no
+    # put_old directory is needed, as in runc).
+    pivot_root(".", ".")
+    umount2(".", MNT_DETACH)
+    os.chdir("/")
+    # The root tmpfs (mount points, the synthetic /etc files) read-only: the worker writes only to
+    # its work dir and /dev/shm.
+    mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=0755,size=4m")
+
+
+# --- seccomp -------------------------------------------------------------------------------------
+
+SECCOMP_DENY = (
+    # network: no socket of any family (the loader needs none; socketpair stays, it has no address)
+    "socket",
+    # io_uring can open sockets and files without the syscalls filtered here
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    # namespaces and mounts: a user namespace hands fake root and a large kernel surface to the model
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "fsopen", "fsconfig", "fsmount",
+    "fspick", "move_mount", "open_tree", "mount_setattr",
+    # other processes' memory and files
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
+    # kernel interfaces with a history of privilege-escalation bugs
+    "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "open_by_handle_at", "name_to_handle_at", "fanotify_init", "lookup_dcookie",
+    # host administration
+    "mknod", "mknodat", "swapon", "swapoff", "reboot", "syslog", "acct", "quotactl", "quotactl_fd",
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "iopl", "ioperm", "vhangup",
+    "sethostname", "setdomainname", "nfsservctl", "uselib",
+)
+_CLONE_NS_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+"""CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET: clone() with any is refused."""
+_PERSONALITY_LINUX = 0
+"""personality(PER_LINUX) is all the worker may ask for: READ_IMPLIES_EXEC, ADDR_NO_RANDOMIZE and the
+other personas weaken the process's memory protections. seccomp compares one argument once per rule,
+so "anything but 0 or the 0xffffffff query" cannot be written: the query is refused too."""
+
+
+def install_seccomp() -> list[str]:
+    """Load the worker's syscall filter (default allow; the listed syscalls fail with EPERM). Needs
+    no_new_privs (or CAP_SYS_ADMIN). Returns the refused syscalls this kernel/libseccomp knows.
+
+    clone3 passes its flags in a struct seccomp cannot read: it fails with ENOSYS, so glibc
+    (>= 2.34) falls back to clone(), whose flags are filtered. A filter for another ABI (i386 via
+    int 0x80, x32) is not added: libseccomp kills a call from an ABI the filter does not cover.
+    """
+    import pyseccomp as sc
+
+    f = sc.SyscallFilter(sc.ALLOW)
+    f.set_attr(sc.Attr.CTL_TSYNC, 1)
+    eperm = sc.ERRNO(errno.EPERM)
+    denied: list[str] = []
+
+    def rule(action: int, name: str, *args: object) -> bool:
+        nr = sc.resolve_syscall(sc.Arch.NATIVE, name)
+        if nr < 0:
+            return False  # not a syscall on this architecture (iopl on aarch64, ...)
+        f.add_rule(action, nr, *args)
+        return True
+
+    for name in SECCOMP_DENY:
+        if rule(eperm, name):
+            denied.append(name)
+    if rule(sc.ERRNO(errno.ENOSYS), "clone3"):
+        denied.append("clone3")
+    clone_rules = [rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, bit, bit)) for bit in _CLONE_NS_FLAGS]
+    if all(clone_rules):
+        denied.append("clone(CLONE_NEW*)")
+    nr = sc.resolve_syscall(sc.Arch.NATIVE, "personality")
+    if nr >= 0:
+        f.add_rule(eperm, nr, sc.Arg(0, sc.GT, _PERSONALITY_LINUX))
+        denied.append("personality(!=PER_LINUX)")
+    f.load()
+    return denied
+
+
+def proc_status(pid: int | str) -> dict[str, str]:
+    """Fields of /proc/<pid>/status (Uid, Seccomp, NoNewPrivs, CapEff, RssAnon, ...)."""
+    out: dict[str, str] = {}
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                k, _, v = line.decode(errors="replace").partition(":")
+                out[k] = v.strip()
+    except OSError:
+        return {}
+    return out
+
+
+def measured_facts(status: Mapping[str, str]) -> dict[str, object]:
+    """Isolation facts read off a process's /proc status by someone else (never its own word)."""
+    facts: dict[str, object] = {}
+    try:
+        uids = [int(x) for x in status.get("Uid", "").split()]
+        facts["uid"] = uids[0] if uids else None
+        facts["unprivileged_user"] = bool(uids) and all(u != 0 for u in uids)
+        facts["no_new_privs"] = status.get("NoNewPrivs") == "1"
+        facts["seccomp"] = status.get("Seccomp") == "2"  # 2 = filter mode
+        facts["capabilities_effective"] = int(status.get("CapEff", "0") or "0", 16) != 0
+    except ValueError:
+        pass
+    return facts
 
 
 # --- privileges and limits -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckpt_stage.domain import Finding
+from ckpt_stage.scan.reading import Reading
 
 
 @dataclass(frozen=True)
@@ -18,16 +19,28 @@ class LoadJob:
     """Local directory holding the version's files (the worker must treat it as read-only)."""
     files: tuple[tuple[str, str], ...]
     """(path relative to root, FileFormat value from the static scan) for every file."""
+    readings: tuple[Reading, ...] | None = None
+    """The static scan's reading of every file (``ckpt_stage.scan.reading``): the worker loads a file
+    only as its reading says (format, member table, header) and refuses one whose size or sha256
+    differs from it. The pipeline always sends them; None only for in-process callers (tests), for
+    which the worker makes the readings itself with the scanner's own code."""
     arch: str | None = None
     """``package.module:Class`` for bare state_dicts; only honoured under ``arch_modules``."""
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     arch_modules: tuple[str, ...] = ("torch.nn",)
     pickle_modules: tuple[str, ...] = ()
     allow_pickled_models: bool = True
+    model_code: dict[str, list[str]] = field(default_factory=dict)
+    """Code folders of the version (path relative to root → their top-level modules) that the scan
+    found and the operator allowed (``CKPT_STAGE_ALLOW_MODEL_CODE``): the worker, and only the worker,
+    puts them on ``sys.path`` and accepts those modules' classes in pickles."""
     require_input_example: bool = False
     timeout_s: float = 300.0
     cpu_s: float = 600.0
     memory_bytes: int = 4 * 2**30
+    expected: dict[str, Any] = field(default_factory=dict)
+    """What the parent's static scan read from the same bytes, for ``runner.cross_check``:
+    ``{"tensors": {name: {"shape": [...], "dtype": "float32"}}}`` for a bare state_dict (optional)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,8 +49,11 @@ class LoadJob:
     def from_dict(cls, data: dict[str, Any]) -> LoadJob:
         data = dict(data)
         data["files"] = tuple(tuple(x) for x in data.get("files", ()))
+        if data.get("readings") is not None:
+            data["readings"] = tuple(Reading.from_dict(r) for r in data["readings"])
         data["arch_modules"] = tuple(data.get("arch_modules", ()))
         data["pickle_modules"] = tuple(data.get("pickle_modules", ()))
+        data["model_code"] = {str(k): [str(m) for m in v] for k, v in (data.get("model_code") or {}).items()}
         return cls(**data)
 
 

@@ -30,6 +30,7 @@ import traceback
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 # Before torch is imported anywhere in this process (safe_torch pops it too, at every load).
@@ -40,11 +41,13 @@ import torch  # noqa: E402
 from ckpt_stage.domain import FileFormat, Finding, ReasonCode, Severity  # noqa: E402
 from ckpt_stage.policy import NO_INPUT_EXAMPLE  # noqa: E402
 from ckpt_stage.sandbox import checks, mlflow_model, pt2, safe_torch  # noqa: E402
+from ckpt_stage.scan import pt2 as pt2_grammar  # noqa: E402
 from ckpt_stage.sandbox.job import LoadJob, LoadResult  # noqa: E402
+from ckpt_stage.scan.reading import Reading, changed, stamp_of  # noqa: E402
+from ckpt_stage.scan.safetensors import MAX_HEADER  # noqa: E402
 
 _CHECKPOINT_FORMATS = {FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY, FileFormat.SAFETENSORS,
                        FileFormat.TORCH_EXPORT, FileFormat.TORCHSCRIPT, FileFormat.PICKLE}
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _PICKLED_MODELS_HINT = ("re-log the model with serialization_format='pt2' (MLflow's default) or log a "
                         "state_dict; an operator may allow pickled modules with "
                         "CKPT_STAGE_ALLOW_PICKLED_MODELS=true")
@@ -101,6 +104,9 @@ class _Run:
         self.recorded: dict[str, str] = {}
         self.timings: dict[str, float] = {"load": 0.0, "inference": 0.0}
         self.info: dict[str, Any] = {}
+        self.readings: dict[str, Reading] = {}
+        """The scan's reading of each file (``_formats``): what the loaders obey."""
+        self.stamps: dict[str, tuple[int, int, int, int]] = {}
 
     def add(self, code: ReasonCode | None, message: str, hint: str = "", file: str | None = None,
             severity: Severity = Severity.ERROR, **detail: Any) -> None:
@@ -154,52 +160,150 @@ def load_and_check(job: LoadJob) -> LoadResult:
 # formats
 
 
+#: The current job's readings by absolute path, for callers that only hold a path (``sniff``). A
+#: worker runs one job and is thrown away; in-process callers get it reset by every ``_formats``.
+_READ_BY_PATH: dict[str, Reading] = {}
+
+
 def sniff(path: str) -> FileFormat:
-    """Content-based format for files the scan left ``unknown`` (the scan's answer wins otherwise)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(16)
-    except OSError:
-        return FileFormat.UNKNOWN
-    if head[:4] == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return FileFormat.TORCH_ZIP  # let torch say what is wrong with it
-        if any(n.endswith("archive_format") for n in names):
-            return FileFormat.TORCH_EXPORT
-        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-            return FileFormat.TORCHSCRIPT
-        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-            return FileFormat.TORCH_ZIP
-        return FileFormat.UNKNOWN
-    if len(head) >= 9:
-        n = int.from_bytes(head[:8], "little")
-        if 2 <= n <= 100 * 2**20 and head[8:9] == b"{":
-            return FileFormat.SAFETENSORS
-    if head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == _LEGACY_MAGIC:
-        return FileFormat.TORCH_LEGACY
-    if head[:1] == b"\x80":
-        return FileFormat.PICKLE
-    return FileFormat.UNKNOWN
+    """The format the scan's reading gives ``path``; UNKNOWN for a file no reading describes.
+
+    The worker never decides a format itself (a second sniffer beside the scanner is the parser
+    differential behind picklescan's CVE-2025-1944/1945/10156): it obeys the reading."""
+    r = _READ_BY_PATH.get(os.path.abspath(path))
+    return r.fmt if r is not None else FileFormat.UNKNOWN
 
 
-def _formats(run: _Run) -> list[tuple[str, FileFormat]]:
-    out = []
-    for rel, fmt in run.job.files:
-        try:
-            f = FileFormat(fmt)
-        except ValueError:
-            f = FileFormat.UNKNOWN
-        if f is FileFormat.UNKNOWN and os.path.isfile(run.path(rel)):
-            f = sniff(run.path(rel))
-        out.append((rel, f))
+def _own_readings(run: _Run) -> dict[str, Reading]:
+    """Readings made here with the scanner's own code, for jobs that carry none (in-process callers:
+    the pipeline always sends the parent's). The same code, so the same answer as the parent's scan."""
+    from ckpt_stage.config import Settings
+    from ckpt_stage.scan import scan_file
+
+    job = run.job
+    settings = Settings(pickle_modules=tuple(job.pickle_modules), allow_pickled_models=job.allow_pickled_models)
+    mlflow_dir = any(posixpath.basename(rel) == "MLmodel" for rel, _ in job.files)
+    out: dict[str, Reading] = {}
+    for rel, _ in job.files:
+        _fmt, fs, _counts = scan_file(Path(job.root), rel, settings, mlflow_dir=mlflow_dir)
+        if fs.reading is not None:
+            out[rel] = fs.reading
     return out
 
 
+_CHANGED_HINT = ("the file was modified while it was being validated (or the stage's cache was touched): "
+                 "validate it again once nothing writes to it; a re-run downloads it afresh")
+
+
+def _formats(run: _Run) -> list[tuple[str, FileFormat]]:
+    """Every file of the job with the format its reading gives, after checking that the file is still
+    the one the scan read (size, sha256) and, for the zip archives torch loads, that torch's own reader
+    sees the scan's member table. Any difference is a refusal (CORRUPT_ARCHIVE)."""
+    job = run.job
+    run.readings = _own_readings(run) if job.readings is None else {r.path: r for r in job.readings}
+    _READ_BY_PATH.clear()
+    _READ_BY_PATH.update({os.path.abspath(run.path(rel)): r for rel, r in run.readings.items()})
+    out = []
+    for rel, declared in job.files:
+        r = run.readings.get(rel)
+        if r is None:
+            run.add(ReasonCode.INTERNAL_ERROR,
+                    f"the static scan left no reading of {rel}; the worker loads only what the scan read",
+                    "this is a bug in ckpt-stage, not in the model: report it with this report", rel)
+            continue
+        if declared not in (FileFormat.UNKNOWN.value, r.format):
+            run.add(ReasonCode.INTERNAL_ERROR,
+                    f"{rel}: the job says {declared} but the scan's reading says {r.format}",
+                    "this is a bug in ckpt-stage, not in the model: report it with this report", rel)
+            continue
+        path = run.path(rel)
+        try:
+            run.stamps[rel] = stamp_of(os.stat(path))  # before hashing: see _unchanged_since_verified
+        except OSError:
+            pass
+        problem = changed(r, path)
+        if problem:
+            run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel} is not the file the static scan read: {problem}",
+                    _CHANGED_HINT, rel, kind="changed-after-scan")
+            continue
+        # The runtime's own limit first: torch's reader refuses a too-new version record on opening.
+        if r.fmt is FileFormat.UNKNOWN and r.container == "zip" and not r.members:
+            # torch.load would try it as a zip (it checks the magic only); the scan could not read it.
+            run.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"{rel} starts like a zip archive but the static scan could not read its structure; not "
+                    "loaded", "the file is truncated or damaged: upload it again from the original", rel)
+            continue
+        if r.fmt in (FileFormat.TORCH_ZIP, FileFormat.TORCH_EXPORT) and (
+                _zip_version_problem(run, rel) or not _records_match(run, rel, r)):
+            continue
+        out.append((rel, r.fmt))
+    return out
+
+
+def _records_match(run: _Run, rel: str, r: Reading) -> bool:
+    """torch's own zip reader (PyTorchStreamReader, what torch.load and torch.export.load use) must see
+    exactly the records the scan checked, at the same offsets and sizes; otherwise the two parsers read
+    different archives out of the same bytes and the scan's verdict says nothing about the load."""
+    hint = ("the archive reads differently to torch than to a zip parser (crafted or damaged container): "
+            "re-save the checkpoint with torch.save / torch.export.save and upload it again")
+    expected = r.records()
+    try:
+        reader = torch._C.PyTorchFileReader(run.path(rel))
+        names = list(reader.get_all_records())
+        # get_record_offset is bound in torch 2.13 but missing from its type stubs.
+        seen = {n: (int(reader.get_record_offset(n)), int(reader.get_record_size(n)))  # type: ignore[attr-defined]
+                for n in names}
+    except Exception as exc:
+        run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel}: torch's zip reader cannot read the archive: {_brief(exc)}",
+                hint, rel, kind="reader-differs")
+        return False
+    problems = []
+    extra = sorted(set(seen) - set(expected))
+    missing = sorted(set(expected) - set(seen))
+    if extra:
+        problems.append(f"torch sees {checks.count(len(extra), 'record')} the scan did not ({checks.listing(extra)})")
+    if missing:
+        problems.append(f"the scan read {checks.count(len(missing), 'record')} torch does not see "
+                        f"({checks.listing(missing)})")
+    moved = sorted(n for n in set(seen) & set(expected)
+                   if seen[n] != (expected[n].data_offset, expected[n].usize))
+    if moved:
+        n = moved[0]
+        problems.append(f"record {n!r} lies at offset {seen[n][0]:,} ({seen[n][1]:,} bytes) for torch but at "
+                        f"{expected[n].data_offset:,} ({expected[n].usize:,} bytes) for the scan"
+                        + (f", and {len(moved) - 1} more" if len(moved) > 1 else ""))
+    if problems:
+        run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel}: torch's zip reader and the static scan disagree: "
+                + "; ".join(problems), hint, rel, kind="reader-differs")
+        return False
+    return True
+
+
+def _unchanged_since_verified(run: _Run) -> None:
+    """No file changed while it was hashed and loaded: a write moves ctime, which the file's owner
+    cannot set back (an inspected file is a hard link to the user's own inode)."""
+    for rel, before in run.stamps.items():
+        try:
+            now = stamp_of(os.stat(run.path(rel)))
+        except OSError:
+            continue
+        if now != before:
+            run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel} was modified while the worker loaded it",
+                    _CHANGED_HINT, rel, kind="changed-during-load")
+
+
 def _check(run: _Run) -> None:
-    files = _formats(run)
+    with run.timed("verify"):  # re-hashing what the scan read: ~5 s/GiB on a slow core
+        files = _formats(run)
+    if run.blocked:
+        return
+    try:
+        _check_files(run, files)
+    finally:
+        _unchanged_since_verified(run)
+
+
+def _check_files(run: _Run, files: list[tuple[str, FileFormat]]) -> None:
     mlmodels = sorted((rel for rel, _ in files if posixpath.basename(rel) == "MLmodel"),
                       key=lambda r: (r.count("/"), r))
     if mlmodels:
@@ -268,21 +372,16 @@ def _load_error(run: _Run, rel: str, exc: BaseException) -> None:
 
 
 def _zip_version_problem(run: _Run, rel: str) -> bool:
-    """A torch zip whose ``version`` record is newer than this torch reads (checked before loading)."""
-    try:
-        with zipfile.ZipFile(run.path(rel)) as z:
-            for name in z.namelist():
-                if name.endswith(("/version", "/.data/version")) and name.count("/") <= 2:
-                    raw = z.read(name).strip()
-                    if raw.isdigit() and int(raw) > pt2.MAX_FILE_FORMAT_VERSION:
-                        run.add(ReasonCode.LIBRARY_VERSION_MISMATCH,
-                                f"{rel} uses torch file format version {int(raw)}; torch "
-                                f"{checks.public(torch.__version__)} reads up to {pt2.MAX_FILE_FORMAT_VERSION}",
-                                "re-save the checkpoint with the serving runtime's torch", rel,
-                                recorded=int(raw), supported=pt2.MAX_FILE_FORMAT_VERSION)
-                        return True
-    except (zipfile.BadZipFile, OSError, KeyError):
-        pass  # torch.load reports corruption in its own words
+    """A torch zip whose ``version`` record (as the scan read it) is newer than this torch reads."""
+    r = run.readings.get(rel)
+    for name, value in (r.version_records if r is not None else {}).items():
+        if value > pt2.MAX_FILE_FORMAT_VERSION:
+            run.add(ReasonCode.LIBRARY_VERSION_MISMATCH,
+                    f"{rel} uses torch file format version {value} ({name} record); torch "
+                    f"{checks.public(torch.__version__)} reads up to {pt2.MAX_FILE_FORMAT_VERSION}",
+                    "re-save the checkpoint with the serving runtime's torch", rel,
+                    recorded=value, supported=pt2.MAX_FILE_FORMAT_VERSION)
+            return True
     return False
 
 
@@ -291,22 +390,14 @@ def _zip_version_problem(run: _Run, rel: str) -> bool:
 
 
 def _read_indexes(run: _Run, files: list[tuple[str, FileFormat]]) -> None:
-    """``*.index.json`` of sharded checkpoints: every shard its weight_map names must be present."""
+    """``*.index.json`` of sharded checkpoints: every shard its weight_map names (as the scan read the
+    index) must be present."""
     present = {rel for rel, _ in files}
     for rel, _ in files:
-        if not rel.endswith(".index.json"):
+        r = run.readings.get(rel)
+        if r is None or r.shards is None:
             continue
-        try:
-            with open(run.path(rel), encoding="utf-8") as fh:
-                doc = json.load(fh)
-        except (OSError, ValueError):
-            continue
-        wm = doc.get("weight_map") if isinstance(doc, dict) else None
-        if not isinstance(wm, dict):
-            continue
-        base = posixpath.dirname(rel)
-        shards = sorted({posixpath.join(base, str(v)) for v in wm.values()})
-        missing = [s for s in shards if s not in present]
+        missing = [s for s in r.shards if s not in present]
         if missing:
             run.add(ReasonCode.ARTIFACT_MISSING,
                     f"{rel} names {checks.count(len(missing), 'shard')} missing from the version: "
@@ -317,6 +408,12 @@ def _read_indexes(run: _Run, files: list[tuple[str, FileFormat]]) -> None:
 def _load_safetensors(run: _Run, rel: str) -> dict[str, torch.Tensor] | None:
     from safetensors import safe_open
 
+    r = run.readings.get(rel)
+    if r is None or r.header_len is None or r.header_len > MAX_HEADER:
+        # The pipeline's scan refuses such a file before any load; an in-process job can get here.
+        run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel}: the static scan found no valid safetensors header",
+                "the file is truncated or damaged: upload it again from the original", rel)
+        return None
     try:
         state: dict[str, torch.Tensor] = {}
         with safe_open(run.path(rel), framework="pt", device="cpu") as fh:
@@ -346,15 +443,20 @@ def _load_torch(run: _Run, rel: str, fmt: FileFormat) -> Any:
 
 def _merge(run: _Run, found: list[tuple[str, checks.Weights]]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Shards of one state_dict merge; a second copy of the same weights (``model.safetensors`` next to
-    ``pytorch_model.bin``) is ignored, the first (safetensors sorts first) is used."""
+    ``pytorch_model.bin``) is not merged, the first (safetensors sorts first) is used. Every copy is
+    still finite-checked here (the merged state is checked by the caller): a serving host may load
+    the other file, or the EMA copy of a training checkpoint, and a NaN there is as fatal."""
     merged: dict[str, torch.Tensor] = {}
     used: list[str] = []
     for rel, w in found:
         assert w.state is not None
+        for key, copy in w.copies.items():
+            run.extend(checks.nonfinite({f"{key}.{k}": v for k, v in copy.items()}, file=rel))
         overlap = merged.keys() & w.state.keys()
         if overlap and set(w.state) <= set(merged):
-            run.add(None, f"{rel} repeats weights already read from {checks.listing(used)}; ignored",
+            run.add(None, f"{rel} repeats weights already read from {checks.listing(used)}; not merged",
                     file=rel, severity=Severity.INFO)
+            run.extend(checks.nonfinite(w.state, file=rel))
             continue
         if overlap:
             run.add(ReasonCode.ARCHITECTURE_MISMATCH,
@@ -556,6 +658,17 @@ def _load_pt2(run: _Run, rel: str, facts_out: list[pt2.Pt2Facts] | None = None) 
                 "export a model whose constants are tensors only (no opaque or TorchBind objects)", rel,
                 records=facts.code)
         ok = False
+    if facts.unsupported:
+        run.add(ReasonCode.UNSUPPORTED_FORMAT, f"{rel}: {'; '.join(facts.unsupported[:3])}",
+                pt2_grammar.HINT_SCHEMA, rel)
+        ok = False
+    if facts.unsafe:
+        # The scanner refuses the same strings first; this keeps torch from ever seeing them even
+        # when the worker is handed a file the scan did not describe.
+        more = f"; and {len(facts.unsafe) - 3} more" if len(facts.unsafe) > 3 else ""
+        run.add(ReasonCode.UNSAFE_CODE, f"{rel}: {'; '.join(facts.unsafe[:3])}{more}", pt2_grammar.HINT, rel,
+                fields=facts.unsafe[:20])
+        ok = False
     if not ok:
         return None
     try:
@@ -568,7 +681,19 @@ def _load_pt2(run: _Run, rel: str, facts_out: list[pt2.Pt2Facts] | None = None) 
     if refusals:  # torch swallowed our refusal and went on: still unsafe content
         run.add(ReasonCode.UNSAFE_PICKLE, f"{rel}: {refusals[0][:300]}", "save only tensors in the archive", rel)
         return None
+    _check_pt2_constants(run, ep, rel)
     return ep, module
+
+
+def _check_pt2_constants(run: _Run, ep: Any, rel: str) -> None:
+    """Tensors the program uses that are not in ``ep.state_dict``: lifted tensor constants
+    (``self.const = torch.tensor(...)``) and non-persistent buffers live in ``ep.constants``, and
+    a NaN there poisons every output as surely as one in a weight."""
+    constants = getattr(ep, "constants", None) or {}
+    state = getattr(ep, "state_dict", None) or {}
+    extra = {f"{k} (constant)": v for k, v in constants.items() if isinstance(v, torch.Tensor) and k not in state}
+    if extra:
+        run.extend(checks.nonfinite(extra, file=rel))
 
 
 def _smoke_exported(run: _Run, ep: Any, module: torch.nn.Module, rel: str) -> None:
@@ -581,13 +706,46 @@ def _smoke_exported(run: _Run, ep: Any, module: torch.nn.Module, rel: str) -> No
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            module(*args, **kwargs)
+            out = module(*args, **kwargs)
     except Exception as exc:
         run.add(ReasonCode.SMOKE_INFERENCE_FAILED,
                 f"forward pass on the archive's own example inputs raised {_brief(exc)}",
                 "the exported program does not run on this runtime; re-export it", rel)
+        return
     finally:
         run.timings["inference"] += time.perf_counter() - t0
+    _check_smoke_output(run, out, rel, "the archive's own example inputs")
+
+
+def _check_smoke_output(run: _Run, out: Any, rel: str, example: str) -> None:
+    """NaN/Inf in what a forward pass returned. Reported as ``SMOKE_INFERENCE_FAILED``, not
+    ``NONFINITE_WEIGHTS``: the weights may well be finite (a log of a negative, a 0/0 in the graph,
+    an overflow); what is certain is that the forward pass on the example produced no usable output.
+    Non-finite weights are reported on their own by the weight check."""
+    leaves: dict[str, torch.Tensor] = {}
+
+    def walk(o: Any, name: str, depth: int) -> None:
+        if len(leaves) >= 1000 or depth > 8:
+            return
+        if isinstance(o, torch.Tensor):
+            leaves[name] = o
+        elif isinstance(o, (tuple, list)):
+            for i, v in enumerate(o):
+                walk(v, f"{name}[{i}]", depth + 1)
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{name}[{k!r}]", depth + 1)
+
+    walk(out, "output", 0)
+    found = checks.nonfinite(leaves, file=rel) if leaves else None
+    if found is None:
+        return
+    run.add(ReasonCode.SMOKE_INFERENCE_FAILED,
+            f"the forward pass on {example} returned non-finite values: "
+            f"{found.message.split(': ', 1)[-1]}",
+            "the model produces NaN/Inf on its own example: check the weights, the exported graph "
+            "(a log or a division of the example's values) and the example itself", rel,
+            tensors=found.detail.get("tensors", []))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,6 +762,19 @@ def _check_mlflow(run: _Run, rel_dir: str) -> None:
         return
     run.recorded.update(model.recorded)
     _compare_versions(run, model, mlmodel_rel)
+    with mlflow_model.model_code_on_path(run.job.root, dict(run.job.model_code or {})) as code:
+        _check_mlflow_model(run, model, mlmodel_rel, tuple(code.modules))
+    if code.folders:
+        run.info["model_code_ran"] = list(code.ran)
+        if code.ran:
+            run.add(None, f"the version's own code ran in the isolated worker: {checks.listing(code.ran)} "
+                    "(allowed by CKPT_STAGE_ALLOW_MODEL_CODE); it runs on every serving host too",
+                    "review that code like any dependency of the serving runtime", mlmodel_rel,
+                    Severity.INFO, modules=list(code.ran))
+
+
+def _check_mlflow_model(run: _Run, model: mlflow_model.MlflowModel, mlmodel_rel: str,
+                        code_modules: tuple[str, ...]) -> None:
     if model.pytorch is None:
         flavors = model.mlmodel.get("flavors")
         names = ", ".join(flavors) if isinstance(flavors, dict) else "none"
@@ -619,7 +790,16 @@ def _check_mlflow(run: _Run, rel_dir: str) -> None:
         return
     module: torch.nn.Module | None = None
     state: dict[str, Any] = {}
-    if os.path.isfile(pt2_path):
+    # mlflow.pytorch._load_model's order: model.pth wins when both exist, so that is what serving loads.
+    if os.path.isfile(pth_path):
+        rel = model.relpath(data_dir, "model.pth")
+        with run.timed("load"):
+            module = _load_pickled_module(run, rel, pth_path, code_modules)
+        if module is None:
+            return
+        state = dict(module.state_dict())
+        kind = "mlflow-pickle"
+    elif os.path.isfile(pt2_path):
         rel = model.relpath(data_dir, "model.pt2")
         facts: list[pt2.Pt2Facts] = []
         with run.timed("load"):
@@ -631,14 +811,6 @@ def _check_mlflow(run: _Run, rel_dir: str) -> None:
         ep, module = got
         state = dict(ep.state_dict)
         kind = "mlflow-pt2"
-    elif os.path.isfile(pth_path):
-        rel = model.relpath(data_dir, "model.pth")
-        with run.timed("load"):
-            module = _load_pickled_module(run, rel, pth_path)
-        if module is None:
-            return
-        state = dict(module.state_dict())
-        kind = "mlflow-pickle"
     else:
         run.add(ReasonCode.ARTIFACT_MISSING,
                 f"the MLflow model's pytorch flavor names {data_dir}/ but it holds neither model.pt2 nor "
@@ -672,7 +844,9 @@ def _compare_archive_torch(run: _Run, model: mlflow_model.MlflowModel, archived:
                                       source="models/model.json in the pt2 archive"))
 
 
-def _load_pickled_module(run: _Run, rel: str, path: str) -> torch.nn.Module | None:
+def _load_pickled_module(run: _Run, rel: str, path: str, code_modules: tuple[str, ...] = ()) -> torch.nn.Module | None:
+    """A whole pickled module; ``code_modules`` are the version's own allowed top-level modules (on
+    sys.path now), whose classes this job's allowlist accepts like CKPT_STAGE_PICKLE_MODULES'."""
     if not run.job.allow_pickled_models:
         run.add(ReasonCode.UNSAFE_PICKLE,
                 f"{rel} is a whole pickled nn.Module (MLflow serialization_format='pickle') and pickled "
@@ -681,7 +855,8 @@ def _load_pickled_module(run: _Run, rel: str, path: str) -> torch.nn.Module | No
     fmt = sniff(path)
     if fmt is FileFormat.TORCH_ZIP and _zip_version_problem(run, rel):
         return None
-    policy = safe_torch.PicklePolicy(pickled_modules=True, pickle_modules=tuple(run.job.pickle_modules))
+    policy = safe_torch.PicklePolicy(pickled_modules=True,
+                                     pickle_modules=tuple(dict.fromkeys((*run.job.pickle_modules, *code_modules))))
     try:
         obj = safe_torch.load_allowlisted(path, zip_format=fmt is FileFormat.TORCH_ZIP, policy=policy)
     except MemoryError:
@@ -738,6 +913,7 @@ def _smoke_mlflow(run: _Run, model: mlflow_model.MlflowModel, module: torch.nn.M
         return
     finally:
         run.timings["inference"] += time.perf_counter() - t0
+    _check_smoke_output(run, out, used_rel, f"the input example {used}")
     if sig_notes:
         run.add(None, "the input example disagrees with the input signature: " + "; ".join(sig_notes),
                 "log the signature inferred from the example", used_rel, Severity.WARNING)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +112,59 @@ def _small_text(path: str, limit: int = 1 << 20) -> str | None:
             return fh.read()
     except OSError:
         return None
+
+
+# --------------------------------------------------------------------------------------------------
+# the version's own code (MLflow code_paths), when the operator allowed it
+
+
+@dataclass
+class ModelCode:
+    folders: list[str] = field(default_factory=list)
+    """Absolute code folders put on sys.path."""
+    modules: list[str] = field(default_factory=list)
+    """Top-level modules the scan found there and the operator allowed (pickle allowlist prefixes)."""
+    ran: list[str] = field(default_factory=list)
+    """Modules imported from those folders by the time the block ended (what really ran)."""
+
+
+def _from_folders(mod: object, folders: list[str]) -> bool:
+    files = [getattr(mod, "__file__", None) or ""] + [str(p) for p in (getattr(mod, "__path__", None) or [])]
+    return any(f and os.path.realpath(f).startswith(tuple(d + os.sep for d in folders)) for f in files)
+
+
+@contextmanager
+def model_code_on_path(job_root: str, model_code: dict[str, list[str]]) -> Iterator[ModelCode]:
+    """Put the version's allowed code folders first on ``sys.path``, as ``mlflow.pyfunc.load_model``
+    does on a serving host (``_add_code_from_conf_to_system_path``), but here only inside the isolated,
+    throw-away worker. Folders outside the job root are ignored. On exit, the folders leave ``sys.path``
+    and what was imported from them leaves ``sys.modules`` (for in-process callers; a worker ends anyway).
+    """
+    root = os.path.realpath(job_root)
+    code = ModelCode()
+    for rel, modules in sorted(model_code.items()):
+        full = os.path.realpath(os.path.join(root, rel))
+        if full != root and not full.startswith(root + os.sep) or not os.path.isdir(full):
+            continue
+        code.folders.append(full)
+        code.modules.extend(m for m in modules if m not in code.modules)
+    if not code.folders:
+        yield code
+        return
+    saved_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # the version's folder is read-only; never leave .pyc files in it
+    sys.path[:0] = code.folders
+    before = set(sys.modules)
+    try:
+        yield code
+    finally:
+        code.ran[:] = sorted(n for n in set(sys.modules) - before if _from_folders(sys.modules[n], code.folders))
+        for folder in code.folders:
+            while folder in sys.path:
+                sys.path.remove(folder)
+        for name in code.ran:
+            sys.modules.pop(name, None)
+        sys.dont_write_bytecode = saved_bytecode
 
 
 # --------------------------------------------------------------------------------------------------

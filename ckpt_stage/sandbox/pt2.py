@@ -12,6 +12,9 @@ What ``torch.export.load`` in torch 2.13 deserializes (``torch/export/pt2_archiv
 * ``data/sample_inputs/<name>.pt``: ``torch.save`` output, loaded with ``weights_only=True`` and, on
   failure, *retried with* ``weights_only=False``.
 * ``data/aotinductor/``: compiled shared libraries, ``dlopen``-ed by ``load_pt2``.
+* strings of ``models/<name>.json`` that torch turns into Python (guard code, names pasted into the
+  generated forward, ``sympify``'d expressions): read under the scanner's strict grammar
+  (``ckpt_stage.scan.pt2``) here too, so the worker never hands torch a program that grammar refuses.
 
 The archive is inspected first (versions, AOTInductor code, opaque objects are refused with a
 message), then loaded under ``safe_torch.forced_weights_only()``.
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 
 from ckpt_stage.sandbox.safe_torch import forced_weights_only
+from ckpt_stage.scan import pt2 as grammar
 
 MAX_FILE_FORMAT_VERSION = 10
 """``kMaxSupportedFileFormatVersion`` of caffe2/serialize/versions.h in torch 2.13: the highest
@@ -59,6 +63,10 @@ class Pt2Facts:
     """Payloads that are code rather than data (opaque pickled objects, TorchBind objects)."""
     pickled: list[str] = field(default_factory=list)
     """Payloads stored as pickles (loaded, but only with weights_only semantics)."""
+    unsafe: list[str] = field(default_factory=list)
+    """Strings of the program JSON outside the strict grammar (``UNSAFE_CODE``), as messages."""
+    unsupported: list[str] = field(default_factory=list)
+    """Programs of a schema the grammar does not cover (``UNSUPPORTED_FORMAT``)."""
 
 
 def _read(z: zipfile.ZipFile, name: str, limit: int = 64 * 2**20) -> bytes | None:
@@ -92,8 +100,9 @@ def inspect(path: str) -> Pt2Facts:
                 raw = _read(z, full)
                 try:
                     doc = json.loads(raw) if raw else {}
-                except ValueError:
+                except (ValueError, RecursionError):
                     doc = {}
+                _grammar(facts, r, grammar.read_program(doc).problems)
                 sv = doc.get("schema_version") if isinstance(doc, dict) else None
                 if isinstance(sv, dict):
                     facts.schemas[r] = (int(sv.get("major", 0)), int(sv.get("minor", 0)))
@@ -102,9 +111,11 @@ def inspect(path: str) -> Pt2Facts:
             elif r.startswith(("data/weights/", "data/constants/")) and r.endswith("_config.json"):
                 raw = _read(z, full)
                 try:
-                    cfg = (json.loads(raw) if raw else {}).get("config", {})
-                except (ValueError, AttributeError):
-                    cfg = {}
+                    whole = json.loads(raw) if raw else {}
+                    cfg = whole.get("config", {})
+                except (ValueError, AttributeError, RecursionError):
+                    whole, cfg = {}, {}
+                _grammar(facts, r, grammar.read_payload_config(whole))
                 for fqn, meta in cfg.items() if isinstance(cfg, dict) else ():
                     if not isinstance(meta, dict):
                         continue
@@ -116,6 +127,13 @@ def inspect(path: str) -> Pt2Facts:
                     elif meta.get("use_pickle"):
                         facts.pickled.append(f"{os.path.dirname(r)}/{pname}")
     return facts
+
+
+def _grammar(facts: Pt2Facts, member: str, problems: list[grammar.Problem]) -> None:
+    for p in problems:
+        where = facts.unsupported if p.code.value == "UNSUPPORTED_FORMAT" else facts.unsafe
+        if len(where) < grammar.MAX_PROBLEMS:
+            where.append(f"{member}: {p.message}")
 
 
 def load(path: str) -> tuple[Any, torch.nn.Module, list[str]]:

@@ -12,17 +12,27 @@ Lifecycle of one job::
               world-readable (a+r files, a+rx dirs) for the unprivileged loader
     forked    the fork server forked the supervisor: setsid, joins the cgroup, new namespaces
               (deadline starts here, not at fork-server start-up)
-    isolated  init (PID 1 of the new PID namespace) reported the measures in force
-    loading   the loader (nobody, rlimits) runs ``load_and_check``; the parent samples its RssAnon
+    rooted    init (PID 1 of the new PID namespace, root) built the private root on a tmpfs and
+              pivoted into it (no path leads back to the host); reported the measures in force
+              (``isolated``); timings_s.worker_start ends when it forks the loader (``loading``)
+    armed     the loader set rlimits, dropped to nobody with no_new_privs, loaded its seccomp
+              filter and stopped itself; init read Uid/NoNewPrivs/Seccomp off its /proc status
+              (``armed``, timings_s.worker_armed) and let it go on: these facts are measured,
+              never the loader's word
+    loading   the loader runs ``load_and_check``; the parent samples its RssAnon (and its status)
     reported  the loader's result (JSON, size-capped) and init's record of its exit status arrived,
               or the deadline passed and the process group and cgroup were SIGKILLed
+    checked   the result parsed against the schema (``parse_result``: known keys, contract codes,
+              capped and escaped strings, bounded numbers) and cross-checked against the parent's
+              scan (``cross_check``); a violation is WORKER_CRASH, never a pass
     reaped    the fork server reaped the supervisor; ``stop()``: kill whatever is left, remove the
               cgroup, close every fd, remove the work dir. ``stop()`` never raises and always runs.
 
 Outcomes are classified here, in the parent, which always survives (see ``_Run.classify``):
 cgroup OOM kill → RESOURCE_LIMIT, deadline or CPU limit → TIMEOUT, SEGV/BUS/ILL/ABRT/FPE →
-WORKER_CRASH, another SIGKILL/SIGTERM (an operator, the host) → WORKER_LOST, a non-zero exit or a
-malformed result → INTERNAL_ERROR with the stderr tail.
+WORKER_CRASH, another SIGKILL/SIGTERM (an operator, the host) → WORKER_LOST, a non-zero exit →
+INTERNAL_ERROR with the stderr tail, a result that breaks the schema or contradicts the scan →
+WORKER_CRASH (job code may have written it).
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import pwd
+import re
 import selectors
 import shutil
 import signal
@@ -45,7 +57,7 @@ from typing import Any
 
 import ckpt_stage
 from ckpt_stage.config import Settings
-from ckpt_stage.domain import Finding, ReasonCode
+from ckpt_stage.domain import Finding, ReasonCode, Severity
 from ckpt_stage.sandbox import child, isolation
 from ckpt_stage.sandbox.forkserver import ForkServer, ServerGone, ServerStartError
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
@@ -238,6 +250,8 @@ class _Run:
         self.t_start = time.monotonic()
         self.t_forked = 0.0
         self.t_loading = 0.0
+        self.t_armed = 0.0
+        self.seen: dict[str, bool] = {}
         self.deadline_hit = False
         self.killed_at = 0.0
         self.stuck = False
@@ -402,12 +416,21 @@ class _Run:
             self.init_pid = int(ev["init_pid"])
         elif kind == "loading":
             self.t_loading = time.monotonic()
+        elif kind == "armed":
+            self.t_armed = time.monotonic()
 
     def _sample(self) -> None:
         if self.worker_pid is None and self.t_loading and self.init_pid:
             self.worker_pid = self._find_worker()
         if self.worker_pid is not None:
-            anon = isolation.rss_anon(self.worker_pid)
+            st = isolation.proc_status(self.worker_pid)
+            anon = _kib(st.get("RssAnon", ""))
+            if st and self.t_armed:
+                # After the loader armed its filter (init's "armed" event): what /proc shows now.
+                facts = isolation.measured_facts(st)
+                self.seen["seccomp"] = self.seen.get("seccomp", False) or bool(facts.get("seccomp"))
+                self.seen["no_new_privs"] = self.seen.get("no_new_privs", False) or bool(facts.get("no_new_privs"))
+                self.seen["root"] = self.seen.get("root", False) or facts.get("uid") == 0
             if anon:
                 self.baseline_anon = self.baseline_anon or anon
                 self.peak_anon = max(self.peak_anon, anon)
@@ -480,6 +503,19 @@ class _Run:
         for ev in self.events:
             if ev.get("ev") == "isolated":
                 info.update(ev.get("iso") or {})
+        # Measured, not claimed: init read these off the stopped loader's /proc status before any job
+        # code ran; the parent's own samples of the same file can only add (a filter is never lifted).
+        armed = next((e for e in self.events if e.get("ev") == "armed"), None)
+        facts = dict(armed.get("facts") or {}) if armed else {}
+        info["seccomp"] = bool(facts.get("seccomp")) or self.seen.get("seccomp", False)
+        info["no_new_privs"] = bool(facts.get("no_new_privs")) or self.seen.get("no_new_privs", False)
+        if "unprivileged_user" in facts:
+            info["unprivileged_user"] = bool(facts["unprivileged_user"]) and not self.seen.get("root", False)
+        if not facts:
+            info.setdefault("notes", []).append("the loader's /proc status could not be read before it ran")
+        if info["seccomp"]:
+            info["seccomp_refused"] = list(isolation.SECCOMP_DENY) + [
+                "clone3 (ENOSYS)", "clone(CLONE_NEW*)", "personality(!=PER_LINUX)"]
         info["env_stripped"] = True
         info["cgroup_memory"] = bool(self.cgroup) and bool(info.get("cgroup_memory"))
         if self.cgroup:
@@ -495,6 +531,8 @@ class _Run:
         timings = {}
         if self.t_loading:
             timings["worker_start"] = self.t_loading - self.t_start
+        if self.t_armed:
+            timings["worker_armed"] = self.t_armed - self.t_start  # + root, privilege drop, seccomp
         runtime = dict(self.server.hello.get("runtime") or {}) if self.server else {}
         return {"runtime": runtime, "timings_s": timings, "peak_anon_bytes": self.peak_anon,
                 "isolation": self.isolation_info(),
@@ -504,8 +542,9 @@ class _Run:
         base = self._base()
         tail = self.stderr_text()
         if tail:
-            detail.setdefault("stderr_tail", tail[-2000:])
-        return LoadResult(findings=(Finding(code, message, hint, detail=detail),), **base)
+            detail.setdefault("stderr_tail", clean_text(tail[-2000:], multiline=True))
+        # Messages quote the worker's stderr, which job code writes: escaped like its result.
+        return LoadResult(findings=(Finding(code, clean_text(message), clean_text(hint), detail=detail),), **base)
 
     def stderr_text(self) -> str:
         return bytes(self.stderr_tail).decode(errors="replace").strip()
@@ -515,11 +554,14 @@ class _Run:
         job = self.job
         if exit_ev is not None and exit_ev.get("code") == 0 and self.result_buf and not self.result_overflow:
             try:
-                result = LoadResult.from_dict(json.loads(bytes(self.result_buf)))
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                return self.fail(ReasonCode.INTERNAL_ERROR,
-                                 f"the worker's result is malformed ({type(exc).__name__}: {exc})"[:500],
-                                 "this is a bug in ckpt-stage or the loader")
+                result = parse_result(bytes(self.result_buf))
+            except ResultInvalid as exc:
+                # Never a pass: the answer is what job code (an allowed architecture, model code) could
+                # have written itself.
+                return self.fail(ReasonCode.WORKER_CRASH, clean_text(f"the worker's result is malformed: {exc}", 500),
+                                 "the loader or code it ran (an architecture package, model code) wrote a "
+                                 "result that breaks the schema; load the version with the serving runtime "
+                                 "to see why")
             return self._merge(result)
         oom = self.cgroup.oom_kills() if self.cgroup else 0
         if oom:
@@ -599,11 +641,11 @@ class _Run:
 
     def _merge(self, result: LoadResult) -> LoadResult:
         base = self._base()
-        # The parent's view of the isolation wins: the loader's own claims are untrusted.
-        isolation_info = {**result.isolation, **base["isolation"]}
-        info = {**base["info"], **result.info}
+        # Only the parent's (and init's) view of the isolation: parse_result drops the loader's claims.
+        isolation_info = dict(base["isolation"])
+        info = {**result.info, **base["info"]}
         return LoadResult(
-            findings=result.findings,
+            findings=result.findings + tuple(cross_check(self.job, result)),
             runtime=result.runtime or base["runtime"],
             recorded=result.recorded,
             timings_s={**base["timings_s"], **result.timings_s},
@@ -611,6 +653,168 @@ class _Run:
             isolation=isolation_info,
             info=info,
         )
+
+
+# --- the worker's answer is untrusted input ------------------------------------------------------
+
+MAX_FINDINGS = 200
+MAX_TEXT = 2000
+"""Longest message, hint or other string kept from a worker (longer ones are cut, marked with …)."""
+MAX_KEY = 300
+MAX_ITEMS = 200_000
+"""Most entries in any one list or mapping of ``info`` (a layer table of a very large model)."""
+MAX_DEPTH = 8
+MAX_NUMBER = 2.0**63
+_TOP_KEYS = frozenset({"findings", "runtime", "recorded", "timings_s", "peak_anon_bytes", "isolation", "info"})
+_FINDING_KEYS = frozenset({"code", "message", "hint", "file", "severity", "detail"})
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL_MULTILINE_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+class ResultInvalid(ValueError):
+    """The worker's result does not follow the schema (a bug, or job code forging a verdict)."""
+
+
+def clean_text(value: object, limit: int = MAX_TEXT, *, multiline: bool = False) -> str:
+    """A string safe to copy into a report, a tag or a terminal: control characters (ANSI escapes,
+    bidi overrides, NUL, and newlines unless ``multiline``) escaped as ``\\xNN``/``\\uNNNN``, at
+    most ``limit`` characters."""
+    text = str(value)
+    text = (_CONTROL_MULTILINE_RE if multiline else _CONTROL_RE).sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _text(value: object, where: str, limit: int = MAX_TEXT) -> str:
+    if not isinstance(value, str):
+        raise ResultInvalid(f"{where} is {type(value).__name__}, not a string")
+    return clean_text(value, limit)
+
+
+def _number(value: object, where: str, *, lo: float = -MAX_NUMBER, hi: float = MAX_NUMBER) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ResultInvalid(f"{where} is {type(value).__name__}, not a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ResultInvalid(f"{where} is not finite")
+    if not lo <= value <= hi:
+        raise ResultInvalid(f"{where} = {value} is out of range")
+    return value
+
+
+def _mapping(value: object, where: str, limit: int = MAX_ITEMS) -> dict:
+    if not isinstance(value, dict):
+        raise ResultInvalid(f"{where} is {type(value).__name__}, not an object")
+    if len(value) > limit:
+        raise ResultInvalid(f"{where} has {len(value)} entries (at most {limit})")
+    return value
+
+
+def _json_value(value: object, where: str, depth: int = 0) -> Any:
+    """Free-form JSON (``info``, a finding's ``detail``) with every string cleaned and size bounds."""
+    if depth > MAX_DEPTH:
+        raise ResultInvalid(f"{where} nests deeper than {MAX_DEPTH}")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)  # a NaN statistic is a fact, but not a JSON number
+        return _number(value, where)
+    if isinstance(value, str):
+        return clean_text(value, multiline=True)  # tracebacks keep their lines
+    if isinstance(value, list):
+        if len(value) > MAX_ITEMS:
+            raise ResultInvalid(f"{where} has {len(value)} items (at most {MAX_ITEMS})")
+        return [_json_value(v, where, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {clean_text(k, MAX_KEY): _json_value(v, f"{where}.{clean_text(k, 40)}", depth + 1)
+                for k, v in _mapping(value, where).items()}
+    raise ResultInvalid(f"{where} holds a {type(value).__name__}")
+
+
+def _finding(data: object, i: int) -> Finding:
+    where = f"findings[{i}]"
+    data = _mapping(data, where, len(_FINDING_KEYS))
+    unknown = set(data) - _FINDING_KEYS
+    if unknown:
+        raise ResultInvalid(f"{where} has unknown keys {sorted(unknown)}")
+    code = data.get("code")
+    try:
+        rc = ReasonCode(code) if code is not None else None
+        severity = Severity(data.get("severity", "error"))
+    except ValueError:
+        raise ResultInvalid(f"{where}: {clean_text(code, 60)!r} or its severity is not a reason code/severity") from None
+    file = data.get("file")
+    return Finding(rc, _text(data.get("message", ""), f"{where}.message"),
+                   _text(data.get("hint", "") or "", f"{where}.hint"),
+                   _text(file, f"{where}.file", 1000) if file is not None else None, severity,
+                   _json_value(data.get("detail") or {}, f"{where}.detail") or {})
+
+
+def parse_result(raw: bytes) -> LoadResult:
+    """The worker's result JSON → LoadResult, or ResultInvalid. Only known keys; reason codes must be
+    the contract's; every string is capped and escaped; numbers finite and bounded. The worker's own
+    ``isolation`` claims are dropped: the parent measures those."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ResultInvalid(f"not JSON ({type(exc).__name__})") from None
+    data = _mapping(data, "the result", len(_TOP_KEYS))
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ResultInvalid(f"unknown keys {sorted(clean_text(k, 40) for k in unknown)}")
+    findings = data.get("findings") or []
+    if not isinstance(findings, list) or len(findings) > MAX_FINDINGS:
+        raise ResultInvalid(f"findings must be a list of at most {MAX_FINDINGS}")
+
+    def versions(key: str) -> dict[str, str]:
+        m = _mapping(data.get(key) or {}, key, 16)
+        return {_text(k, key, 64): _text(v, f"{key}.{k}", 200) for k, v in m.items()}
+
+    timings = _mapping(data.get("timings_s") or {}, "timings_s", 32)
+    return LoadResult(
+        findings=tuple(_finding(f, i) for i, f in enumerate(findings)),
+        runtime=versions("runtime"),
+        recorded=versions("recorded"),
+        timings_s={_text(k, "timings_s", 64): float(_number(v, f"timings_s.{k}", lo=0, hi=1e7))
+                   for k, v in timings.items()},
+        peak_anon_bytes=int(_number(data.get("peak_anon_bytes") or 0, "peak_anon_bytes", lo=0, hi=2**60)),
+        isolation={},
+        info=_json_value(_mapping(data.get("info") or {}, "info"), "info"),
+    )
+
+
+def cross_check(job: LoadJob, result: LoadResult) -> list[Finding]:
+    """What the worker says it loaded against what the parent's scan read from the same bytes
+    (``job.expected``): a different tensor set, shape or dtype means the worker did not load what was
+    scanned, or lies about it. Either way it cannot pass."""
+    tensors = (job.expected or {}).get("tensors")
+    layers = result.info.get("layers")
+    if not tensors or not isinstance(layers, dict) or result.info.get("model_kind") != "state_dict":
+        return []
+    problems = []
+    missing, extra = sorted(set(tensors) - set(layers)), sorted(set(layers) - set(tensors))
+    if missing or extra:
+        problems.append(f"tensor names differ (not reported: {missing[:5]}, not in the file: {extra[:5]})")
+    for name in sorted(set(tensors) & set(layers)):
+        want, got = tensors[name], layers[name] if isinstance(layers[name], dict) else {}
+        if list(want.get("shape", [])) != list(got.get("shape", [])) or want.get("dtype") != got.get("dtype"):
+            problems.append(f"{name}: scanned {want.get('dtype')}{list(want.get('shape', []))}, "
+                            f"worker reported {got.get('dtype')}{got.get('shape')}")
+            if len(problems) >= 5:
+                break
+    if not problems:
+        return []
+    return [Finding(ReasonCode.WORKER_CRASH,
+                    clean_text("the worker's report does not match the static scan of the same files: "
+                               + "; ".join(problems), 500),
+                    "the loader or code it ran (an architecture package, model code) misreported what it "
+                    "loaded; treat the version as hostile and load it with the serving runtime to see why")]
+
+
+def _kib(field: str) -> int:
+    try:
+        return int(field.split()[0]) * 1024
+    except (ValueError, IndexError):
+        return 0
 
 
 def _signame(sig: int) -> str:

@@ -3,9 +3,11 @@
 Entry point: ``scan_version(root, paths, settings) -> ScanResult``. Pure with respect to the
 outside world: reads the given files, runs no code from them, imports no torch.
 
-Modules: ``sniff`` (format by content), ``archives`` (zip structure from raw bytes),
+Modules: ``reading`` (the one reading of each file that the worker obeys), ``sniff`` (format by content), ``archives`` (zip structure from raw bytes),
 ``pickles`` (pickle streams against ``allowlist``), ``safetensors`` (header rules),
-``formats`` (per-format checks, tensor metadata), ``estimate`` (memory needed).
+``formats`` (per-format checks, tensor metadata), ``estimate`` (memory needed), ``mlflow_dir``
+(code a serving host would execute: MLmodel loader and pickle modules, code folders, ``.py`` files,
+custom pyfunc models, Hugging Face ``auto_map``).
 
 For the worker's loader (importable without torch): ``allowlist.check(module, name, settings,
 factory=False) -> Decision(allowed, why)``, ``allowlist.is_allowed``, ``allowlist.normalize``,
@@ -27,8 +29,10 @@ from ckpt_stage.domain import FileFormat, Finding, ReasonCode
 from ckpt_stage.scan._common import HINT_NOT_CKPT, FileScan, Region
 from ckpt_stage.scan.estimate import estimate_bytes, resource_finding
 from ckpt_stage.scan.formats import Ctx, scan_region
+from ckpt_stage.scan.mlflow_dir import fold_pickle_findings, scan_code
+from ckpt_stage.scan.reading import Reading, reading_of
 
-__all__ = ["ScanResult", "scan_file", "scan_version"]
+__all__ = ["Reading", "ScanResult", "scan_file", "scan_version"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,12 @@ class ScanResult:
     findings: tuple[Finding, ...] = ()
     estimated_bytes: int = 0
     """Memory a load needs, from tensor metadata (not file sizes where metadata is available)."""
+    readings: dict[str, Reading] = field(default_factory=dict)
+    """The scan's reading of every file it could open (``reading.Reading``): the worker loads each
+    file only as its reading says, and refuses one that no longer matches it."""
+    model_code: dict[str, list[str]] = field(default_factory=dict)
+    """Code folders the operator allowed (``CKPT_STAGE_ALLOW_MODEL_CODE``) → their top-level modules;
+    the worker alone may import them (``LoadJob.model_code``)."""
 
 
 def scan_file(root: Path, rel: str, settings: Settings, *, mlflow_dir: bool = False) -> tuple[FileFormat, FileScan, bool]:
@@ -61,8 +71,10 @@ def scan_file(root: Path, rel: str, settings: Settings, *, mlflow_dir: bool = Fa
                                    "check the stage's cache directory permissions", file=rel))
         return FileFormat.UNKNOWN, fs, False
     try:
-        region = Region(fd, 0, os.fstat(fd).st_size, rel)
+        opened = os.fstat(fd)
+        region = Region(fd, 0, opened.st_size, rel)
         fmt, counts = scan_region(region, Ctx(settings, fs), rel, mlflow_dir=mlflow_dir)
+        fs.reading = reading_of(region, rel, fmt, fs, opened)
     except Exception as exc:  # a scanner bug must not pass a file, nor quarantine it as the model's fault
         fs.findings.append(Finding(ReasonCode.INTERNAL_ERROR,
                                    f"{rel}: the static scanner failed: {type(exc).__name__}: {str(exc)[:200]}",
@@ -82,16 +94,27 @@ def scan_version(root: Path, paths: Sequence[str], settings: Settings) -> ScanRe
     """
     root = Path(root)
     mlflow_dir = any(posixpath.basename(p) == "MLmodel" for p in paths)
+    code = scan_code(root, paths, settings)
+    # The version's own modules the operator allowed are, for this version only, allowed in its
+    # pickles too (a code_paths model pickles its classes by reference).
+    file_settings = settings
+    if code.allowed_modules:
+        file_settings = settings.replace(
+            pickle_modules=tuple(dict.fromkeys(settings.pickle_modules + code.allowed_modules)))
     formats: dict[str, FileFormat] = {}
-    findings: list[Finding] = []
+    readings: dict[str, Reading] = {}
+    findings: list[Finding] = list(code.findings)
     scans: list[FileScan] = []
     checkpoints = 0
     for rel in paths:
-        fmt, fs, counts = scan_file(root, rel, settings, mlflow_dir=mlflow_dir)
+        fmt, fs, counts = scan_file(root, rel, file_settings, mlflow_dir=mlflow_dir)
         formats[rel] = fmt
+        if fs.reading is not None:
+            readings[rel] = fs.reading
         findings.extend(fs.findings)
         scans.append(fs)
         checkpoints += counts
+    findings = fold_pickle_findings(findings, code)
     if not checkpoints and not any(f.blocking for f in findings):
         listing = ", ".join(f"{p} ({formats[p].value})" for p in list(paths)[:10]) or "no files"
         findings.append(Finding(ReasonCode.NOT_A_CHECKPOINT,
@@ -101,4 +124,5 @@ def scan_version(root: Path, paths: Sequence[str], settings: Settings) -> ScanRe
     too_big = resource_finding(estimated, settings)
     if too_big is not None:
         findings.append(too_big)
-    return ScanResult(formats=formats, findings=tuple(findings), estimated_bytes=estimated)
+    return ScanResult(formats=formats, findings=tuple(findings), estimated_bytes=estimated, readings=readings,
+                      model_code=dict(code.model_code))

@@ -87,6 +87,16 @@ class FileScan:
     nested_scans: int = 0
     seen: set[tuple[int, int]] = field(default_factory=set)
     """(absolute offset, size) of byte ranges already scanned, so forged duplicates cost nothing."""
+    # Facts of the top-level container for the file's ``reading.Reading`` (what the worker obeys).
+    container: str = ""
+    """``sniff.Kind`` value of the file's first bytes (what kind of container it starts like)."""
+    zip: Any = None
+    """The file's own ``archives.ZipArchive`` (never a nested one's)."""
+    zip_prefix: str | None = None
+    st_header_len: int | None = None
+    """safetensors header length, when the header checked out."""
+    reading: Any = None
+    """The ``reading.Reading`` made from all of the above once the file is scanned."""
 
     def add(self, code: ReasonCode, message: str, hint: str, *, where: str = "", **detail: Any) -> None:
         if len(self.findings) >= self.max_findings:

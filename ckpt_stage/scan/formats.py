@@ -15,9 +15,10 @@ from ckpt_stage.config import Settings
 from ckpt_stage.domain import FileFormat, ReasonCode
 from ckpt_stage.scan._common import HINT_CORRUPT, HINT_NOT_CKPT, FileScan, Region, human
 from ckpt_stage.scan.archives import DEFLATED, STORED, ZipArchive, ZipEntry, gaps, read_entry, read_zip
+from ckpt_stage.scan import pt2 as pt2_grammar
 from ckpt_stage.scan.pickles import LEGACY_TORCH_MAGIC, Anomaly, StreamReport, TensorDecl, scan_stream, str_items
 from ckpt_stage.scan.safetensors import check_safetensors
-from ckpt_stage.scan.sniff import Kind, claims_checkpoint, describe, extension, sniff
+from ckpt_stage.scan.sniff import Kind, claims_checkpoint, describe, extension, live_pickle, sniff
 
 #: Nested archives: pt2 → sample inputs / pickled weights (torch zips) → nothing deeper is legit.
 MAX_NESTING = 3
@@ -232,6 +233,8 @@ def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bo
     if not z.parsed:
         return FileFormat.UNKNOWN, True
     prefix = _archive_prefix(z)
+    if ctx.nesting == 0:  # the file's own table travels to the worker in its reading
+        ctx.fs.zip, ctx.fs.zip_prefix = z, prefix
     fmt = _zip_kind(z, region, prefix)
     by_name = z.by_name()
     if fmt is None:
@@ -397,6 +400,17 @@ def _pt2_int(v: Any) -> int | None:
     return None
 
 
+def report_pt2_reading(ctx: Ctx, reading: pt2_grammar.Reading, member: str) -> None:
+    """One finding per reason code of a strict pt2 read (the first problems named, then a count)."""
+    by_code: dict[ReasonCode, list[pt2_grammar.Problem]] = {}
+    for p in reading.problems:
+        by_code.setdefault(p.code, []).append(p)
+    for code, problems in by_code.items():
+        one = pt2_grammar.Reading(problems=problems[:8], more=max(0, len(problems) - 8) + reading.more)
+        hint = pt2_grammar.HINT_SCHEMA if code is ReasonCode.UNSUPPORTED_FORMAT else pt2_grammar.HINT
+        ctx.add(code, f"pt2 program {one.summary(member)}", hint, fields=[p.field for p in problems[:20]])
+
+
 def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dict[str, ZipEntry]) -> None:  # noqa: C901
     """torch.export archives: JSON graph + payload configs + raw weights. Payloads marked
     ``use_pickle`` and the sample inputs are torch.save archives that torch.export.load unpickles
@@ -407,6 +421,12 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
     if not models:
         ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"pt2 archive has no {prefix}/models/*.json (no exported program)",
                 HINT_CORRUPT)
+    for e in models:
+        # The program's strings become Python that torch runs (guards, generated forward, sympify):
+        # read under a strict grammar first (scan/pt2.py says which fields and why).
+        doc = _json_entry(region, ctx, e)
+        if doc is not None:
+            report_pt2_reading(ctx, pt2_grammar.read_program(doc), e.name)
     raw_payloads: set[str] = set()
     counted: set[str] = set()
     for e in z.entries:
@@ -423,6 +443,8 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
         if not isinstance(config, dict):
             ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"{e.name!r} has no 'config' object", HINT_CORRUPT)
             continue
+        names = pt2_grammar.Reading(problems=pt2_grammar.read_payload_config(cfg))
+        report_pt2_reading(ctx, names, e.name)
         for fqn, meta in list(config.items())[:1_000_000]:
             if not isinstance(meta, dict) or not isinstance(meta.get("path_name"), str):
                 ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"{e.name!r}: payload {fqn!r} has no path_name", HINT_CORRUPT)
@@ -659,6 +681,8 @@ def scan_safetensors(region: Region, ctx: Ctx) -> tuple[FileFormat, bool]:
         ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"safetensors header: {p}", HINT_CORRUPT)
     ctx.fs.storage_bytes += info.data_bytes if not info.problems else region.size
     ctx.fs.has_metadata = not info.problems
+    if not info.problems and ctx.nesting == 0:
+        ctx.fs.st_header_len = info.header_len
     return FileFormat.SAFETENSORS, True
 
 
@@ -669,6 +693,21 @@ def scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tup
     """Scan one file; returns (format, counts as a checkpoint)."""
     claimed = claims_checkpoint(path, mlflow_dir=mlflow_dir)
     kind, head = sniff(region)
+    ctx.fs.container = kind.value
+    if kind is Kind.SAFETENSORS:
+        polyglot = live_pickle(region, ctx.settings)
+        if polyglot is not None:
+            # torch.load would read this file as a pickle: scan it as one (its globals are reported),
+            # and refuse the double meaning itself even when the pickle is harmless.
+            what = ("imports globals" if polyglot.globals
+                    else "starts like a legacy torch file" if polyglot.end is not None and not polyglot.limit
+                    else "is too long to decide within the scanner's limits")
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"the file is a well-formed safetensors file and also a pickle stream that {what} "
+                    "(torch.load reads it as a pickle): a file with two meanings is not loaded",
+                    "no safetensors writer produces this; re-save the weights with "
+                    "safetensors.torch.save_file and upload the new file", content="safetensors+pickle")
+            kind = Kind.PICKLE
     if kind is Kind.ZIP:
         return scan_zip(region, ctx, claimed=claimed)
     if kind in (Kind.PICKLE, Kind.PICKLE_TEXT):

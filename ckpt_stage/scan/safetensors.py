@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from ckpt_stage.scan._common import Region, human
 
-#: The Rust reader refuses headers above 100 MB (safetensors ``MAX_HEADER_SIZE``).
+#: The Rust reader refuses headers above 100 MB (safetensors ``MAX_HEADER_SIZE``). The one limit of
+#: the stage: the scanner's sniffing and header check, and the worker's load, all use this constant.
 MAX_HEADER = 100_000_000
 
 #: dtype → bits per element (safetensors ``Dtype``; sub-byte types pack).
@@ -34,6 +35,9 @@ class SafetensorsInfo:
     tensors: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    header_ok: bool = False
+    """The header length fits the file and the header is a JSON object (tensor entries may still be
+    wrong): the container is safetensors, even when its contents are broken."""
 
 
 def looks_like_safetensors(head: bytes) -> bool:
@@ -80,6 +84,7 @@ def check_safetensors(region: Region) -> SafetensorsInfo:  # noqa: C901 - one ru
     if not text.startswith("{") or not isinstance(header, dict):
         p.append(f"header is a JSON {type(header).__name__}, not an object")
         return info
+    info.header_ok = True
     data_len = size - 8 - n
     info.data_bytes = data_len
     spans: list[tuple[int, int, str]] = []

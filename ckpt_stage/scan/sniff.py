@@ -10,8 +10,11 @@ from __future__ import annotations
 import enum
 import posixpath
 
+from ckpt_stage.config import Settings
 from ckpt_stage.scan._common import Region
-from ckpt_stage.scan.safetensors import looks_like_safetensors
+from ckpt_stage.scan.allowlist import valid_module, valid_name
+from ckpt_stage.scan.pickles import LEGACY_TORCH_MAGIC, StreamReport, scan_stream
+from ckpt_stage.scan.safetensors import check_safetensors, looks_like_safetensors
 
 
 class Kind(enum.StrEnum):
@@ -56,8 +59,12 @@ _PICKLE_TEXT_START = frozenset(b"(cl]}d)NIFLSVUTXJKMGhgqjpPBC")
 
 #: File names of an MLflow model directory that describe the model rather than hold it.
 METADATA_NAMES = frozenset({"MLmodel", "registered_model_meta", "LICENSE", "README", "MANIFEST"})
-METADATA_EXTS = frozenset({".yaml", ".yml", ".json", ".txt", ".md", ".cfg", ".toml", ".ini", ".csv", ".py",
+METADATA_EXTS = frozenset({".yaml", ".yml", ".json", ".txt", ".md", ".cfg", ".toml", ".ini", ".csv",
                            ".lock", ".log", ".html", ".rst", ".jsonl"})
+#: Python source, bytecode and extension modules: not metadata but code a serving host may import
+#: (MLflow puts a flavor's ``code`` folder on sys.path; Hugging Face ``auto_map`` imports repo files).
+#: ``scan.mlflow_dir`` judges them; they are never checkpoints.
+CODE_EXTS = frozenset({".py", ".pyc", ".pyo", ".pyw", ".pyz", ".so", ".pyd"})
 #: Extensions that claim to be a checkpoint: if the content is something else, that is a finding.
 CHECKPOINT_EXTS = frozenset({".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pt2", ".pkl", ".pickle",
                              ".tar", ".model", ".pth.tar", ".torchscript", ".jit", ".ptl", ".weights"})
@@ -80,6 +87,13 @@ def sniff(region: Region) -> tuple[Kind, bytes]:
     if head.startswith(b"PK\x03\x04"):
         return Kind.ZIP, head
     if head[0] == 0x80 and len(head) > 1 and head[1] <= 5:
+        # 0x80 is pickle's PROTO opcode, but also the low byte of one safetensors header length in
+        # 256 (a small model's shard). The container whose structure checks out wins (a header that
+        # is a JSON object exactly inside the file; its tensor entries are checked later, so a
+        # truncated shard is reported as a broken safetensors file, not a broken pickle); a file
+        # that is both is refused by ``live_pickle`` (the scan reports it, the worker never loads it).
+        if looks_like_safetensors(head) and check_safetensors(region).header_ok:
+            return Kind.SAFETENSORS, head
         return Kind.PICKLE, head
     if looks_like_safetensors(head):
         return Kind.SAFETENSORS, head
@@ -91,6 +105,49 @@ def sniff(region: Region) -> tuple[Kind, bytes]:
     if _is_text(head):
         return Kind.TEXT, head
     return Kind.BINARY, head
+
+
+#: First window of a safetensors file read as a pickle: a real header breaks the stream within its
+#: first dozen bytes (the zero high bytes of the length are no opcode), so this is nearly always enough.
+_PICKLE_PROBE = 64 * 2**10
+
+
+def live_pickle(region: Region, settings: Settings) -> StreamReport | None:
+    """The file read the way ``torch.load`` reads a non-zip file (``pickle.load`` from offset 0), when
+    that reading could *do* something; None when it is inert.
+
+    It does something when the stream imports a well-formed global (imports run as they are parsed,
+    even if the stream breaks later: a payload before a broken stream still runs), or when it ends with
+    torch's legacy magic number (torch.load then reads further streams from the file). A stream that
+    breaks, or ends with another value, is inert: without a global nothing can be called (``EXT*``
+    opcodes find nothing in the copyreg registry, empty unless a global filled it), and torch.load
+    stops at "invalid magic number".
+    That keeps real safetensors files whose first bytes happen to parse (the length bytes, a key
+    ending at a ``.``) from being refused.
+
+    A safetensors file is accepted as safetensors only when this is None: a polyglot would be safe in
+    our worker, which obeys the reading and uses the safetensors reader, but would run its pickle on a
+    serving host that calls ``torch.load`` on it.
+    """
+    n = min(region.size, _PICKLE_PROBE)
+    while True:
+        rep = scan_stream(region.read(0, n), 0, settings)
+        if rep.limit or _acts(rep):
+            return rep
+        if rep.end is not None:
+            return None  # complete and inert
+        broke_inside = rep.error is not None and rep.error.offset < n - 64
+        if broke_inside or n >= region.size:
+            return None
+        if n >= settings.max_pickle_bytes:
+            return rep  # not decided within the scanner's limit: not accepted as inert
+        n = min(region.size, settings.max_pickle_bytes, n * 16)
+
+
+def _acts(rep: StreamReport) -> bool:
+    if rep.end is not None and rep.result == LEGACY_TORCH_MAGIC:
+        return True
+    return any(valid_module(g.module) and valid_name(g.name) for g in rep.globals)
 
 
 def _is_text(head: bytes) -> bool:
@@ -119,7 +176,7 @@ def claims_checkpoint(path: str, *, mlflow_dir: bool) -> bool:
     out not to be one is a finding (``model.pt`` holding a PNG) or just a side file (``conda.yaml``)."""
     base = posixpath.basename(path)
     ext = extension(path)
-    if base in METADATA_NAMES or ext in METADATA_EXTS:
+    if base in METADATA_NAMES or ext in METADATA_EXTS or ext in CODE_EXTS:
         return False
     if ext in CHECKPOINT_EXTS:
         return True

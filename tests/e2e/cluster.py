@@ -2,6 +2,11 @@
 processes (each in its own process group, stopped as a group), LocalExecutor, a fresh PostgreSQL metadata
 database, SimpleAuthManager with a user whose password the test writes, and the stage's plugin (the webhook
 receiver) inside the API server. Every wait has a deadline; a failure carries the components' log tails.
+
+With ``celery_queues`` it runs the CeleryExecutor instead: one ``airflow celery worker`` per queue (low
+concurrency, each naming itself ``<queue>-worker`` as the task instances' hostname), Redis on
+127.0.0.1:6379 as the broker (a key prefix of its own, deleted afterwards) and a second fresh PostgreSQL
+database as Celery's result backend.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +90,11 @@ class AirflowCluster:
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_exc!r})\n" + self.logs())
 
     def stop(self) -> None:
+        # Signal every component first, then wait for each: stopping them one by one costs up to 10 s each.
+        for svc in self.procs.values():
+            if svc.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(svc.proc.pid, signal.SIGTERM)
         for name in reversed(list(self.procs)):
             self.procs[name].stop()
 
@@ -94,6 +106,22 @@ def _airflow(args: list[str], env: dict[str, str], timeout: float = 300) -> None
         raise RuntimeError(f"airflow {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _redis_keys(db: int, prefix: str, *, delete: bool = False) -> int:
+    """Count (and optionally delete) the broker's keys under ``prefix``, with redis-py (Celery's own client)."""
+    import redis
+
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+    if delete and keys:
+        client.delete(*keys)
+    client.close()
+    return len(keys)
+
+
 def _start(name: str, args: list[str], env: dict[str, str], home: Path, url: str) -> devstack.Service:
     log_path = home / f"{name}.log"
     proc = subprocess.Popen([devstack._bin("airflow"), *args], env=env, stdout=log_path.open("ab"),
@@ -103,9 +131,12 @@ def _start(name: str, args: list[str], env: dict[str, str], home: Path, url: str
 
 
 @contextlib.contextmanager
-def airflow_cluster(home: Path, stage_env: dict[str, str], *, sweep_interval_s: float) -> Iterator[AirflowCluster]:
+def airflow_cluster(home: Path, stage_env: dict[str, str], *, sweep_interval_s: float,
+                    celery_queues: Sequence[str] = (), worker_concurrency: int = 1) -> Iterator[AirflowCluster]:
     if not devstack.postgres_available():
         pytest.skip("the e2e test needs PostgreSQL on 127.0.0.1:5432 for Airflow's metadata DB")
+    if celery_queues and not devstack.port_open(REDIS_HOST, REDIS_PORT):
+        pytest.skip(f"the CeleryExecutor e2e test needs Redis on {REDIS_HOST}:{REDIS_PORT} as its broker")
     from cryptography.fernet import Fernet
 
     home.mkdir(parents=True, exist_ok=True)
@@ -114,7 +145,9 @@ def airflow_cluster(home: Path, stage_env: dict[str, str], *, sweep_interval_s: 
     user, password = "admin", secrets.token_urlsafe(12)
     passwords = home / "passwords.json"
     passwords.write_text(json.dumps({user: password}))
-    with devstack.temp_postgres_db("ckpt_airflow") as db_uri:
+    redis_db, redis_prefix = 0, f"ckpt-e2e-{uuid.uuid4().hex[:10]}:"
+    with contextlib.ExitStack() as resources:
+        db_uri = resources.enter_context(devstack.temp_postgres_db("ckpt_airflow"))
         env = {
             **os.environ,
             **stage_env,
@@ -148,6 +181,23 @@ def airflow_cluster(home: Path, stage_env: dict[str, str], *, sweep_interval_s: 
             "CKPT_STAGE_SWEEP_INTERVAL_S": str(sweep_interval_s),
         }
         env.pop("AIRFLOW__CORE__SQL_ALCHEMY_CONN", None)
+        if celery_queues:
+            results_uri = resources.enter_context(devstack.temp_postgres_db("ckpt_celery"))
+            resources.callback(_redis_keys, redis_db, redis_prefix, delete=True)
+            env.update({
+                "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+                "AIRFLOW__CELERY__BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}",
+                # Other users of this Redis never see (or clash with) this cluster's queues; cleanup by prefix.
+                "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX": redis_prefix,
+                "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "3600",
+                # Celery's database backend goes through SQLAlchemy: the same psycopg2 driver as the metadata DB.
+                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + results_uri,
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(worker_concurrency),
+                "AIRFLOW__CELERY__SYNC_PARALLELISM": "1",
+                # Workers report a hostname of their own (tests/e2e/hostname.py).
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.e2e.hostname.worker_hostname",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+            })
         _airflow(["db", "migrate"], env)
         pools = home / "pools.json"
         pools.write_text(json.dumps(orchestrate.pool_definitions(Settings.from_env(env))))
@@ -161,14 +211,29 @@ def airflow_cluster(home: Path, stage_env: dict[str, str], *, sweep_interval_s: 
             cluster.procs["dag-processor"] = _start("dag-processor", ["dag-processor"], env, home, url)
             cluster.wait("the API server", lambda: httpx.get(f"{url}/api/v2/monitor/health", timeout=3)
                          .status_code == 200, timeout=120, interval=0.5)
-            for name in ("scheduler", "triggerer"):
+            # The Celery run needs no triggerer (nothing defers); one process less on a small machine.
+            components = ("scheduler",) if celery_queues else ("scheduler", "triggerer")
+            for name in components:
                 cluster.procs[name] = _start(name, [name], env, home, url)
+            for queue in celery_queues:
+                # --skip-serve-logs: two workers on one host would both bind the log server's port; the API
+                # server reads the task logs from the shared AIRFLOW_HOME.
+                name = f"{queue}-worker"
+                cluster.procs[name] = _start(
+                    name, ["celery", "worker", "--queues", queue, "--concurrency", str(worker_concurrency),
+                           "--celery-hostname", f"{name}@%h", "--skip-serve-logs"],
+                    {**env, "CKPT_E2E_HOSTNAME": name}, home, url)
             cluster.wait("both DAGs parsed and unpaused", lambda: all(
                 cluster.api("GET", f"/dags/{d}").status_code == 200 and not cluster.get(f"/dags/{d}")["is_paused"]
                 for d in (orchestrate.VALIDATE_DAG_ID, orchestrate.RERUN_DAG_ID)), timeout=120)
             cluster.wait("the scheduler and triggerer heartbeats", lambda: all(
-                (cluster.get("/monitor/health").get(c) or {}).get("status") == "healthy"
-                for c in ("scheduler", "triggerer", "dag_processor")), timeout=60)
+                (cluster.get("/monitor/health").get(c.replace("-", "_")) or {}).get("status") == "healthy"
+                for c in (*components, "dag-processor")), timeout=60)
+            if celery_queues:
+                cluster.wait("the Celery workers", lambda: all(
+                    f"{q}-worker@" in (home / f"{q}-worker.log").read_text(errors="replace")
+                    and "ready." in (home / f"{q}-worker.log").read_text(errors="replace")
+                    for q in celery_queues), timeout=120)
             yield cluster
         finally:
             cluster.stop()

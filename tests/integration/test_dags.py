@@ -25,8 +25,9 @@ from ckpt_stage.registry import Registry
 pytestmark = pytest.mark.integration
 
 # Two worker classes that split the samples: a bare state_dict (~1 KiB) is "tiny", an MLflow model
-# folder (tens of KiB) is "big". Real deployments use GiB budgets; only the sorting is tested here.
-WORKER_CLASSES = "tiny=8KiB,big=4GiB"
+# folder (tens of KiB) is "big". A version is planned with its S3 bytes plus the scanner's 64 MiB working
+# allowance (orchestrate.planned_memory), so "tiny" is 64 MiB + 8 KiB. Real deployments use GiB budgets.
+WORKER_CLASSES = f"tiny={64 * 2**20 + 8 * 2**10},big=4GiB"
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shlex
 import shutil
 import signal
@@ -125,7 +126,7 @@ def test_fork_latency(model_dir):
 
 @needs_root
 def test_credentials_network_and_host_files_are_out_of_reach(model_dir, tmp_path, monkeypatch):
-    secrets = ["canary-secret", "canary-token", "canary-hook", "canary-db"]
+    secrets = ["canary-secret", "canary-token", "canary-hook", "canary-db", "canary-url-token", "canary-presigned"]
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary-secret")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAcanary-secret")
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "canary-token")
@@ -133,6 +134,9 @@ def test_credentials_network_and_host_files_are_out_of_reach(model_dir, tmp_path
     monkeypatch.setenv("CKPT_STAGE_WEBHOOK_SECRET", "canary-hook")
     monkeypatch.setenv("DATABASE_URL", "postgresql://u:canary-db@db/x")
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    # Tokens in URL queries, under names the allowlist keeps and names it does not.
+    monkeypatch.setenv("CKPT_STAGE_AIRFLOW_URL", "http://airflow:8080/?token=canary-url-token")
+    monkeypatch.setenv("TORCH_HOME", "https://b.s3.amazonaws.com/t?X-Amz-Signature=canary-presigned")
     runner.shutdown()  # the next fork server starts under this environment
 
     assert_clean(run(job_for(model_dir, None)))
@@ -166,9 +170,149 @@ def test_credentials_network_and_host_files_are_out_of_reach(model_dir, tmp_path
     # Its parent is init of its own PID namespace (root: EACCES); ours and the server's do not exist there.
     assert ob["proc_environ"] == {"1": "EACCES", str(os.getpid()): "ENOENT",
                                   **{str(p): "ENOENT" for p in server_pids}}, ob["proc_environ"]
-    assert ob["connect"] in ("ENETUNREACH", "ECONNREFUSED"), ob["connect"]
+    # EPERM: socket() itself is refused by the seccomp filter (before it, the empty network namespace).
+    assert ob["connect"] in ("EPERM", "ENETUNREACH", "ECONNREFUSED"), ob["connect"]
     assert ob["canary"] != "written" and list(canary.iterdir()) == []
     assert result.isolation["net_namespace"] and result.isolation["env_stripped"]
+
+
+# --- the walls beyond the network namespace --------------------------------------------------------
+
+_REFUSED_SYSCALL = ("EPERM", "ENOSYS")
+
+
+def _needed_below(path: str) -> set[str]:
+    """Names directly below ``path`` that the worker's root may show: components of what the
+    interpreter needs (system dirs, prefixes, sys.path, the fork server's PYTHONPATH)."""
+    needed = [*isolation.SYSTEM_DIRS, *isolation.SYS_DIRS, sys.prefix, sys.base_prefix, *sys.path,
+              *runner._worker_pythonpath(sys.executable, Settings())]
+    base = path.rstrip("/") + "/"
+    out = set()
+    for p in needed:
+        for q in {p, os.path.realpath(p)} if p else ():
+            if q.startswith(base) and q != base:
+                out.add(q[len(base):].split("/")[0])
+    return out
+
+
+@pytest.fixture()
+def planted(tmp_path_factory):
+    d = Path(tempfile.mkdtemp(prefix="ckpt-stage-planted-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    f = d / "host-file.txt"
+    f.write_text("a host file outside the job")
+    os.chmod(f, 0o644)
+    yield f
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _kernel_lacks() -> str:
+    if not all(os.path.lexists(f"/proc/self/ns/{ns}") for ns in ("mnt", "pid", "net")):
+        return "kernel without mount, PID or network namespaces"
+    if "Seccomp:" not in Path("/proc/self/status").read_text():
+        return "kernel without seccomp (CONFIG_SECCOMP_FILTER)"
+    return ""
+
+
+@needs_root
+@pytest.mark.skipif(bool(_kernel_lacks()), reason=_kernel_lacks() or "-")
+def test_probe_finds_every_wall_closed(model_dir, planted):
+    """An allowed architecture whose constructor tries each way out: Unix sockets of host services
+    (PostgreSQL, MariaDB, any socket file), loopback TCP/UDP to PostgreSQL and Redis, abstract Unix
+    sockets, the host filesystem (read, list, write), and the syscalls a filter must refuse."""
+    canary = f"probe-canary-{os.getpid()}-{time.monotonic_ns()}"
+    abstract = f"ckpt-stage-probe-{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + abstract)
+    listener.listen(1)
+    listener.setblocking(False)
+    try:
+        result = run(job_for(model_dir, "Probe", planted=str(planted), canary=canary, abstract=abstract))
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+    assert_clean(result)
+    iso, ob = result.isolation, result.info["observed"]
+    assert iso["private_root"] is True and iso["seccomp"] is True, iso
+    assert iso["no_new_privs"] is True and iso["unprivileged_user"] is True
+    assert ob["status"]["Seccomp"] == "2" and ob["status"]["NoNewPrivs"] == "1"
+    # Sockets: nothing reachable, no socket file visible, socket() refused for every family.
+    unix = {k: v for k, v in ob.items() if k.startswith("unix:")}
+    assert unix and all(v != "connected" for v in unix.values()), unix
+    assert ob["socket_files"] == [] and ob["socket_files_connected"] == []
+    for key in ("tcp:5432", "udp:5432", "tcp:6379", "udp:6379"):
+        assert ob[key] == "EPERM", (key, ob[key])
+    for fam in ("AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET", "AF_UNIX", "AF_VSOCK", "AF_ALG"):
+        assert ob[f"socket:{fam}"] in ("EPERM", "no such family"), (fam, ob[f"socket:{fam}"])
+    # Files: only the worker's own root; /etc holds fresh files, not the host's.
+    assert ob["read:/etc/passwd"] == "users:nobody,root", ob["read:/etc/passwd"]
+    for path in ("/etc/hostname", "/etc/shadow", "/etc/os-release", str(planted)):
+        assert ob[f"read:{path}"] == "ENOENT", (path, ob[f"read:{path}"])
+    for path in ("/home", "/run", "/var/run", "/srv", "/opt", "/mnt"):
+        if path in ("/opt",) and _needed_below("/opt"):
+            continue  # an interpreter installed under /opt is bound in
+        assert ob[f"list:{path}"] == "ENOENT", (path, ob[f"list:{path}"])
+    assert set(ob["list:/"]) <= {"usr", "lib", "lib64", "lib32", "libx32", "bin", "sbin", "etc", "dev", "proc",
+                                 "sys", "tmp"} | _needed_below("/"), ob["list:/"]
+    assert set(ob["list:/etc"]) <= {*isolation.ETC_FILES, "passwd", "group", "nsswitch.conf", "hosts"}
+    assert ob["list:/tmp"] == ["model", "work"]
+    for d in ("/root", "/work"):
+        if isinstance(ob[f"list:{d}"], list):
+            assert set(ob[f"list:{d}"]) <= _needed_below(d), (d, ob[f"list:{d}"])
+    # Writes: only the worker's private /dev/shm (a tmpfs of its own); nothing lands on the host.
+    written = sorted(d for d, v in ob["writes"].items() if v == "written")
+    assert written == ["/dev/shm"], ob["writes"]
+    for d in ("/run/lock", "/var/lock", "/tmp", "/var/tmp", "/dev/shm", str(planted.parent)):
+        assert not os.path.exists(os.path.join(d, canary)), d
+    # Syscalls.
+    if platform.machine() == "x86_64":
+        rows = {k: v for k, v in ob.items() if k.startswith("sys:")}
+        assert len(rows) >= 18
+        assert all(v in _REFUSED_SYSCALL for v in rows.values()), rows
+    assert ob["thread"] == "ok"
+
+
+@needs_root
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the x32 ABI exists on x86_64 only")
+@pytest.mark.skipif(bool(_kernel_lacks()), reason=_kernel_lacks() or "-")
+def test_a_syscall_through_another_abi_is_killed(model_dir):
+    result = run(job_for(model_dir, "X32Socket"))
+    assert codes(result) == [ReasonCode.WORKER_CRASH], [f.to_dict() for f in result.findings]
+    assert "SIGSYS" in result.findings[0].message
+
+
+@needs_root
+@pytest.mark.skipif(bool(_kernel_lacks()), reason=_kernel_lacks() or "-")
+def test_benign_loads_pass_with_every_wall_up(tmp_path):
+    """The real loader under the private root and the seccomp filter: a state_dict into torch.nn, a
+    safetensors file (its tensors cross-checked against the scan), a whole pickled nn module."""
+    from safetensors.torch import save_file
+
+    from ckpt_stage.pipeline import inspect_paths
+
+    settings = Settings(cache_dir=tmp_path / "cache")
+    lin = torch.nn.Linear(4, 2)
+    torch.save(lin.state_dict(), tmp_path / "sd.pt")
+    save_file(lin.state_dict(), str(tmp_path / "m.safetensors"))
+    torch.save(lin, tmp_path / "whole.pt")
+    kw = {"in_features": 4, "out_features": 2}
+    for path, arch in ((tmp_path / "sd.pt", "torch.nn:Linear"), (tmp_path / "m.safetensors", "torch.nn:Linear"),
+                       (tmp_path / "whole.pt", None)):
+        report = inspect_paths([path], arch=arch, arch_kwargs=kw if arch else None, settings=settings)
+        assert report.verdict.value == "pass", (path.name, report.to_dict()["reasons"])
+        assert report.isolation["private_root"] and report.isolation["seccomp"], report.isolation
+        assert report.timings_s["worker_start"] < 5
+
+
+@needs_root
+def test_a_forged_verdict_is_not_a_pass(model_dir):
+    """Job code that writes its own answer (a pass, with unknown codes and oversized strings)."""
+    result = run(job_for(model_dir, None), entry=f"{ARCHS}:forged_load")
+    assert codes(result) == [ReasonCode.WORKER_CRASH], [f.to_dict() for f in result.findings]
+    assert "malformed" in result.findings[0].message
+    result = run(job_for(model_dir, None), entry=f"{ARCHS}:lying_load")
+    assert result.isolation["seccomp"] is True  # measured, whatever the worker says
 
 
 @needs_cgroup

@@ -70,8 +70,11 @@ def test_one_mapped_task_per_worker_class_with_its_pool_and_queue(dags, dag_id, 
     assert tasks[first]["downstream"] == ["plan"]
     assert tasks["plan"]["downstream"] == ["batch_large", "batch_small"]
     small, large = tasks[f"{verb}_small"], tasks[f"{verb}_large"]
-    assert (small["pool"], small["queue"]) == ("ckpt_stage_small", "default")
+    # A class without a named queue gets ckpt-<class> (Celery workers listen on exactly these).
+    assert (small["pool"], small["queue"]) == ("ckpt_stage_small", "ckpt-small")
     assert (large["pool"], large["queue"]) == ("big_pool", "highmem")
+    # Tasks that load nothing run on the smallest class's queue: no worker needs Airflow's `default` queue.
+    assert {tasks[t]["queue"] for t in (first, "plan", "batch_small", "batch_large")} == {"ckpt-small"}
     for t in (small, large):
         assert t["retries"] == 3 and t["backoff"] == 2.0
         # The attempt renews its lease (heartbeat), so the limit is its own budget, not the lease:

@@ -94,7 +94,31 @@ def test_worker_classes_sorted_with_pools():
     classes = parse_worker_classes("large=16GiB,small=2GiB:tiny_pool:q1")
     assert [c.name for c in classes] == ["small", "large"]
     assert (classes[0].pool, classes[0].queue) == ("tiny_pool", "q1")
-    assert classes[1].pool == "ckpt_stage_large"
+    assert (classes[1].pool, classes[1].queue) == ("ckpt_stage_large", "ckpt-large")
+
+
+def test_default_worker_classes_have_celery_queues_per_class():
+    s = Settings()
+    assert [(c.name, c.pool, c.queue) for c in s.worker_classes] == [
+        ("small", "ckpt_stage_small", "ckpt-small"), ("large", "ckpt_stage_large", "ckpt-large")]
+    # The same defaults whether a class comes from code or from CKPT_STAGE_WORKER_CLASSES.
+    assert Settings.from_env({"CKPT_STAGE_WORKER_CLASSES": "small=4GiB,large=16GiB"}).worker_classes == s.worker_classes
+    # A pool given, the queue left to its default.
+    assert parse_worker_classes("gpu=40GiB:gpu_pool")[0].queue == "ckpt-gpu"
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("small=1GiB,small=2GiB", "class small is given twice"),
+    ("small=1GiB:pool:q:extra", "more than NAME=SIZE:POOL:QUEUE"),
+    ("small=1GiB:pool:bad queue", "queue 'bad queue'"),
+    ("sm/all=1GiB", "class name 'sm/all'"),
+    ("small=lots", "cannot read 'lots' as a size"),
+    (" , ", "is empty"),
+])
+def test_worker_classes_errors_name_the_variable_and_the_problem(text, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        parse_worker_classes(text)
+    assert "WORKER_CLASSES" in str(info.value)
 
 
 def test_settings_from_env_and_errors_name_the_variable():

@@ -100,17 +100,61 @@ def test_rerun_selection_by_versions_and_by_status():
         orchestrate.select_for_rerun(reg, {"status": "quarantined"}, limit=2)
 
 
-def test_plan_sorts_by_estimated_size_and_parks_unknown_or_huge_in_the_largest_class():
-    settings = Settings(worker_classes=parse_worker_classes("s=1MiB,m=1GiB,l=4GiB"))
-    sizes = {R("a", 1): 10, R("a", 2): 2 * 2**20, R("a", 3): None, R("a", 4): 10 * 2**30, R("a", 5): 2**30}
+def test_plan_routes_by_planned_memory_and_parks_unknown_or_huge_in_the_largest_class():
+    from ckpt_stage.scan.estimate import OVERHEAD_BYTES
+
+    settings = Settings(worker_classes=parse_worker_classes("s=65MiB,m=1GiB,l=4GiB:big_pool:q-large"))
+    sizes = {R("a", 1): 10, R("a", 2): 2 * 2**20, R("a", 3): None, R("a", 4): 10 * 2**30, R("a", 5): 2**30 - OVERHEAD_BYTES}
     planned = orchestrate.plan(list(sizes), settings, sizes.__getitem__)
-    assert {(p["version"], p["worker_class"]) for p in planned} == {
-        ("1", "s"), ("2", "m"), ("3", "l"), ("4", "l"), ("5", "m")}
+    assert {(p["version"], p["worker_class"], p["queue"]) for p in planned} == {
+        ("1", "s", "ckpt-s"), ("2", "m", "ckpt-m"), ("3", "l", "q-large"), ("4", "l", "q-large"), ("5", "m", "ckpt-m")}
     assert orchestrate.in_class(planned, "m") == [
-        {"name": "a", "version": "2", "estimated_bytes": 2 * 2**20, "worker_class": "m"},
-        {"name": "a", "version": "5", "estimated_bytes": 2**30, "worker_class": "m"}]
+        {"name": "a", "version": "2", "s3_bytes": 2 * 2**20, "estimated_bytes": 2 * 2**20 + OVERHEAD_BYTES,
+         "worker_class": "m", "queue": "ckpt-m", "over_budget": False},
+        {"name": "a", "version": "5", "s3_bytes": 2**30 - OVERHEAD_BYTES, "estimated_bytes": 2**30,
+         "worker_class": "m", "queue": "ckpt-m", "over_budget": False}]
+    # Too big for every class: the largest class's queue, flagged; the scan there refuses it unloaded.
+    assert [p["over_budget"] for p in planned] == [False, False, False, True, False]
     assert orchestrate.in_class(planned, "x") == []
     assert orchestrate.plan([], settings, sizes.__getitem__) == []
+
+
+def test_planned_memory_is_never_below_the_scanners_estimate(tmp_path):
+    """The class a version is routed to (by S3 bytes) must hold what the worker's scan will estimate, or a
+    load would run on a queue whose hosts were sized for less than its cgroup limit."""
+    import torch
+
+    from ckpt_stage.scan import scan_version
+    from ckpt_stage.scan.estimate import OVERHEAD_BYTES
+
+    torch.save({"w": torch.zeros(256, 1024), "b": torch.zeros(7)}, tmp_path / "sd.pt")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(300, 1000)}, str(tmp_path / "w.safetensors"))
+    settings = Settings()
+    for rel in ("sd.pt", "w.safetensors"):
+        scan = scan_version(tmp_path, [rel], settings)
+        assert scan.estimated_bytes > OVERHEAD_BYTES
+        assert orchestrate.planned_memory((tmp_path / rel).stat().st_size) >= scan.estimated_bytes, rel
+
+
+def test_a_class_task_loads_with_at_least_its_own_budget():
+    """A version on the large queue whose scan estimate fits the small class still gets the large budget
+    (the host has it), and the RESOURCE_LIMIT threshold (the largest class) does not move."""
+    settings = Settings(worker_classes=parse_worker_classes("s=1GiB,m=4GiB,l=16GiB"))
+    small_est = 100 * 2**20
+    assert settings.class_for(small_est).name == "s"
+    for name, expect in (("s", "s"), ("m", "m"), ("l", "l")):
+        cs = orchestrate.class_settings(settings, name)
+        assert cs.class_for(small_est).name == expect
+        assert cs.largest_class == settings.largest_class
+    assert orchestrate.class_settings(settings, "m").class_for(5 * 2**30).name == "l"
+    assert orchestrate.class_settings(settings, "gone") == settings  # parsed with other classes: unchanged
+
+
+def test_the_control_tasks_queue_is_the_smallest_classes():
+    assert orchestrate.control_queue(Settings()) == "ckpt-small"
+    settings = Settings(worker_classes=parse_worker_classes("xl=64GiB:p:gpu,tiny=1GiB:p2:cpu"))
+    assert orchestrate.control_queue(settings) == "cpu"
 
 
 def test_pool_definitions_follow_worker_classes():

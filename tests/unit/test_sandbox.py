@@ -24,8 +24,10 @@ from ckpt_stage.sandbox.job import LoadJob
     ("PYTHONPATH", "/src", True),
     ("OMP_NUM_THREADS", "2", True),
     ("TORCH_HOME", "/x", True),
-    ("CKPT_STAGE_ARCH_MODULES", "pkg", True),
-    ("CKPT_STAGE_WORKER_TIMEOUT_S", "5", True),
+    # The LoadJob carries what the worker needs: none of the stage's own settings go in.
+    ("CKPT_STAGE_ARCH_MODULES", "pkg", False),
+    ("CKPT_STAGE_WORKER_TIMEOUT_S", "5", False),
+    ("CKPT_STAGE_AIRFLOW_URL", "http://airflow:8080/", False),
     ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1", False),
     ("AWS_SECRET_ACCESS_KEY", "s", False),
     ("AWS_ACCESS_KEY_ID", "a", False),
@@ -47,6 +49,37 @@ from ckpt_stage.sandbox.job import LoadJob
 ])
 def test_scrub_env(name, value, kept):
     assert (name in isolation.scrub_env({name: value})) is kept
+
+
+@pytest.mark.parametrize("value", [
+    "http://host/?token=abc",
+    "http://host/api?x=1&access_token=abc",
+    "https://bucket.s3.amazonaws.com/m.pt?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA&X-Amz-Signature=ff",
+    "https://acct.blob.core.windows.net/c/m.pt?sv=2024&sp=r&sig=abc%3D",
+    "https://storage.googleapis.com/b/o?X-Goog-Signature=abc",
+    "http://host/cb?code=oauth-code",
+    "http://host/?api_key=k", "http://host/?key=k", "http://host/?password=p", "http://host/?secret=s",
+    "http://host/?private_token=t", "http://host/?signature=s", "http://host/#id_token=t",
+    "http://host/?GitLab_Token=t",
+    "postgresql://user:pw@db/x", "https://ghp_abc123@github.com/o/r.git", "redis://:pw@cache:6379/0",
+])
+def test_scrub_env_drops_values_carrying_credentials(value):
+    for name in ("PYTHONPATH", "LC_ALL", "TORCH_HOME", "OMP_NUM_THREADS"):
+        assert name not in isolation.scrub_env({name: value}), (name, value)
+
+
+@pytest.mark.parametrize("value", ["/usr/lib:/opt/lib", "C.UTF-8", "http://host/docs?page=2&zipcode=1",
+                                   "4", "/root/.cache/torch"])
+def test_scrub_env_keeps_harmless_values(value):
+    assert isolation.scrub_env({"TORCH_HOME": value}) == {"TORCH_HOME": value}
+
+
+@pytest.mark.parametrize("name", ["PYTHON_SECRET", "TORCH_HUB_TOKEN", "OMP_PASSWORD", "LC_API_KEY",
+                                  "PYTORCH_S3_KEY", "TORCH_SESSION", "PYTHONBREAKPOINT", "PYTHONSTARTUP",
+                                  "PYTHONINSPECT", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
+                                  "LD_PRELOAD", "LD_AUDIT"])
+def test_scrub_env_drops_secret_names_and_code_hooks_under_kept_prefixes(name):
+    assert isolation.scrub_env({name: "x"}) == {}
 
 
 def test_env_is_clean():
@@ -134,8 +167,33 @@ def test_a_clean_result_passes_through_with_the_parents_isolation():
     r = _run([{"ev": "exit", "code": 0}], result=body, peak_anon=123)
     res = r.classify()
     assert res.findings == () and res.runtime == {"torch": "9"}
-    assert res.isolation["net_namespace"] is True and res.isolation["x"] == 1  # the parent's view wins
+    # The parent's view wins; the worker's own isolation claims are dropped altogether.
+    assert res.isolation["net_namespace"] is True and "x" not in res.isolation
+    assert res.isolation["seccomp"] is False  # nothing measured it (no "armed" event)
     assert res.peak_anon_bytes == 123
+
+
+def test_measured_facts_win_over_what_the_worker_says():
+    body = b'{"findings": [], "isolation": {"seccomp": true, "unprivileged_user": true}}'
+    r = _run([{"ev": "armed", "facts": {"seccomp": False, "no_new_privs": True, "unprivileged_user": False}},
+              {"ev": "exit", "code": 0}], result=body)
+    iso = r.classify().isolation
+    assert iso["seccomp"] is False and iso["unprivileged_user"] is False and iso["no_new_privs"] is True
+    r = _run([{"ev": "armed", "facts": {"seccomp": True, "no_new_privs": True, "unprivileged_user": True}},
+              {"ev": "exit", "code": 0}], result=b'{"findings": []}')
+    iso = r.classify().isolation
+    assert iso["seccomp"] is True and "socket" in iso["seccomp_refused"] and "clone3 (ENOSYS)" in iso["seccomp_refused"]
+
+
+def test_measured_facts_from_proc_status():
+    facts = isolation.measured_facts({"Uid": "65534\t65534\t65534\t65534", "Seccomp": "2", "NoNewPrivs": "1",
+                                      "CapEff": "0000000000000000"})
+    assert facts == {"uid": 65534, "unprivileged_user": True, "no_new_privs": True, "seccomp": True,
+                     "capabilities_effective": False}
+    facts = isolation.measured_facts({"Uid": "0\t0\t0\t0", "Seccomp": "0", "NoNewPrivs": "0", "CapEff": "1ff"})
+    assert not facts["unprivileged_user"] and not facts["seccomp"] and facts["capabilities_effective"]
+    own = isolation.proc_status("self")
+    assert own["Pid"] == str(os.getpid()) and "Seccomp" in own
 
 
 @pytest.mark.parametrize(("events", "state", "cgroup", "code", "needle"), [
@@ -169,9 +227,68 @@ def test_outcomes(events, state, cgroup, code, needle):
     assert res.isolation["net_namespace"] is True and res.isolation["env_stripped"] is True
 
 
-def test_malformed_result_is_an_internal_error():
-    for body in (b"{not json", b'{"findings": "nope"}', b"[]"):
-        assert _code(_run([{"ev": "exit", "code": 0}], result=body)) is ReasonCode.INTERNAL_ERROR
+_BIG = 10**6
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json", b'{"findings": "nope"}', b"[]", b'"pass"',
+    # forged verdicts: unknown codes, severities and keys
+    b'{"findings": [{"code": "PASS", "message": "ok"}]}',
+    b'{"findings": [{"code": null, "message": "ok", "severity": "override"}]}',
+    b'{"findings": [], "verdict": "pass"}',
+    b'{"findings": [{"code": null, "message": "m", "verdict": "pass"}]}',
+    b'{"findings": [{"code": null, "message": 5}]}',
+    # oversized and out of range
+    b'{"findings": [' + b",".join([b'{"code": null, "message": "m"}'] * 201) + b"]}",
+    b'{"findings": [], "timings_s": {"load": -1}}',
+    b'{"findings": [], "timings_s": {"load": 1e300}}',
+    b'{"findings": [], "timings_s": {"load": NaN}}',
+    b'{"findings": [], "peak_anon_bytes": 1e30}',
+    b'{"findings": [], "peak_anon_bytes": "big"}',
+    b'{"findings": [], "runtime": {"torch": {"nested": 1}}}',
+    b'{"findings": [], "info": {"n": 1' + b"0" * 30 + b"}}",
+    b'{"findings": [], "info": ' + b'{"a": ' * 12 + b"1" + b"}" * 12 + b"}",
+    b'{"findings": [], "info": {"layers": [' + b",".join([b"1"] * 200_001) + b"]}}",
+    b"[" * 100_000 + b"]" * 100_000,
+])
+def test_a_malformed_or_forged_result_is_never_a_pass(body):
+    res = _run([{"ev": "exit", "code": 0}], result=body).classify()
+    assert [f.code for f in res.findings] == [ReasonCode.WORKER_CRASH], res.findings
+    assert "malformed" in res.findings[0].message and res.findings[0].hint
+
+
+def test_strings_from_the_worker_are_capped_and_escaped():
+    msg = "\x1b[2J\x1b]0;owned\x07 quarantine?\u202e" + "x" * 5000
+    import json as _json
+
+    body = _json.dumps({"findings": [{"code": "SHAPE_MISMATCH", "message": msg, "hint": "h\r\nINJECTED: 1",
+                                      "file": "a\x00b", "detail": {"k\x1b": ["\x1b[31m"]}}],
+                        "runtime": {"torch": "2.13\x1b[0m"}, "info": {"layers": {"w\n": {"shape": [2]}}}}).encode()
+    res = _run([{"ev": "exit", "code": 0}], result=body).classify()
+    (f,) = res.findings
+    assert f.code is ReasonCode.SHAPE_MISMATCH
+    assert len(f.message) <= runner.MAX_TEXT and "\x1b" not in f.message and "\u202e" not in f.message
+    assert "\\x1b[2J" in f.message and f.message.endswith("…")
+    assert "\r" not in f.hint and "\n" not in f.hint and "\x00" not in (f.file or "")
+    assert "\x1b" not in str(f.detail) and "\x1b" not in res.runtime["torch"]
+    assert list(res.info["layers"]) == ["w\\n"]
+
+
+def test_a_report_that_contradicts_the_scan_is_a_worker_crash():
+    job = LoadJob(root="/x", files=(("m.safetensors", "safetensors"),), timeout_s=5, cpu_s=10,
+                  memory_bytes=2**30, expected={"tensors": {"w": {"shape": [2, 2], "dtype": "float32"}}})
+    layers_ok = {"w": {"shape": [2, 2], "dtype": "float32"}}
+    for layers, ok in ((layers_ok, True), ({"w": {"shape": [4], "dtype": "float32"}}, False),
+                       ({"w": {"shape": [2, 2], "dtype": "float16"}}, False),
+                       ({**layers_ok, "extra": {"shape": [1], "dtype": "float32"}}, False), ({}, False)):
+        import json as _json
+
+        body = _json.dumps({"findings": [], "info": {"model_kind": "state_dict", "layers": layers}}).encode()
+        r = runner._Run(job, Settings(), runner.DEFAULT_ENTRY)
+        r.events = [{"ev": "exit", "code": 0}]
+        r.result_buf = bytearray(body)
+        res = r.classify()
+        assert [f.code for f in res.findings] == ([] if ok else [ReasonCode.WORKER_CRASH]), (layers, res.findings)
 
 
 def test_the_stderr_tail_travels_in_the_detail():
