@@ -193,7 +193,9 @@ def test_a_black_holed_s3_gives_up_within_the_deadline(uploaded, proxy, tmp_path
         storage.download(uploaded, tmp_path / "out")
     took = time.monotonic() - t0
     print(f"black-holed S3: gave up after {took:.1f} s (deadline 4 s)")
-    assert took < 4.0 + 2.0
+    # The deadline, plus what a last try may take when less than a second is left (its timeouts are at
+    # least 1 s) and building the clients for the shorter timeouts on a loaded machine.
+    assert took < 4.0 + 3.0
     assert proxy.by_kind["stall"] >= 2  # retried inside the deadline, not one long wait
 
 
