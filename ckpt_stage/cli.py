@@ -183,7 +183,7 @@ def _progress_bar(as_json: bool, label: str = "download") -> Iterator[Callable[[
                 h.setStream(original)
 
 
-def _batch_summary(outcomes: list, as_json: bool, real: Any) -> int:
+def _batch_summary(outcomes: list, as_json: bool, real: Any, **more: Any) -> int:
     rows = []
     for o in outcomes:
         if o.report is None:
@@ -198,7 +198,7 @@ def _batch_summary(outcomes: list, as_json: bool, real: Any) -> int:
     any_error = any(row.get("verdict") == Verdict.ERROR.value for row in rows)
     if as_json:
         _emit_json(real, {"results": rows, "count": len(rows), "errors": sum(
-            1 for r in rows if r.get("verdict") == Verdict.ERROR.value)})
+            1 for r in rows if r.get("verdict") == Verdict.ERROR.value), **more})
     return EXIT_ERROR if any_error else 0
 
 
@@ -217,14 +217,18 @@ def _print_rows(rows: list[dict]) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def sweep(as_json: bool) -> None:
-    """Validate every version without a verdict (or with an error, or an expired lease)."""
+    """Re-check promoted versions (`recheck`), then validate every version without a verdict (or with an
+    error, or an expired lease)."""
 
     def body() -> int:
-        from ckpt_stage import pipeline
+        from ckpt_stage import integrity, pipeline
 
         settings = Settings.from_env()
         with _stdout_to_stderr() as real:
+            # Promoted versions first: one whose files changed since its verdict loses the alias before
+            # anything else happens in this sweep.
             try:
+                rechecked = integrity.recheck_promoted(settings=settings, on_result=_recheck_line(as_json))
                 outcomes = pipeline.sweep(settings=settings, on_result=_line_per_version(as_json))
             except CkptStageError as exc:
                 # Even when the versions cannot be listed (MLflow down), --json prints its one document.
@@ -234,10 +238,106 @@ def sweep(as_json: bool) -> None:
                     logging.getLogger("ckpt_stage").error("sweep: %s", exc.message)
                     return EXIT_ERROR
                 raise
-            code = _batch_summary(outcomes, as_json, real)
+            code = _batch_summary(outcomes, as_json, real, integrity=_recheck_doc(rechecked))
+        if any(r.outcome == "error" for r in rechecked):
+            code = EXIT_ERROR
         return code
 
     _run(body)
+
+
+@main.command()
+@click.option("--model", help="Only this model's promoted versions.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def recheck(model: str | None, as_json: bool) -> None:
+    """Compare every promoted version's S3 objects with what its verdict validated (no download);
+    a version whose files changed loses the alias and is quarantined with INTEGRITY_MISMATCH.
+    Every sweep runs this first."""
+
+    def body() -> int:
+        from ckpt_stage import integrity
+
+        settings = Settings.from_env()
+        with _stdout_to_stderr() as real:
+            results = integrity.recheck_promoted(settings=settings, model=model, on_result=_recheck_line(as_json))
+            if as_json:
+                _emit_json(real, _recheck_doc(results))
+        if any(r.outcome == "error" for r in results):
+            return EXIT_ERROR
+        return 1 if any(r.outcome == "quarantined" for r in results) else 0
+
+    _run(body)
+
+
+def _recheck_doc(results: list) -> dict[str, Any]:
+    return {"checked": len(results), "results": [r.to_dict() for r in results],
+            "quarantined": sum(1 for r in results if r.outcome == "quarantined"),
+            "errors": sum(1 for r in results if r.outcome == "error")}
+
+
+def _recheck_line(as_json: bool) -> Callable[[Any], None]:
+    def on_result(result: Any) -> None:
+        log = logging.getLogger("ckpt_stage")
+        if result.outcome == "same":
+            log.debug("%s: files unchanged since the verdict", result.ref)
+        else:
+            log.warning("%s: %s %s", result.ref, result.outcome, result.message)
+
+    return on_result
+
+
+@main.command()
+@click.option("--model", required=True, help="Registered model name.")
+@click.option("--version", "version", help="Model version number.")
+@click.option("--alias", help="Model alias (for example validated) instead of a version.")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def verify(model: str, version: str | None, alias: str | None, path: Path, as_json: bool) -> None:
+    """Check a downloaded model folder against the files the verdict recorded (names, sizes, sha256).
+
+    Run it on the serving host after `mlflow artifacts download` and before loading: exit 0 when the
+    folder holds exactly the validated files of a promoted version, 1 when anything differs."""
+
+    def body() -> int:
+        from ckpt_stage.integrity import verify_download
+
+        if bool(version) == bool(alias):
+            raise UsageError("give either --version N or --alias A")
+        with _stdout_to_stderr() as real:
+            try:
+                result = verify_download(path, model, version=version, alias=alias, settings=Settings.from_env())
+            except (UsageError, ConfigError):
+                raise
+            except CkptStageError as exc:
+                if as_json:
+                    _emit_json(real, {"ok": False, "model": model, "version": version, "alias": alias,
+                                      "path": str(path), "error": {"code": exc.code.value, "message": exc.message,
+                                                                   "hint": exc.hint}})
+                raise
+            if as_json:
+                _emit_json(real, {**result.to_dict(), "alias": alias})
+        _print_verify(result)
+        return 0 if result.ok else 1
+
+    _run(body)
+
+
+def _print_verify(result: Any) -> None:
+    """One line for the outcome and one per differing file, on stderr (stdout belongs to --json)."""
+    where = f"{result.ref.name} version {result.ref.version}"
+    if result.ok:
+        click.echo(f"ok: {result.path} holds exactly the {result.files} file(s) validated for {where} "
+                   f"at {result.validated_at}", err=True)
+        return
+    if result.problem:
+        click.echo(f"refused: {result.problem}", err=True)
+    if result.differences:
+        click.echo(f"differs: {result.path} is not what was validated for {where} at {result.validated_at}:",
+                   err=True)
+        for d in result.differences:
+            click.echo(f"  {d.kind}: {d.path}" + (f" ({d.detail})" if d.detail else ""), err=True)
+    click.echo("  hint: do not load it; download the version again, or run `ckpt-stage recheck` if its S3 "
+               "files may have changed", err=True)
 
 
 def _line_per_version(as_json: bool) -> Callable[[VersionRef, Any], None]:

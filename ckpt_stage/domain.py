@@ -124,9 +124,19 @@ class FileInfo:
     size: int
     sha256: str
     format: FileFormat = FileFormat.UNKNOWN
+    key: str | None = None
+    """Where the bytes came from, for files of a registered version (``validate``): the S3 object key,
+    its ETag and VersionId (None when the bucket is not versioned). Together with ``size`` and ``sha256``
+    this is the manifest that ``verify`` and the promoted-version re-check compare against."""
+    etag: str | None = None
+    version_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "format": self.format.value, "size": self.size, "sha256": self.sha256}
+        out: dict[str, Any] = {"path": self.path, "format": self.format.value, "size": self.size,
+                               "sha256": self.sha256}
+        if self.key is not None:
+            out.update(key=self.key, etag=self.etag, version_id=self.version_id)
+        return out
 
 
 @dataclass(frozen=True)

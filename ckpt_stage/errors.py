@@ -82,6 +82,12 @@ class UsageError(PermanentError):
     """The caller asked for something that does not exist or makes no sense."""
 
 
+class ObjectChanged(StorageUnavailable):
+    """An object changed (or vanished) between listing and download: the listing is stale, so the whole
+    version is listed and downloaded again; never a verdict on a mix of old and new bytes. Retrying the
+    same request cannot help (it asks for the listed ETag or VersionId), only a fresh listing can."""
+
+
 def is_retryable(exc: BaseException) -> bool:
     """The one retryability decision: storage, registry, the pipeline and the DAG glue all ask this.
 

@@ -35,6 +35,7 @@ from ckpt_stage.domain import (
 from ckpt_stage.errors import (
     CkptStageError,
     ConfigError,
+    ObjectChanged,
     RegistryUnavailable,
     StorageMisconfigured,
     StorageUnavailable,
@@ -46,7 +47,15 @@ from ckpt_stage.sandbox.job import LoadJob, LoadResult
 from ckpt_stage.scan import ScanResult, scan_version
 from ckpt_stage.scan.estimate import oversized_files
 from ckpt_stage.scan.reading import Reading, stamp_of
-from ckpt_stage.storage import S3Storage, resolve_artifact_uri, sha256_file, version_digest
+from ckpt_stage.storage import (
+    LocalFile,
+    RemoteFile,
+    S3Location,
+    S3Storage,
+    resolve_artifact_uri,
+    sha256_file,
+    version_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -511,6 +520,8 @@ def validate_version(
     findings: list[Finding] = []
     files: list[FileInfo] = []
     hashes: dict[str, str] = {}
+    listed: dict[str, RemoteFile] = {}
+    where: dict[str, Any] = {}
     with registry.heartbeat(ref, owner):
         try:
             arch, arch_kwargs, tag_findings = _arch_from_tags(state)
@@ -525,15 +536,19 @@ def validate_version(
                     files = list(too_big.files)
                     findings.extend(too_big.findings)
                 else:
-                    local = storage.download(loc, workdir, files=remote, progress=progress)
+                    remote, local = fetch_listed(storage, loc, workdir, progress=progress, listing=remote)
+                    listed = {rf.rel: rf for rf in remote}
+                    where = {"uri": loc.uri, "bucket": loc.bucket, "prefix": loc.prefix,
+                             "versioned": storage.bucket_versioned(loc.bucket)}
                     hashes = {lf.rel: lf.sha256 for lf in local}
-                    files = [FileInfo(lf.rel, lf.size, lf.sha256) for lf in local]
+                    files = [_with_origin(FileInfo(lf.rel, lf.size, lf.sha256), listed) for lf in local]
             except CkptStageError as exc:
                 findings.append(_finding_from_error(exc))
             timings["download"] = time.perf_counter() - t
             if not findings:
                 checked = check_local(workdir, sorted(hashes), settings, arch=arch, arch_kwargs=arch_kwargs,
                                       hashes=hashes, extra_findings=tag_findings)
+                checked = dataclasses.replace(checked, files=tuple(_with_origin(f, listed) for f in checked.files))
                 findings = list(checked.findings)
                 timings.update(checked.timings_s)
                 findings.extend(_drift(registry, ref, checked))
@@ -564,6 +579,9 @@ def validate_version(
                               files=files)
         if origin:
             report = report.replace(extra={**report.extra, **origin})
+        if where:
+            # Where the manifest's keys live: the promoted-version re-check lists exactly this location.
+            report = report.replace(extra={**report.extra, "storage": where})
         digest = version_digest([(f.path, f.sha256) for f in report.files])
         run_id = registry.record(report, decision, digest=digest, owner=owner)
     except (UsageError, ConfigError):
@@ -603,6 +621,44 @@ def _unrecorded(ref: VersionRef, exc: BaseException, *, attempt: int, what: str)
     decision = decide([finding])
     report = build_report(None, decision, model=ref, attempt=attempt, findings=[finding], timings={})
     return Outcome(report, recorded=False)
+
+
+# A version whose objects keep changing while it is downloaded is being written to: give up after a few
+# fresh listings with a retryable error (the next sweep tries again), never a verdict on mixed bytes.
+LISTING_ATTEMPTS = 3
+
+
+def fetch_listed(
+    storage: S3Storage, loc: S3Location, dest: Path, *, progress: Progress | None = None,
+    attempts: int = LISTING_ATTEMPTS, listing: list[RemoteFile] | None = None,
+) -> tuple[list[RemoteFile], list[LocalFile]]:
+    """List the version, then download exactly what was listed (by VersionId, or If-Match on the ETag).
+
+    An object that changed or vanished after the listing (``ObjectChanged``) makes the whole listing
+    stale: the folder is emptied and the version listed and downloaded again, so every file of one
+    verdict comes from one listing. ``listing`` is a first listing the caller already made (to decide
+    sizes before downloading); it is used for the first try only.
+    """
+    for n in range(1, attempts + 1):
+        remote = listing if (n == 1 and listing is not None) else storage.list_files(loc)
+        try:
+            return remote, storage.download(loc, dest, files=remote, progress=progress)
+        except ObjectChanged as exc:
+            log.warning("%s (listing %d of %d)", exc.message, n, attempts)
+            shutil.rmtree(dest, ignore_errors=True)
+            last = exc
+    raise StorageUnavailable(
+        f"the files at {loc.uri} kept changing while they were downloaded ({attempts} listings): {last.message}",
+        hint="stop writing to a registered version's location; the next sweep validates it again",
+        file=last.fields.get("file"),
+    )
+
+
+def _with_origin(info: FileInfo, listed: dict[str, RemoteFile]) -> FileInfo:
+    rf = listed.get(info.path)
+    if rf is None:
+        return info
+    return dataclasses.replace(info, key=rf.key, etag=rf.etag, version_id=rf.version_id)
 
 
 def _drift(registry: Registry, ref: VersionRef, checked: Checked) -> list[Finding]:

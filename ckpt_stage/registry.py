@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 TAG = "ckpt_stage."
 STATUS, REASONS, SUMMARY, ATTEMPT = TAG + "status", TAG + "reasons", TAG + "summary", TAG + "attempt"
 VALIDATED_AT, RUN_ID, SHA256 = TAG + "validated_at", TAG + "run_id", TAG + "sha256"
+MANIFEST_SHA256 = TAG + "manifest_sha256"
 LEASE_OWNER, LEASE_UNTIL = TAG + "lease_owner", TAG + "lease_until"
 ATTEMPT_ID = TAG + "attempt_id"  # run tag: which attempt made the run (idempotent run creation)
 ARCH, ARCH_KWARGS = TAG + "arch", TAG + "arch_kwargs"
@@ -261,10 +262,17 @@ class Registry:
         out = [v for v in listing if v.needs_validation(at)]
         return sorted(out, key=lambda v: (v.ref.name, int(v.ref.version) if v.ref.version.isdigit() else 0))
 
-    def alias_version(self, model: str) -> str | None:
-        with translate(f"reading alias {self.settings.alias!r} of {model!r}"):
+    def promoted(self, *, model: str | None = None) -> list[VersionState]:
+        """Every version whose status is ``promoted`` (the re-check's work list), by model and number."""
+        out = list(self.iter_versions(model=model, status=Status.PROMOTED.value))
+        return sorted(out, key=lambda v: (v.ref.name, int(v.ref.version) if v.ref.version.isdigit() else 0))
+
+    def alias_version(self, model: str, alias: str | None = None) -> str | None:
+        """The version ``alias`` (default: the stage's alias) points at, or None when it is not set."""
+        alias = alias or self.settings.alias
+        with translate(f"reading alias {alias!r} of {model!r}"):
             try:
-                return str(self.client.get_model_version_by_alias(model, self.settings.alias).version)
+                return str(self.client.get_model_version_by_alias(model, alias).version)
             except Exception as exc:  # noqa: BLE001 - no alias is a normal state
                 if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower():
                     return None
@@ -469,6 +477,8 @@ class Registry:
         moves; if only the alias move fails, the lease tags stay as the marker that ``reconcile`` uses to
         find and repair the version (the alias never points at a version that is not promoted).
         """
+        from ckpt_stage.storage import manifest_digest  # the digests' one home; no S3 client is made
+
         ref = report.model
         assert ref is not None
         run_id = self.log_attempt(report, attempt_id=attempt_id)
@@ -480,6 +490,8 @@ class Registry:
             VALIDATED_AT: iso(now_utc()),
             RUN_ID: run_id,
             SHA256: digest,
+            MANIFEST_SHA256: manifest_digest(
+                [(f.path, f.key, f.size, f.etag, f.version_id, f.sha256) for f in report.files]),
         })
         if decision.verdict is Verdict.PASS:
             self._set_tags(ref, {STATUS: Status.PROMOTED.value})
@@ -495,6 +507,25 @@ class Registry:
             self._set_tags(ref, {STATUS: Status.ERROR.value})
         self._clear_lease(ref, owner=owner)  # a rival's live lease stays: its attempt records after this one
         return run_id
+
+    def quarantine_promoted(self, ref: VersionRef, *, codes: str, summary: str, expect_run_id: str) -> bool:
+        """Take a promoted version out of service after the fact (its files changed since the verdict).
+
+        Same order as a quarantine verdict: the alias leaves the version first (to the highest other
+        promoted version, or nowhere), then the reasons and summary, ``ckpt_stage.status`` last. The
+        attempt's run and ``ckpt_stage.run_id`` stay: they hold the manifest of what was validated.
+        Returns False, writing nothing, when the version is no longer the promoted one that was checked
+        (a re-run took it meanwhile: its own verdict decides).
+        """
+        now = self.get(ref)
+        if now.status is not Status.PROMOTED or now.tags.get(RUN_ID) != expect_run_id:
+            log.info("%s changed while it was re-checked (status %s); leaving it to its new attempt",
+                     ref, now.status)
+            return False
+        self.sync_alias(ref.name, excluding=ref.version)
+        self._set_tags(ref, {REASONS: codes, SUMMARY: summary[:500]})
+        self._set_tags(ref, {STATUS: Status.QUARANTINED.value})
+        return True
 
     def record_error_status(self, ref: VersionRef, summary: str, *, owner: str | None = None) -> None:
         """Last resort when a full record failed: leave the version eligible for a re-run, and never

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ from ckpt_stage.errors import (
     ArtifactMissing,
     ConfigError,
     IntegrityMismatch,
+    ObjectChanged,
     StorageMisconfigured,
     StorageUnavailable,
     is_retryable,
@@ -91,6 +93,8 @@ class RemoteFile:
     rel: str
     size: int
     etag: str = ""
+    version_id: str | None = None
+    """The object's VersionId when the bucket has versioning (downloads then fetch exactly that version)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,7 @@ class S3Storage:
         self._clients: dict[float, Any] = {}
         self._session = boto3.session.Session()
         self._lock = threading.Lock()
+        self._versioned: dict[str, bool] = {}
 
     @property
     def client(self) -> Any:
@@ -265,6 +270,9 @@ class S3Storage:
     def list_files(self, loc: S3Location) -> list[RemoteFile]:
         prefix = loc.prefix.rstrip("/") + "/" if loc.prefix else ""
 
+        def version_pages(client: Any, deadline: float) -> list[RemoteFile]:
+            return self._list_current_versions(client, loc.bucket, prefix)
+
         def pages(client: Any, deadline: float) -> list[RemoteFile]:
             out: list[RemoteFile] = []
             kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
@@ -279,14 +287,25 @@ class S3Storage:
                     return out
                 kwargs["ContinuationToken"] = resp["NextContinuationToken"]
 
-        files = self._retry(pages, what=f"listing {loc.uri}")
+        with self._lock:
+            versioned = self._versioned.get(loc.bucket)
+        if versioned is None:
+            # First listing of this bucket: list as before (its errors are the listing's), then learn
+            # whether the bucket is versioned and, if so, list again with VersionIds.
+            files = self._retry(pages, what=f"listing {loc.uri}")
+            versioned = self.bucket_versioned(loc.bucket)
+            if versioned:
+                files = self._retry(version_pages, what=f"listing {loc.uri}")
+        else:
+            files = self._retry(version_pages if versioned else pages, what=f"listing {loc.uri}")
         if not files:
             # A single object (the URI names a file, not a folder)?
             if loc.prefix and not loc.prefix.endswith("/"):
                 head = self._head_or_none(loc.bucket, loc.prefix)
                 if head is not None:
                     return [RemoteFile(loc.prefix, PurePosixPath(loc.prefix).name, int(head["ContentLength"]),
-                                       head.get("ETag", "").strip('"'))]
+                                       head.get("ETag", "").strip('"'),
+                                       head.get("VersionId") if versioned else None)]
             raise ArtifactMissing(
                 f"no files at {loc.uri}: the bucket is readable but the version's location is empty",
                 hint="re-register the model version after its upload finished",
@@ -296,6 +315,44 @@ class S3Storage:
             if rel.is_absolute() or ".." in rel.parts:
                 raise StorageMisconfigured(f"refusing object key with a path outside the version: {f.key!r}")
         return sorted(files, key=lambda f: f.rel)
+
+    def bucket_versioned(self, bucket: str) -> bool:
+        """Whether objects in ``bucket`` have VersionIds (versioning enabled, or suspended after having
+        been enabled). Asked once per bucket and adapter. A stage that may not read the setting
+        (``s3:GetBucketVersioning`` denied) falls back to ETag-conditional downloads, which are as exact
+        for a download; the re-check then compares ETags instead of VersionIds."""
+        with self._lock:
+            known = self._versioned.get(bucket)
+        if known is not None:
+            return known
+        try:
+            resp = self._retry(lambda client, _: client.get_bucket_versioning(Bucket=bucket),
+                               what=f"reading the versioning of s3://{bucket}")
+            versioned = resp.get("Status") in ("Enabled", "Suspended")
+        except StorageMisconfigured as exc:
+            log.warning("cannot read the versioning of s3://%s (%s); using ETags", bucket, exc)
+            versioned = False
+        with self._lock:
+            self._versioned[bucket] = versioned
+        return versioned
+
+    def _list_current_versions(self, client: Any, bucket: str, prefix: str) -> list[RemoteFile]:
+        """The current version of every object under ``prefix`` (no delete markers, no older versions)."""
+        out: list[RemoteFile] = []
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            resp = client.list_object_versions(**kwargs)
+            for obj in resp.get("Versions", []):
+                key = obj["Key"]
+                if not obj.get("IsLatest") or key.endswith("/"):
+                    continue
+                out.append(RemoteFile(key, key[len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"'),
+                                      obj.get("VersionId")))
+            # A key whose latest entry is a delete marker is gone: it has no IsLatest version above.
+            if not resp.get("IsTruncated"):
+                return out
+            kwargs["KeyMarker"] = resp.get("NextKeyMarker")
+            kwargs["VersionIdMarker"] = resp.get("NextVersionIdMarker")
 
     def _head_or_none(self, bucket: str, key: str) -> dict | None:
         try:
@@ -340,8 +397,13 @@ class S3Storage:
         """
         seen: set[tuple[int, str]] = set()
 
-        def once(client: Any, deadline: float) -> LocalFile:
-            local, problem = self._download_once(client, bucket, rf, dest, progress, deadline)
+        def once(client: Any, deadline: float) -> LocalFile | ObjectChanged:
+            try:
+                local, problem = self._download_once(client, bucket, rf, dest, progress, deadline)
+            except ObjectChanged as exc:
+                # Asking again for the listed ETag or VersionId cannot succeed: straight up, for the
+                # caller to list the version again.
+                return exc
             if not problem:
                 return local
             (dest / rf.rel).unlink(missing_ok=True)
@@ -356,7 +418,36 @@ class S3Storage:
             raise StorageUnavailable(f"{problem}; the download may have been cut short",
                                      hint="S3 or the network between kept corrupting the transfer", file=rf.rel)
 
-        return self._retry(once, what=f"s3://{bucket}/{rf.key}")
+        result = self._retry(once, what=f"s3://{bucket}/{rf.key}")
+        if isinstance(result, ObjectChanged):
+            raise result
+        return result
+
+    def _get_listed(self, client: Any, bucket: str, rf: RemoteFile) -> dict[str, Any]:
+        """GET exactly the object that was listed: by VersionId where the bucket has versioning,
+        otherwise on condition that its ETag is still the listed one (If-Match; S3 answers 412
+        PreconditionFailed when the object was overwritten since). A 404 for an object listed moments
+        ago means it was deleted since: also a changed listing, not a missing artifact."""
+        params: dict[str, Any] = {"Bucket": bucket, "Key": rf.key, "ChecksumMode": "ENABLED"}
+        if rf.version_id:
+            params["VersionId"] = rf.version_id
+        elif rf.etag:
+            params["IfMatch"] = f'"{rf.etag}"'
+        try:
+            return dict(client.get_object(**params))
+        except botocore.exceptions.ClientError as exc:
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in ("PreconditionFailed", "412", "NoSuchKey", "NoSuchVersion", "404") or status in (404, 412):
+                raise ObjectChanged(
+                    f"{rf.rel}: s3://{bucket}/{rf.key} changed after it was listed ({code or status}); "
+                    "listing the version again",
+                    hint="something is writing to the version's files while it is validated; "
+                         "upload a model before registering it, and never to a registered version's location",
+                    file=rf.rel,
+                ) from exc
+            raise
 
     def _download_once(
         self, client: Any, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None,
@@ -366,7 +457,7 @@ class S3Storage:
         target = dest / rf.rel
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".incomplete")
-        resp = client.get_object(Bucket=bucket, Key=rf.key, ChecksumMode="ENABLED")
+        resp = self._get_listed(client, bucket, rf)
         digest = hashlib.sha256()
         size = 0
         checksum_problem = ""
@@ -437,6 +528,15 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def manifest_digest(files: list[tuple[str, str | None, int, str | None, str | None, str]]) -> str:
+    """The ``ckpt_stage.manifest_sha256`` tag: sha256 of the canonical JSON of every manifest entry
+    ``[path, key, size, etag, version_id, sha256]``, sorted. ``ckpt_stage.sha256`` covers only paths
+    and contents; this one also pins which S3 objects they were, so an edited ``report.json`` (which
+    lives in S3 too) cannot make changed objects look like the validated ones."""
+    rows = sorted([p, k, int(s), e, v, h] for p, k, s, e, v, h in files)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
 def version_digest(files: list[tuple[str, str]]) -> str:

@@ -67,6 +67,7 @@ class FaultProxy:
         self.faulted = 0
         self.by_kind: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, path, fault kind) of each faulted request
+        self.seen: list[tuple[str, str]] = []  # (method, path) of every request, to count what a pass costs
         self.closing = threading.Event()
         proxy = self
 
@@ -176,6 +177,7 @@ class FaultProxy:
     def _pick(self, method: str, path: str) -> Any:
         with self.lock:
             self.requests += 1
+            self.seen.append((method, path))
             fault = None
             for i, (match, f) in enumerate(self.faults):
                 if match is None or match(method, path):

@@ -89,3 +89,11 @@ def test_rerun_form_is_json_schema(dags):
     assert params["versions"]["items"]["pattern"] == "^[0-9]+$"
     assert set(params["status"]["enum"]) == {None, "quarantined", "error", "promoted"}
     assert "SHAPE_MISMATCH" in params["reason"]["enum"]
+
+
+def test_recheck_dag_runs_on_the_sweep_interval(dags):
+    dag = dags["ckpt_stage_recheck"]
+    assert dag["timetable"] == "DeltaTriggerTimetable"
+    assert dag["max_active_runs"] == 1
+    assert set(dag["tasks"]) == {"recheck"}
+    assert dag["tasks"]["recheck"]["retries"] == 2
