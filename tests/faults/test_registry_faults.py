@@ -119,11 +119,14 @@ def test_an_alias_on_a_version_that_is_not_promoted_is_moved_by_the_sweep(stack,
     name = f"alias-{uuid.uuid4().hex[:6]}"
     good = devstack.register_folder(stack.bucket, name, folder, tags)
     bad = devstack.register_folder(stack.bucket, name, folder, tags)
-    client = MlflowClient()
-    client.set_model_version_tag(name, good.version, STATUS, "promoted")
-    client.set_model_version_tag(name, bad.version, STATUS, "quarantined")
-    client.set_registered_model_alias(name, "validated", bad.version)  # what a lost race once left
     settings = Settings.from_env()
+    # Real verdicts (the promoted-version re-check reads their manifests), then what a lost race once
+    # left: the alias on a version whose status is no longer promoted.
+    assert validate_version(good, settings=settings).report.verdict is Verdict.PASS
+    assert validate_version(bad, settings=settings).report.verdict is Verdict.PASS
+    client = MlflowClient()
+    client.set_model_version_tag(name, bad.version, STATUS, "quarantined")
+    assert Registry(settings).alias_version(name) == bad.version
     pipeline.sweep(settings=settings)
     assert Registry(settings).alias_version(name) == good.version
 
