@@ -310,7 +310,7 @@ def _check_files(run: _Run, files: list[tuple[str, FileFormat]]) -> None:
         if len(mlmodels) > 1:
             run.add(None, f"{len(mlmodels)} MLmodel files; validating {mlmodels[0]}", file=mlmodels[0],
                     severity=Severity.INFO, others=mlmodels[1:])
-        _check_mlflow(run, posixpath.dirname(mlmodels[0]))
+        _check_mlflow(run, posixpath.dirname(mlmodels[0]), files)
         return
     ckpts = [(rel, f) for rel, f in files if f in _CHECKPOINT_FORMATS]
     if not ckpts:
@@ -901,7 +901,7 @@ def _check_smoke_output(run: _Run, out: Any, rel: str, example: str) -> None:
 # MLflow models
 
 
-def _check_mlflow(run: _Run, rel_dir: str) -> None:
+def _check_mlflow(run: _Run, rel_dir: str, files: list[tuple[str, FileFormat]]) -> None:
     root = run.path(rel_dir) if rel_dir else run.job.root
     mlmodel_rel = posixpath.join(rel_dir, "MLmodel") if rel_dir else "MLmodel"
     try:
@@ -912,7 +912,7 @@ def _check_mlflow(run: _Run, rel_dir: str) -> None:
     run.recorded.update(model.recorded)
     _compare_versions(run, model, mlmodel_rel)
     with mlflow_model.model_code_on_path(run.job.root, dict(run.job.model_code or {})) as code:
-        _check_mlflow_model(run, model, mlmodel_rel, tuple(code.modules))
+        _check_mlflow_model(run, model, mlmodel_rel, tuple(code.modules), files)
     if code.folders:
         run.info["model_code_ran"] = list(code.ran)
         if code.ran:
@@ -923,7 +923,12 @@ def _check_mlflow(run: _Run, rel_dir: str) -> None:
 
 
 def _check_mlflow_model(run: _Run, model: mlflow_model.MlflowModel, mlmodel_rel: str,
-                        code_modules: tuple[str, ...]) -> None:
+                        code_modules: tuple[str, ...], files: list[tuple[str, FileFormat]]) -> None:
+    flavors = model.mlmodel.get("flavors")
+    transformers_flavor = flavors.get("transformers") if isinstance(flavors, dict) else None
+    if model.pytorch is None and isinstance(transformers_flavor, dict):
+        _check_mlflow_transformers(run, model, transformers_flavor, mlmodel_rel, files)
+        return
     if model.pytorch is None:
         flavors = model.mlmodel.get("flavors")
         names = ", ".join(flavors) if isinstance(flavors, dict) else "none"
@@ -968,6 +973,45 @@ def _check_mlflow_model(run: _Run, model: mlflow_model.MlflowModel, mlmodel_rel:
         return
     _finish_module(run, module, state, rel, kind=kind)
     _smoke_mlflow(run, model, module, rel)
+
+
+def _check_mlflow_transformers(run: _Run, model: mlflow_model.MlflowModel, flavor: dict[str, Any], mlmodel_rel: str,
+                               files: list[tuple[str, FileFormat]]) -> None:
+    """``mlflow.transformers.log_model``: the pipeline's model is a save_pretrained folder under
+    ``flavors.transformers.model_binary`` (``model/``), its tokenizer and processors under ``components/``
+    (configs the scanner checked for auto_map). The folder is validated as a Hugging Face folder; the
+    forward pass uses a synthetic input (the pipeline's example is text, which needs the tokenizer)."""
+    binary = str(flavor.get("model_binary") or "model")
+    try:
+        model.inside(binary)
+    except mlflow_model.ModelDirError as exc:
+        run.add(ReasonCode.CORRUPT_ARCHIVE, exc.message, exc.hint, mlmodel_rel)
+        return
+    folder = model.relpath(posixpath.normpath(binary))
+    inside = [(rel, f) for rel, f in files if posixpath.dirname(rel) == folder]
+    ckpts = [(rel, f) for rel, f in inside if f in _CHECKPOINT_FORMATS]
+    recorded = flavor.get("transformers_version")
+    if isinstance(recorded, str) and recorded:
+        run.recorded.setdefault("transformers", recorded)
+        try:
+            from importlib.metadata import PackageNotFoundError, version
+
+            runtime = version("transformers")
+        except PackageNotFoundError:
+            runtime = None
+        run.extend(checks.compare_library("transformers", recorded, runtime, file=mlmodel_rel, newer_blocks=True,
+                                          source="MLmodel flavors.transformers.transformers_version"))
+    if not ckpts:
+        where = flavor.get("source_model_name") or flavor.get("source_model_revision")
+        ref = f" (it refers to {str(where)[:120]!r})" if where else ""
+        run.add(ReasonCode.ARTIFACT_MISSING,
+                f"the MLflow transformers model holds no weights under {folder}/{ref}: it was logged with "
+                "save_pretrained=False, or the folder was not uploaded",
+                "log the model with mlflow.transformers.log_model(..., save_pretrained=True) (the default), so the "
+                "weights the stage validates are the ones served", mlmodel_rel)
+        return
+    run.info["flavor"] = "transformers"
+    _check_bare(run, ckpts, inside)
 
 
 def _compare_versions(run: _Run, model: mlflow_model.MlflowModel, file: str) -> None:

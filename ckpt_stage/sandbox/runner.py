@@ -162,6 +162,12 @@ def _server_env(pythonpath: list[str]) -> dict[str, str]:
     # one of those threads held would stay locked in every worker. One BLAS thread: no pool, and the
     # fork server is single-threaded as fork() wants (torch's own pools start lazily, at the first op).
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # transformers (Hugging Face folders, sandbox/hf.py) must never reach the Hub from the worker: no
+    # download, no telemetry, no cache writes. The worker has no network anyway (and seccomp refuses
+    # socket()); these make huggingface_hub not try, instead of failing or waiting on it.
+    # (isolation's allowlist keeps exactly these names; HF_TOKEN and the like never pass.)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     return env
 
 

@@ -60,7 +60,7 @@ MAX_LISTED = 10
 PYTORCH_LOADER = "mlflow.pytorch"
 PICKLE_MODULE = "mlflow.pytorch.pickle_module"
 #: Flavors the stage validates: flavor name → the stock loader module of its pyfunc.
-SUPPORTED_FLAVORS = {"pytorch": PYTORCH_LOADER}
+SUPPORTED_FLAVORS = {"pytorch": PYTORCH_LOADER, "transformers": "mlflow.transformers"}
 #: Loader modules of a custom Python model (``mlflow.pyfunc.save_model(python_model=...)``).
 _CUSTOM_PYFUNC_LOADERS = ("mlflow.pyfunc.model", "mlflow.pyfunc.loaders")
 #: Classes of the serving runtime's MLflow that every cloudpickled PythonModel references (MLflow 3.17
