@@ -254,3 +254,21 @@ def test_index_reading_keeps_repeated_keys_and_round_trips(tmp_path):
     names = [t for t, _ in r.weight_map or ()]
     assert len(names) == len(set(names)) + 1
     assert Reading.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_the_scan_of_a_hf_folder_imports_neither_transformers_nor_torch(tmp_path):
+    import subprocess
+
+    hf.gpt2_sharded(tmp_path)
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from ckpt_stage.config import Settings\n"
+        "from ckpt_stage.scan import scan_version\n"
+        f"root = Path({str(tmp_path)!r})\n"
+        "rels = sorted(str(p.relative_to(root)) for p in root.rglob('*') if p.is_file())\n"
+        "scan = scan_version(root, rels, Settings())\n"
+        "assert scan.readings['model.safetensors.index.json'].weight_map\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
