@@ -794,7 +794,8 @@ def cross_check(job: LoadJob, result: LoadResult) -> list[Finding]:
     scanned, or lies about it. Either way it cannot pass."""
     tensors = (job.expected or {}).get("tensors")
     layers = result.info.get("layers")
-    if not tensors or not isinstance(layers, dict) or result.info.get("model_kind") != "state_dict":
+    # A Hugging Face folder is a state_dict too (its layers are the tensors read, before transformers ran).
+    if not tensors or not isinstance(layers, dict) or result.info.get("model_kind") not in ("state_dict", "hf-folder"):
         return []
     problems = []
     missing, extra = sorted(set(tensors) - set(layers)), sorted(set(layers) - set(tensors))

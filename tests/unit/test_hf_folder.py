@@ -272,3 +272,23 @@ def test_the_scan_of_a_hf_folder_imports_neither_transformers_nor_torch(tmp_path
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_runner_cross_checks_what_a_hf_worker_reports(tmp_path):
+    """transformers runs in the worker: its report of the tensors read is still held against the parent's
+    reading of the safetensors header (a worker that reports other tensors is WORKER_CRASH)."""
+    from ckpt_stage.pipeline import expected_facts
+    from ckpt_stage.sandbox.job import LoadResult
+    from ckpt_stage.sandbox.runner import cross_check
+
+    hf.gpt2_folder(tmp_path)
+    rels = _rels(tmp_path)
+    scan = scan_version(tmp_path, rels, Settings())
+    job = LoadJob(root=str(tmp_path), files=(), expected=expected_facts(tmp_path, rels, scan))
+    assert job.expected["tensors"]
+    _, _, result = run(tmp_path)
+    assert result is not None and cross_check(job, result) == []
+    layers = dict(result.info["layers"])
+    layers.pop(sorted(layers)[0])
+    (f,) = cross_check(job, LoadResult(info={**result.info, "layers": layers}))
+    assert f.code is R.WORKER_CRASH
