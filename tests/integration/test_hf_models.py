@@ -141,3 +141,48 @@ def test_mlflow_transformers_log_model_is_promoted(stack, stage_env):
     assert out.report.recorded["transformers"] == out.report.runtime["transformers"]
     tags = MlflowClient().get_model_version(name, "1").tags
     assert tags["ckpt_stage.status"] == "promoted"
+
+
+@pytest.fixture
+def interpreter_without_transformers():
+    """A serving interpreter that cannot import transformers: this Python through a wrapper whose site
+    customisation refuses the import (the worker drops to nobody: the folder must be world-readable)."""
+    import stat
+    import tempfile
+
+    from ckpt_stage.sandbox import runner
+
+    folder = tempfile.mkdtemp(prefix="ckpt-worker-nohf-")
+    os.chmod(folder, 0o755)
+    site = os.path.join(folder, "sitecustomize.py")
+    with open(site, "w") as fh:
+        fh.write("import sys\n"
+                 "class _NoTransformers:\n"
+                 "    def find_spec(self, name, path=None, target=None):\n"
+                 "        if name == 'transformers' or name.startswith('transformers.'):\n"
+                 "            raise ModuleNotFoundError(\"No module named 'transformers'\", name=name)\n"
+                 "        return None\n"
+                 "sys.meta_path.insert(0, _NoTransformers())\n")
+    wrapper = os.path.join(folder, "python")
+    with open(wrapper, "w") as fh:
+        fh.write(f'#!/bin/sh\nPYTHONPATH="{folder}${{PYTHONPATH:+:$PYTHONPATH}}" exec {sys.executable} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    os.chmod(site, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    yield wrapper
+    runner.shutdown()
+    for name in os.listdir(folder):
+        os.unlink(os.path.join(folder, name))
+    os.rmdir(folder)
+
+
+def test_a_serving_runtime_without_transformers_is_named(interpreter_without_transformers, tmp_path, monkeypatch):
+    _env(tmp_path, monkeypatch)
+    monkeypatch.setenv("CKPT_STAGE_WORKER_PYTHON", interpreter_without_transformers)
+    folder = _folder(tmp_path, hf.gpt2_folder)
+    result = CliRunner().invoke(main, ["inspect", str(folder), "--json"], catch_exceptions=False)
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "quarantine", (report["reasons"], result.stderr[-2000:])
+    (reason,) = report["reasons"]
+    assert reason["code"] == "LIBRARY_VERSION_MISMATCH" and "needs transformers" in reason["message"]
+    assert "CKPT_STAGE_WORKER_PYTHON" in reason["hint"]
+    assert "transformers" not in report["runtime"]
