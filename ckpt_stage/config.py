@@ -20,8 +20,10 @@ PREFIX = "CKPT_STAGE_"
 
 DEFAULT_ARCH_MODULES = ("torch.nn",)
 #: ``python_function.loader_module`` values whose ``_load_pyfunc`` a serving host may run: only the
-#: stock loader of the one flavor the stage validates (``mlflow.pyfunc.load_model`` imports it).
-DEFAULT_LOADER_MODULES = ("mlflow.pytorch",)
+#: stock loaders of the flavors the stage validates (``mlflow.pyfunc.load_model`` imports them):
+#: ``mlflow.transformers`` loads the save_pretrained folder the worker checks, without trust_remote_code
+#: (a config with auto_map is refused by the scanner).
+DEFAULT_LOADER_MODULES = ("mlflow.pytorch", "mlflow.transformers")
 MIN_SWEEP_INTERVAL_S = 5.0
 MIN_LEASE_S = 3.0
 
