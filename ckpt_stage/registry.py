@@ -304,9 +304,9 @@ class Registry:
         if decision.verdict is Verdict.PASS:
             self._set_tags(ref, {STATUS: Status.PROMOTED.value})
             self.sync_alias(ref.name)
-        elif decision.verdict is Verdict.QUARANTINE:
+        elif decision.verdict in (Verdict.QUARANTINE, Verdict.SKIP):  # neither may hold the alias
             self.sync_alias(ref.name, excluding=ref.version)
-            self._set_tags(ref, {STATUS: Status.QUARANTINED.value})
+            self._set_tags(ref, {STATUS: Status.for_verdict(decision.verdict).value})
         else:
             self._set_tags(ref, {STATUS: Status.ERROR.value})
         self._clear_lease(ref)

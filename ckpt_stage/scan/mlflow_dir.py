@@ -36,6 +36,7 @@ import importlib.machinery
 import json
 import os
 import posixpath
+import re
 import stat
 import sys
 from collections.abc import Iterable, Sequence
@@ -95,6 +96,10 @@ class CodeScan:
     """MLmodel folder → top-level modules its code folders provide (allowed or not)."""
     pyfunc_models: set[str] = field(default_factory=set)
     """python_model files of custom pyfunc models: their pickle findings belong to the UNSAFE_CODE one."""
+    other_flavors: dict[str, str] = field(default_factory=dict)
+    """MLmodel files of a stock flavor the stage does not validate → that flavor (``sklearn``)."""
+    recorded: dict[str, str] = field(default_factory=dict)
+    """Library versions the model recorded (``recorded_versions``), from its first MLmodel."""
 
     @property
     def allowed_modules(self) -> tuple[str, ...]:
@@ -198,6 +203,9 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
         return
     flavors = doc.get("flavors")
     flavors = flavors if isinstance(flavors, dict) else {}
+    if not out.recorded:
+        reqs = _read_small(root / mdir / "requirements.txt", MAX_SMALL_TEXT * 16)
+        out.recorded = recorded_versions(doc, reqs.decode("utf-8", "replace") if reqs else None)
     names = [str(k) for k in flavors]
     pyfunc = flavors.get("python_function") if isinstance(flavors.get("python_function"), dict) else None
     pytorch = flavors.get("pytorch") if isinstance(flavors.get("pytorch"), dict) else None
@@ -246,6 +254,34 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
         _check_pytorch(mdir, mlmodel, pyfunc, pytorch, here, root, out)
 
 
+_PIN_RE = re.compile(r"^\s*(torch|mlflow|mlflow-skinny)\s*==\s*([0-9][^\s;#,]*)", re.IGNORECASE | re.MULTILINE)
+
+
+def recorded_versions(mlmodel: Any, requirements: str | None = None) -> dict[str, str]:
+    """The library versions a model recorded: ``{"python", "torch", "mlflow"}`` (what is known), from a
+    parsed ``MLmodel`` (``flavors.pytorch.pytorch_version``, ``mlflow_version``,
+    ``flavors.python_function.python_version``), then from ``torch==`` / ``mlflow==`` pins in
+    ``requirements.txt``. Pure: the report shows them even when the scan stops a version before the
+    worker (which reads the same fields) could load it."""
+    out: dict[str, str] = {}
+
+    def put(lib: str, value: Any) -> None:
+        if lib not in out and isinstance(value, str | int | float) and not isinstance(value, bool) \
+                and str(value).strip():
+            out[lib] = str(value).strip()[:64]
+
+    doc = mlmodel if isinstance(mlmodel, dict) else {}
+    flavors = doc.get("flavors") if isinstance(doc.get("flavors"), dict) else {}
+    pytorch = flavors.get("pytorch") if isinstance(flavors.get("pytorch"), dict) else {}
+    pyfunc = flavors.get("python_function") if isinstance(flavors.get("python_function"), dict) else {}
+    put("python", pyfunc.get("python_version"))
+    put("torch", pytorch.get("pytorch_version"))
+    put("mlflow", doc.get("mlflow_version"))
+    for name, ver in _PIN_RE.findall(requirements or ""):
+        put("torch" if name.lower() == "torch" else "mlflow", ver)
+    return out
+
+
 def _flavor_label(names: Sequence[str]) -> str:
     others = [n for n in names if n != "python_function"] or list(names)
     return ", ".join(others)
@@ -254,10 +290,21 @@ def _flavor_label(names: Sequence[str]) -> str:
 def _unsupported_flavor(mlmodel: str, names: Sequence[str], loader: str | None, out: CodeScan) -> None:
     label = _flavor_label(names)
     via = f" (served through {loader})" if loader else ""
+    out.other_flavors[mlmodel] = label
     out.add(ReasonCode.UNSUPPORTED_FORMAT,
             f"{label} flavor{via}: ckpt-stage validates PyTorch models (mlflow.pytorch), not {label} models",
-            "register PyTorch models here (mlflow.pytorch.log_model, or a torch/safetensors checkpoint); "
-            "validate other flavors with a gate made for them", mlmodel, flavors=list(names))
+            "register PyTorch models here (mlflow.pytorch.log_model, or a torch/safetensors checkpoint) and "
+            "validate other flavors with a gate made for them; an operator may set CKPT_STAGE_OTHER_FLAVORS=skip "
+            "to leave such versions alone (status skipped, never promoted)", mlmodel, flavors=list(names))
+
+
+def other_flavor(code: CodeScan, paths: Sequence[str]) -> str:
+    """The flavor(s) of a version made only of models of flavors the stage does not validate (every
+    ``MLmodel`` of it is one), else ``""``: a version that also holds a PyTorch model is judged as one."""
+    mlmodels = [p for p in paths if posixpath.basename(p) == "MLmodel"]
+    if not mlmodels or any(m not in code.other_flavors for m in mlmodels):
+        return ""
+    return ", ".join(dict.fromkeys(code.other_flavors[m] for m in sorted(mlmodels)))
 
 
 def _check_pyfunc(mdir: str, mlmodel: str, pyfunc: dict[str, Any], pytorch: dict[str, Any] | None,

@@ -53,7 +53,8 @@ def test_filters_and_counts():
     assert [r["version"] for r in data.rows(status="none")] == ["2"]
     assert [(r["model"], r["version"]) for r in data.rows(reason="INTEGRITY_MISMATCH")] == [("b", "1")]
     assert [r["version"] for r in data.rows(model="a", status="quarantined")] == ["2"]
-    assert data.counts() == {"pending": 1, "validating": 1, "promoted": 1, "quarantined": 2, "error": 1, "none": 1}
+    assert data.counts() == {"pending": 1, "validating": 1, "promoted": 1, "quarantined": 2, "error": 1, "skipped": 0,
+                             "none": 1}
     assert data.counts(model="a")["quarantined"] == 1
     assert data.reason_counts() == {"CORRUPT_ARCHIVE": 1, "INTEGRITY_MISMATCH": 1, "SHAPE_MISMATCH": 1}
     assert data.models() == ["a", "b"]
