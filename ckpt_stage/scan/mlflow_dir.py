@@ -270,10 +270,12 @@ def recorded_versions(mlmodel: Any, requirements: str | None = None) -> dict[str
                 and str(value).strip():
             out[lib] = str(value).strip()[:64]
 
-    doc = mlmodel if isinstance(mlmodel, dict) else {}
-    flavors = doc.get("flavors") if isinstance(doc.get("flavors"), dict) else {}
-    pytorch = flavors.get("pytorch") if isinstance(flavors.get("pytorch"), dict) else {}
-    pyfunc = flavors.get("python_function") if isinstance(flavors.get("python_function"), dict) else {}
+    def mapping(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    doc = mapping(mlmodel)
+    flavors = mapping(doc.get("flavors"))
+    pytorch, pyfunc = mapping(flavors.get("pytorch")), mapping(flavors.get("python_function"))
     put("python", pyfunc.get("python_version"))
     put("torch", pytorch.get("pytorch_version"))
     put("mlflow", doc.get("mlflow_version"))
