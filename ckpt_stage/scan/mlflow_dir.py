@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 
 from ckpt_stage.config import Settings
-from ckpt_stage.domain import Finding, ReasonCode
+from ckpt_stage.domain import Finding, ReasonCode, Severity
 from ckpt_stage.scan.allowlist import DENIED_MODULE_PREFIXES
 from ckpt_stage.scan.sniff import CODE_EXTS, extension
 
@@ -252,6 +252,8 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
         _unsupported_flavor(mlmodel, names, None, out)
     if pytorch is not None or (pyfunc is not None and pyfunc.get("loader_module") == PYTORCH_LOADER):
         _check_pytorch(mdir, mlmodel, pyfunc, pytorch, here, root, out)
+    if mlmodel in out.other_flavors and isinstance(flavors.get("sklearn"), dict):
+        _skops_types(root, mdir, flavors["sklearn"], here, out)
 
 
 _PIN_RE = re.compile(r"^\s*(torch|mlflow|mlflow-skinny)\s*==\s*([0-9][^\s;#,]*)", re.IGNORECASE | re.MULTILINE)
@@ -298,6 +300,42 @@ def _unsupported_flavor(mlmodel: str, names: Sequence[str], loader: str | None, 
             "register PyTorch models here (mlflow.pytorch.log_model, or a torch/safetensors checkpoint) and "
             "validate other flavors with a gate made for them; an operator may set CKPT_STAGE_OTHER_FLAVORS=skip "
             "to leave such versions alone (status skipped, never promoted)", mlmodel, flavors=list(names))
+
+
+MAX_SKOPS_BYTES = 64 << 20
+
+
+def _skops_types(root: Path, mdir: str, conf: dict[str, Any], here: set[str], out: CodeScan) -> None:
+    """For an sklearn model saved with skops (MLflow 3.17's default): the types ``skops.io.load`` would
+    refuse unless trusted, from ``skops.io.get_untrusted_types``, which reads the file's schema and
+    builds no object. Information only (the flavor is not validated here), and only where skops is
+    installed; a file too large to read into memory is not looked at."""
+    name = conf.get("pickled_model")
+    if conf.get("serialization_format") != "skops" or not isinstance(name, str) or name not in here:
+        return
+    rel = posixpath.join(mdir, name) if mdir else name
+    try:
+        import skops.io as sio
+    except ImportError:
+        return
+    try:
+        if os.path.getsize(root / rel) > MAX_SKOPS_BYTES:
+            return
+        untrusted = sio.get_untrusted_types(file=str(root / rel))
+    except Exception as exc:  # noqa: BLE001 - a malformed file is the flavor gate's to judge
+        out.findings.append(Finding(None, f"{rel}: skops could not read the file's schema: "
+                                    f"{type(exc).__name__}: {str(exc)[:200]}", file=rel, severity=Severity.INFO))
+        return
+    if untrusted:
+        shown = ", ".join(untrusted[:MAX_LISTED]) + (f" and {len(untrusted) - MAX_LISTED} more"
+                                                     if len(untrusted) > MAX_LISTED else "")
+        out.findings.append(Finding(None, f"{rel}: skops.io.load refuses {len(untrusted)} type(s) it does not "
+                                    f"trust by default: {shown}", "review them before passing trusted=[...] to "
+                                    "skops.io.load on a serving host", file=rel, severity=Severity.WARNING,
+                                    detail={"untrusted_types": untrusted[:100]}))
+    else:
+        out.findings.append(Finding(None, f"{rel}: skops.io.get_untrusted_types finds only types skops trusts "
+                                    "by default", file=rel, severity=Severity.INFO))
 
 
 def other_flavor(code: CodeScan, paths: Sequence[str]) -> str:

@@ -118,7 +118,8 @@ def test_real_sklearn_model(dirs):
     model = sklearn.LogisticRegression().fit(np.array([[0.0], [1.0]]), [0, 1])
     mlflow.sklearn.save_model(model, str(d), pip_requirements=["scikit-learn"])
     result = scan(d)
-    assert [f.code for f in result.findings] == [ReasonCode.UNSUPPORTED_FORMAT], [f.to_dict() for f in result.findings]
+    assert [f.code for f in result.findings if f.blocking] == [ReasonCode.UNSUPPORTED_FORMAT], [
+        f.to_dict() for f in result.findings]
     assert result.findings[0].message.startswith("sklearn flavor")
 
 
@@ -273,3 +274,26 @@ def test_recorded_versions_from_mlmodel_and_requirements():
     assert recorded_versions(["not", "a", "mapping"]) == {}
     assert recorded_versions({"mlflow_version": True, "flavors": {"pytorch": {"pytorch_version": ["x"]}}}) == {}
     assert len(recorded_versions({"mlflow_version": "9" * 500})["mlflow"]) == 64
+
+
+def test_skops_untrusted_types_are_reported_for_an_sklearn_model(dirs):
+    """MLflow 3.17 saves sklearn with skops: the report names the types skops.io.load would refuse
+    (skops.io.get_untrusted_types reads the schema and builds nothing), as information, not a verdict."""
+    sklearn = pytest.importorskip("sklearn.preprocessing")
+    pytest.importorskip("skops.io")
+    import operator
+
+    import mlflow.sklearn
+
+    d = dirs[0] / "sk-ft"
+    mlflow.sklearn.save_model(sklearn.FunctionTransformer(func=operator.neg), str(d), pip_requirements=["scikit-learn"],
+                              skops_trusted_types=["_operator.neg"])  # MLflow refuses to save it otherwise
+    result = scan(d)
+    assert [f.code for f in result.findings if f.blocking] == [ReasonCode.UNSUPPORTED_FORMAT]
+    (note,) = [f for f in result.findings if f.detail.get("untrusted_types")]
+    assert note.code is None and not note.blocking and "_operator.neg" in note.message
+    assert note.file == "model.skops"
+    # A broken skops file is noted, never a crash of the scan.
+    (d / "model.skops").write_bytes(b"PK\x05\x06" + b"\x00" * 18)
+    notes = [f.message for f in scan(d).findings if f.code is None]
+    assert any("could not read" in m for m in notes), notes
