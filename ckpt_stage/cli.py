@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,11 +18,12 @@ from typing import Any
 import click
 
 from ckpt_stage.config import Settings, parse_arch_kwargs
-from ckpt_stage.domain import ReasonCode, Report, Status, Verdict, VersionRef
+from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, Report, Status, Verdict, VersionRef
 from ckpt_stage.errors import CkptStageError, ConfigError, UsageError
 
 EXIT_USAGE = 2
 EXIT_ERROR = 3
+VERDICT_COLOUR = {Verdict.PASS: "green", Verdict.QUARANTINE: "red", Verdict.ERROR: "yellow", Verdict.SKIP: "magenta"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -71,7 +73,7 @@ def _print_report(report: Report) -> None:
     from rich.console import Console
 
     console = Console(stderr=False)
-    colour = {Verdict.PASS: "green", Verdict.QUARANTINE: "red", Verdict.ERROR: "yellow"}[report.verdict]
+    colour = VERDICT_COLOUR[report.verdict]
     title = f"{report.model.name} v{report.model.version}" if report.model else "inspect"
     console.print(f"[bold]{title}[/bold]: [{colour}]{report.verdict.value}[/{colour}]  {report.summary}")
     for f in report.reasons:
@@ -183,7 +185,11 @@ def _progress_bar(as_json: bool, label: str = "download") -> Iterator[Callable[[
                 h.setStream(original)
 
 
-def _batch_summary(outcomes: list, as_json: bool, real: Any, **more: Any) -> int:
+def _batch_summary(outcomes: list, as_json: bool, real: Any, refs: list[VersionRef] | None = None,
+                   **more: Any) -> int:
+    """The exit status of a batch, and what it decided: one JSON document with ``--json`` (``more`` adds
+    top-level keys), else a table on stdout (``refs``, one per outcome, name the versions that another
+    worker held)."""
     rows = []
     for o in outcomes:
         if o.report is None:
@@ -199,19 +205,60 @@ def _batch_summary(outcomes: list, as_json: bool, real: Any, **more: Any) -> int
     if as_json:
         _emit_json(real, {"results": rows, "count": len(rows), "errors": sum(
             1 for r in rows if r.get("verdict") == Verdict.ERROR.value), **more})
+    else:
+        _print_decisions(outcomes, real, refs)
     return EXIT_ERROR if any_error else 0
 
 
-def _print_rows(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _print_decisions(outcomes: list, out: Any, refs: list[VersionRef] | None = None) -> None:
+    """The ``sweep`` / ``rerun`` table: model, version, verdict, the status recorded, reasons, summary.
 
-    table = Table("model", "version", "verdict", "reasons", "summary")
-    for r in rows:
-        if r.get("model") is None:
+    The summary wraps inside its column rather than being cut: it is the sentence that says what to do.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    # A terminal (or COLUMNS) decides the width; a pipe or log file gets 120 columns.
+    console = Console(file=out, width=None if out.isatty() or os.environ.get("COLUMNS") else 120, highlight=False)
+    if not outcomes:
+        console.print("Nothing to validate: every version has a verdict (or is being validated).")
+        return
+    # One status column (what was recorded: the verdict's status), reasons wrapping between codes, never
+    # inside one, and the summary taking the rest of the width, wrapped rather than cut.
+    table = Table("model", "version", "status", "reasons", "summary", caption=_decided_caption(outcomes))
+    table.columns[1].justify = "right"
+    for col in table.columns[:3]:
+        col.no_wrap = True
+    table.columns[3].min_width = max([len(f.code.value) for o in outcomes if o.report for f in o.report.reasons
+                                      if f.code] + [7])
+    table.columns[4].ratio = 1
+    table.columns[4].min_width = 24
+    for i, o in enumerate(outcomes):
+        r = o.report
+        if r is None:
+            ref = refs[i] if refs and i < len(refs) else None
+            table.add_row(escape(ref.name) if ref else "?", ref.version if ref else "?",
+                          Text("untouched", style="dim"), "", Text(o.skipped, style="dim"))
             continue
-        table.add_row(r["model"], str(r["version"]), r["verdict"], ",".join(r["reasons"]), r["summary"][:120])
-    Console(stderr=True).print(table)
+        colour = VERDICT_COLOUR[r.verdict]
+        # attempt 0: the registry failed before anything could be recorded.
+        status = Status.for_verdict(r.verdict).value if r.attempt else f"{r.verdict.value}, not recorded"
+        table.add_row(escape(r.model.name) if r.model else "?", r.model.version if r.model else "?",
+                      Text(status, style=colour),
+                      Text(", ".join(sorted({f.code.value for f in r.reasons if f.code})), style="bold"),
+                      Text(r.summary))
+    console.print(table)
+
+
+def _decided_caption(outcomes: list) -> str:
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        key = Status.for_verdict(o.report.verdict).value if o.report is not None else "held by another worker"
+        counts[key] = counts.get(key, 0) + 1
+    return f"{len(outcomes)} version{'s' if len(outcomes) != 1 else ''}: " + ", ".join(
+        f"{n} {k}" for k, n in counts.items())
 
 
 @main.command()
@@ -229,7 +276,14 @@ def sweep(as_json: bool) -> None:
             # anything else happens in this sweep.
             try:
                 rechecked = integrity.recheck_promoted(settings=settings, on_result=_recheck_line(as_json))
-                outcomes = pipeline.sweep(settings=settings, on_result=_line_per_version(as_json))
+                refs: list[VersionRef] = []
+                line = _line_per_version(as_json)
+
+                def on_result(ref: VersionRef, outcome: Any) -> None:
+                    refs.append(ref)
+                    line(ref, outcome)
+
+                outcomes = pipeline.sweep(settings=settings, on_result=on_result)
             except CkptStageError as exc:
                 # Even when the versions cannot be listed (MLflow down), --json prints its one document.
                 if as_json:
@@ -238,7 +292,7 @@ def sweep(as_json: bool) -> None:
                     logging.getLogger("ckpt_stage").error("sweep: %s", exc.message)
                     return EXIT_ERROR
                 raise
-            code = _batch_summary(outcomes, as_json, real, integrity=_recheck_doc(rechecked))
+            code = _batch_summary(outcomes, as_json, real, refs, integrity=_recheck_doc(rechecked))
         if any(r.outcome == "error" for r in rechecked):
             code = EXIT_ERROR
         return code
@@ -347,7 +401,8 @@ def _line_per_version(as_json: bool) -> Callable[[VersionRef, Any], None]:
         from rich.console import Console
 
         console = Console(stderr=True, highlight=False)
-    marks = {Verdict.PASS: ("✓", "green"), Verdict.QUARANTINE: ("✗", "red"), Verdict.ERROR: ("!", "yellow")}
+    marks = {Verdict.PASS: ("✓", "green"), Verdict.QUARANTINE: ("✗", "red"), Verdict.ERROR: ("!", "yellow"),
+             Verdict.SKIP: ("–", "magenta")}
 
     def on_result(ref: VersionRef, outcome: Any) -> None:
         log = logging.getLogger("ckpt_stage")
@@ -376,8 +431,8 @@ def _line_per_version(as_json: bool) -> Callable[[VersionRef, Any], None]:
 @main.command()
 @click.option("--model", help="Registered model name.")
 @click.option("--version", "version", help="Model version (with --model).")
-@click.option("--status", type=click.Choice(["quarantined", "error", "promoted"]),
-              help="Re-run every version with this status.")
+@click.option("--status", type=click.Choice(RERUNNABLE_STATUSES),
+              help="Re-run every version with this status (skipped: after changing CKPT_STAGE_OTHER_FLAVORS).")
 @click.option("--reason", help="Only versions whose reasons include this code (with --status).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def rerun(model: str | None, version: str | None, status: str | None, reason: str | None, as_json: bool) -> None:
@@ -390,7 +445,7 @@ def rerun(model: str | None, version: str | None, status: str | None, reason: st
         if version and not model:
             raise UsageError("--version needs --model")
         if bool(version) == bool(status):
-            raise UsageError("give either --model NAME --version N, or --status quarantined|error|promoted")
+            raise UsageError(f"give either --model NAME --version N, or --status {'|'.join(RERUNNABLE_STATUSES)}")
         if reason and reason not in ReasonCode.__members__:
             raise UsageError(f"--reason {reason!r} is not a reason code; known: {', '.join(ReasonCode.__members__)}")
         settings = Settings.from_env()
@@ -406,7 +461,7 @@ def rerun(model: str | None, version: str | None, status: str | None, reason: st
                                                            progress=progress, batch=len(refs) > 1)
                 line(ref, outcome)
                 outcomes.append(outcome)
-            code = _batch_summary(outcomes, as_json, real)
+            code = _batch_summary(outcomes, as_json, real, refs)
         return code
 
     _run(body)
@@ -455,7 +510,8 @@ def _print_versions(rows: list[dict]) -> None:
     from ckpt_stage.dashboard.data import human_age
     from ckpt_stage.registry import now_utc, parse_iso
 
-    styles = {"quarantined": "bold red", "error": "bold yellow", "promoted": "green", "validating": "blue"}
+    styles = {"quarantined": "bold red", "error": "bold yellow", "promoted": "green", "validating": "blue",
+              "skipped": "magenta"}
     now = now_utc()
     table = Table("model", "version", "status", "reasons", "attempt", "age", "summary",
                   caption=f"{len(rows)} version{'s' if len(rows) != 1 else ''}")

@@ -14,8 +14,11 @@ from ckpt_stage.config import Settings
 from ckpt_stage.errors import UsageError
 
 STATUS_STYLE = {"quarantined": "bold red", "error": "bold yellow", "promoted": "bold green",
-                "validating": "bold blue", "pending": "dim", None: "dim"}
-VERDICT_STYLE = {"pass": "green", "quarantine": "red", "error": "yellow"}
+                "validating": "bold blue", "pending": "dim", "skipped": "bold magenta", None: "dim"}
+VERDICT_STYLE = {"pass": "green", "quarantine": "red", "error": "yellow", "skip": "magenta"}
+#: Below this width the findings are stacked (code line, then message and hint at full width) instead of
+#: a five-column table whose message and hint columns would shrink to fragments.
+WIDE = 120
 SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "dim"}
 
 
@@ -56,14 +59,21 @@ def render(detail: dict[str, Any], *, full: int = 1, console: Any = None) -> Non
     from ckpt_stage.dashboard.data import human_age, human_bytes, human_seconds
 
     console = console or Console()
+    wide = console.width >= WIDE
     st = detail["state"]
     status = st.get("status")
     head = Text()
     head.append(f"{detail['model']} v{detail['version']}  ", style="bold")
     head.append(status or "not validated", style=STATUS_STYLE.get(status, ""))
     for alias in st.get("aliases") or []:
-        head.append(f"  @{alias}", style="green")
+        head.append(f"  @{alias}", style="bold green" if alias == detail.get("alias") else "green")
     lines: list[Any] = [head]
+    if st.get("holds_alias") or (detail.get("promoted_version") and detail.get("promoted_version") == detail["version"]):
+        lines.append(Text(f"holds @{detail.get('alias', 'validated')}: deployments of {detail['model']} get this "
+                          "version", style="green"))
+    if status == "skipped":
+        lines.append(Text("not validated: a flavor the stage does not validate, left alone by "
+                          "CKPT_STAGE_OTHER_FLAVORS=skip; never promoted", style="magenta"))
     if st.get("summary"):
         lines.append(Text(st["summary"]))
     if st.get("reasons"):
@@ -85,14 +95,22 @@ def render(detail: dict[str, Any], *, full: int = 1, console: Any = None) -> Non
 
     attempts = detail.get("attempts") or []
     if attempts:
-        table = Table("#", "started", "verdict", "reasons", "total", "run", title="Attempts (newest first)",
-                      title_justify="left")
+        # On a narrow terminal the run id (32 hex digits) leaves the table for each attempt's heading, and the
+        # start time loses its seconds, so the columns that say what happened keep their room.
+        cols = ["#", "started", "verdict", "reasons", "total"] + (["run"] if wide else [])
+        table = Table(*cols, title="Attempts (newest first)", title_justify="left")
+        for col in (table.columns[0], table.columns[1], table.columns[2], table.columns[4]):
+            col.no_wrap = True
+        # Codes wrap between codes, never inside one.
+        table.columns[3].min_width = max([len(c) for a in attempts for c in a.get("reasons") or []] + [7])
         for a in attempts:
             total = ((a.get("report") or {}).get("timings_s") or {}).get("total", a.get("metrics", {}).get(
                 "timings_s.total"))
-            table.add_row(str(a.get("attempt") or "?"), a.get("started_at") or "",
-                          Text(a.get("verdict") or "?", style=VERDICT_STYLE.get(a.get("verdict"), "")),
-                          ", ".join(a.get("reasons") or []), human_seconds(total), a.get("run_id") or "")
+            started = a.get("started_at") or ""
+            cells: list[Any] = [str(a.get("attempt") or "?"), started if wide else started[:16].replace("T", " "),
+                                Text(a.get("verdict") or "?", style=VERDICT_STYLE.get(a.get("verdict"), "")),
+                                ", ".join(a.get("reasons") or []), human_seconds(total)]
+            table.add_row(*cells, *([a.get("run_id") or ""] if wide else []))
         console.print(table)
     else:
         console.print("[dim]No validation attempt recorded yet.[/dim]")
@@ -101,21 +119,31 @@ def render(detail: dict[str, Any], *, full: int = 1, console: Any = None) -> Non
         report = a.get("report")
         if not report:
             continue
-        console.rule(f"Attempt {a.get('attempt')}: {report.get('verdict')}")
+        console.rule(f"Attempt {a.get('attempt')}: {report.get('verdict')}"
+                     + ("" if wide or not a.get("run_id") else f" · run {a['run_id']}"))
         findings = report.get("findings") or report.get("reasons") or []
-        if findings:
+        if findings and wide:
             t = Table("severity", "code", "message", "hint", "file", title="Findings", title_justify="left")
+            t.columns[0].no_wrap = t.columns[1].no_wrap = True
+            t.columns[2].ratio, t.columns[3].ratio = 3, 2
+            t.columns[4].overflow = "fold"
             for f in findings:
                 sev = f.get("severity") or "error"
                 t.add_row(Text(sev, style=SEVERITY_STYLE.get(sev, "")), f.get("code") or "—", f.get("message", ""),
                           f.get("hint") or "", f.get("file") or "")
             console.print(t)
+        elif findings:
+            _stacked_findings(console, findings)
         else:
             console.print("[green]No findings: every check passed.[/green]")
         if report.get("files"):
             t = Table("path", "format", "size", "sha256", title="Files", title_justify="left")
+            t.columns[0].overflow = "fold"
+            t.columns[1].no_wrap = t.columns[2].no_wrap = t.columns[3].no_wrap = True
             for f in report["files"]:
-                t.add_row(f.get("path", ""), f.get("format", ""), human_bytes(f.get("size")), f.get("sha256", ""))
+                digest = f.get("sha256", "") or ""
+                t.add_row(f.get("path", ""), f.get("format", ""), human_bytes(f.get("size")),
+                          digest if wide or len(digest) <= 16 else digest[:16] + "…")
             console.print(t)
         recorded, runtime = report.get("recorded") or {}, report.get("runtime") or {}
         if recorded or runtime:
@@ -154,3 +182,24 @@ def render(detail: dict[str, Any], *, full: int = 1, console: Any = None) -> Non
                 t.add_row(Text("~", style="yellow"), c["name"], f"{b.get('shape')} {b.get('dtype')}",
                           f"{a.get('shape')} {a.get('dtype')}")
             console.print(t)
+
+
+def _stacked_findings(console: Any, findings: list[dict[str, Any]]) -> None:
+    """Findings for a narrow terminal: ``severity CODE file`` on one line, then the message and the hint
+    wrapped at the full width, so no sentence is squeezed into a column a few characters wide."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    console.print(Text("Findings", style="italic"))
+    for f in findings:
+        sev = f.get("severity") or "error"
+        head = Text("  ")
+        head.append(sev, style=SEVERITY_STYLE.get(sev, ""))
+        head.append(f"  {f.get('code') or '—'}", style="bold")
+        if f.get("file"):
+            head.append(f"  {f['file']}", style="dim")
+        console.print(head)
+        console.print(Padding(Text(f.get("message", "")), (0, 0, 0, 4)))
+        if f.get("hint"):
+            console.print(Padding(Text.assemble(("hint: ", "dim"), f["hint"]), (0, 0, 0, 4)))
+

@@ -26,6 +26,10 @@ DEFAULT_ARCH_MODULES = ("torch.nn",)
 DEFAULT_LOADER_MODULES = ("mlflow.pytorch", "mlflow.transformers")
 MIN_SWEEP_INTERVAL_S = 5.0
 MIN_LEASE_S = 3.0
+#: ``CKPT_STAGE_OTHER_FLAVORS``: what happens to a version whose MLflow flavor the stage does not
+#: validate (sklearn, xgboost, ...): ``quarantine`` it (UNSUPPORTED_FORMAT), or ``skip`` it (status
+#: ``skipped``: left alone, never promoted, not a problem, not swept again, re-runnable).
+OTHER_FLAVOR_CHOICES = ("quarantine", "skip")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10, "m": 10**6, "mb": 10**6,
@@ -152,6 +156,15 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
     return int(_float(env, key, default))
 
 
+def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...], default: str) -> str:
+    raw = (env.get(PREFIX + key) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ConfigError(f"{PREFIX}{key}: expected one of {', '.join(choices)}, got {env.get(PREFIX + key)!r}")
+    return raw
+
+
 def _list(env: Mapping[str, str], key: str) -> tuple[str, ...]:
     raw = env.get(PREFIX + key, "")
     return tuple(p.strip() for p in raw.split(",") if p.strip())
@@ -176,6 +189,9 @@ class Settings:
     """Module prefixes whose code a version may carry (MLflow ``code_paths``, Hugging Face ``auto_map``):
     ``CKPT_STAGE_ALLOW_MODEL_CODE``. Such code is imported only inside the isolated worker."""
     require_input_example: bool = False
+    other_flavors: str = "quarantine"
+    """``CKPT_STAGE_OTHER_FLAVORS`` (``OTHER_FLAVOR_CHOICES``): quarantine versions of a flavor the stage
+    does not validate, or skip them."""
     cache_dir: Path = field(default_factory=_default_cache)
     keep_cache: bool = False
     worker_python: str = ""
@@ -251,6 +267,7 @@ class Settings:
             allow_loader_modules=tuple(dict.fromkeys(DEFAULT_LOADER_MODULES + _list(env, "ALLOW_LOADER_MODULES"))),
             allow_model_code=_list(env, "ALLOW_MODEL_CODE"),
             require_input_example=_bool(env, "REQUIRE_INPUT_EXAMPLE", d.require_input_example),
+            other_flavors=_choice(env, "OTHER_FLAVORS", OTHER_FLAVOR_CHOICES, d.other_flavors),
             cache_dir=Path(cache) if cache else d.cache_dir,
             keep_cache=_bool(env, "KEEP_CACHE", d.keep_cache),
             worker_python=env.get(PREFIX + "WORKER_PYTHON", ""),

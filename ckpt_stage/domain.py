@@ -71,10 +71,14 @@ class Verdict(enum.StrEnum):
     PASS = "pass"
     QUARANTINE = "quarantine"
     ERROR = "error"
+    SKIP = "skip"
+    """Not validated: a flavor the stage does not validate, left alone by operator choice
+    (``CKPT_STAGE_OTHER_FLAVORS=skip``). Never promoted, never a problem, re-runnable."""
 
     @property
     def exit_code(self) -> int:
-        return {Verdict.PASS: 0, Verdict.QUARANTINE: 1, Verdict.ERROR: 3}[self]
+        # A skipped version was not validated: a script that deploys on 0 must not take it as a pass.
+        return {Verdict.PASS: 0, Verdict.QUARANTINE: 1, Verdict.ERROR: 3, Verdict.SKIP: 4}[self]
 
 
 class Status(enum.StrEnum):
@@ -85,12 +89,18 @@ class Status(enum.StrEnum):
     PROMOTED = "promoted"
     QUARANTINED = "quarantined"
     ERROR = "error"
+    SKIPPED = "skipped"
 
     @classmethod
     def for_verdict(cls, verdict: Verdict) -> Status:
-        return {Verdict.PASS: cls.PROMOTED, Verdict.QUARANTINE: cls.QUARANTINED, Verdict.ERROR: cls.ERROR}[
-            verdict
-        ]
+        return {Verdict.PASS: cls.PROMOTED, Verdict.QUARANTINE: cls.QUARANTINED, Verdict.ERROR: cls.ERROR,
+                Verdict.SKIP: cls.SKIPPED}[verdict]
+
+
+#: Statuses a re-run may select (CLI ``rerun --status``, the dashboard, the re-run DAG): ``promoted``
+#: re-checks live versions after a runtime upgrade, ``skipped`` validates after the operator changed
+#: ``CKPT_STAGE_OTHER_FLAVORS``.
+RERUNNABLE_STATUSES = (Status.QUARANTINED.value, Status.ERROR.value, Status.PROMOTED.value, Status.SKIPPED.value)
 
 
 class FileFormat(enum.StrEnum):

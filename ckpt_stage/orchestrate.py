@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckpt_stage.config import PREFIX, Settings, WorkerClass
-from ckpt_stage.domain import ReasonCode, Status, Verdict, VersionRef
+from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, Status, Verdict, VersionRef
 from ckpt_stage.errors import CkptStageError, UsageError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ MAX_BATCH = 500
 # need a person first, so retrying the task only burns time.
 RETRYABLE_CODES = frozenset({ReasonCode.STORAGE_UNAVAILABLE, ReasonCode.REGISTRY_UNAVAILABLE, ReasonCode.WORKER_LOST})
 
-RERUN_STATUSES = (Status.QUARANTINED.value, Status.ERROR.value, Status.PROMOTED.value)
+RERUN_STATUSES = RERUNNABLE_STATUSES
 
 
 def sweep_interval_s(env: Mapping[str, str] | None = None) -> float:
@@ -125,7 +125,7 @@ def rerun_selection(params: Mapping[str, Any]) -> dict[str, Any]:
     if versions and not model:
         raise UsageError("versions need a model name")
     if not versions and not status:
-        raise UsageError("give a model and versions, or a status (quarantined, error or promoted)")
+        raise UsageError(f"give a model and versions, or a status ({', '.join(RERUN_STATUSES)})")
     if status and status not in RERUN_STATUSES:
         raise UsageError(f"status must be one of {', '.join(RERUN_STATUSES)}, not {status!r}")
     if reason and not status:

@@ -221,7 +221,6 @@ def build_report(
     files: Sequence[FileInfo] = (),
 ) -> Report:
     load = checked.load if checked else None
-    subject = f"{model.name} version {model.version}" if model else "The checkpoint"
     info = dict(load.info) if load else {}
     return Report(
         verdict=decision.verdict,
@@ -229,7 +228,8 @@ def build_report(
         model=model,
         files=tuple(checked.files if checked else files),
         runtime=dict(load.runtime) if load and load.runtime else _runtime_here(),
-        recorded=dict(load.recorded) if load else {},
+        # What the worker read wins; what the scan read from MLmodel fills in when it did not run.
+        recorded={**(checked.scan.recorded if checked else {}), **(load.recorded if load else {})},
         timings_s=timings,
         resources={
             "peak_anon_bytes": load.peak_anon_bytes if load else 0,
@@ -238,7 +238,7 @@ def build_report(
         },
         attempt=attempt,
         findings=tuple(findings),
-        summary=summarize(decision, subject=subject),
+        summary=summarize(decision),
         isolation=dict(load.isolation) if load else {},
         extra={"model_info": info} if info else {},
     )

@@ -500,9 +500,9 @@ class Registry:
             except CkptStageError as exc:
                 log.warning("%s is promoted but the alias did not move (%s); the next sweep repairs it", ref, exc)
                 return run_id
-        elif decision.verdict is Verdict.QUARANTINE:
+        elif decision.verdict in (Verdict.QUARANTINE, Verdict.SKIP):  # neither may hold the alias
             self.sync_alias(ref.name, excluding=ref.version)
-            self._set_tags(ref, {STATUS: Status.QUARANTINED.value})
+            self._set_tags(ref, {STATUS: Status.for_verdict(decision.verdict).value})
         else:
             self._set_tags(ref, {STATUS: Status.ERROR.value})
         self._clear_lease(ref, owner=owner)  # a rival's live lease stays: its attempt records after this one

@@ -1,6 +1,6 @@
 """ckpt_stage_rerun: validate chosen versions again, by hand (trigger form, REST API, dashboard button).
 
-Choose either a model and its versions, or every version with a status (``quarantined``, ``error``, or
+Choose either a model and its versions, or every version with a status (``quarantined``, ``error``, ``skipped``, or
 ``promoted`` after a runtime upgrade), optionally only those whose reasons include one reason code and
 only of one model. The run conf has the same shape as the form::
 

@@ -51,7 +51,6 @@ from ckpt_stage.dashboard.auth import (
     new_csrf_token,
 )
 from ckpt_stage.dashboard.data import (
-    RERUNNABLE_STATUSES,
     STATUS_FILTERS,
     DashboardData,
     human_age,
@@ -59,7 +58,7 @@ from ckpt_stage.dashboard.data import (
     human_seconds,
 )
 from ckpt_stage.dashboard.rerun import Rerunner, RerunError, RerunRequest
-from ckpt_stage.domain import ReasonCode, Status
+from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, Status
 from ckpt_stage.errors import CkptStageError
 
 log = logging.getLogger(__name__)
@@ -67,9 +66,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 STATUS_LABELS = {
     None: "All", "quarantined": "Quarantined", "error": "Error", "validating": "Validating",
-    "pending": "Pending", "none": "Never validated", "promoted": "Promoted",
+    "pending": "Pending", "none": "Never validated", "skipped": "Skipped", "promoted": "Promoted",
 }
-TAB_ORDER = (None, "quarantined", "error", "validating", "pending", "none", "promoted")
+TAB_ORDER = (None, "quarantined", "error", "validating", "pending", "none", "skipped", "promoted")
 
 
 class BadRequest(Exception):
@@ -126,7 +125,7 @@ def create_app(settings: Settings | None = None, *, mounted: bool = False, data:
         csrf = request.cookies.get(CSRF_COOKIE) or new_csrf_token()
         body = templates.get_template(name).render(
             base=base(request), csrf=csrf, csrf_header=CSRF_HEADER, who=who, auth_mode=auth.mode,
-            rerun_enabled=auth.enabled, rerun_mode=rerunner.mode, token_env=TOKEN_ENV,
+            rerun_enabled=auth.enabled, rerun_mode=rerunner.mode, token_env=TOKEN_ENV, alias=settings.alias,
             request_path=_path_in_app(request), **ctx)
         resp = HTMLResponse(body, status_code=status_code)
         if request.cookies.get(CSRF_COOKIE) != csrf:

@@ -53,10 +53,10 @@ STATUS_ORDER: dict[str | None, int] = {
     Status.VALIDATING.value: 2,
     Status.PENDING.value: 3,
     None: 4,
-    Status.PROMOTED.value: 5,
+    Status.SKIPPED.value: 5,
+    Status.PROMOTED.value: 6,
 }
 STATUS_FILTERS = (*(s.value for s in Status), "none")
-RERUNNABLE_STATUSES = (Status.QUARANTINED.value, Status.ERROR.value, Status.PROMOTED.value)
 MAX_PAGE_SIZE = 500
 MAX_REPORTS_PER_DETAIL = 20
 """Older attempts are listed without their report (one S3 read each); MLflow keeps them all."""
@@ -234,6 +234,7 @@ def row_of(state: VersionState, now: dt.datetime | None = None) -> dict[str, Any
         "lease_owner": tags.get(LEASE_OWNER) or None,
         "lease_until": tags.get(LEASE_UNTIL) or None,
         "aliases": list(state.aliases),
+        "holds_alias": False,  # the configured alias (what deployments get); filled in by DashboardData
     }
 
 
@@ -305,7 +306,12 @@ class DashboardData:
         def load() -> list[dict[str, Any]]:
             now = utcnow()
             states = self.registry.iter_versions(model=model, status=server_status, reason=reason)
-            return sort_rows(row_of(s, now) for s in states)
+            rows = [row_of(s, now) for s in states]
+            holders = self._safe(self.alias_holders) or {}
+            for r in rows:
+                r["aliases"] = r["aliases"] or holders.get((r["model"], r["version"]), [])
+                r["holds_alias"] = self.settings.alias in r["aliases"]
+            return sort_rows(rows)
 
         rows = self.cache.get(("rows", server_status, model, reason), load)
         if status == "none":
@@ -342,6 +348,26 @@ class DashboardData:
             for code in r["reasons"]:
                 counts[code] = counts.get(code, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def alias_holders(self) -> dict[tuple[str, str], list[str]]:
+        """(model, version) → the aliases it holds, for every registered model in one paginated listing.
+
+        MLflow's ``search_model_versions`` returns every version with ``aliases=[]`` (3.17's SQL store fills
+        them in only for ``get_model_version``), so the lists would never show which version holds the
+        alias without this; ``search_registered_models`` does carry each model's alias → version map."""
+        def load() -> dict[tuple[str, str], list[str]]:
+            out: dict[tuple[str, str], list[str]] = {}
+            token = None
+            while True:
+                page = self.registry.client.search_registered_models(max_results=1000, page_token=token)
+                for rm in page:
+                    for alias, version in sorted((getattr(rm, "aliases", None) or {}).items()):
+                        out.setdefault((rm.name, str(version)), []).append(alias)
+                token = getattr(page, "token", None)
+                if not token:
+                    return out
+
+        return self.cache.get(("aliases",), load)
 
     def models(self) -> list[str]:
         return sorted({r["model"] for r in self.rows()})
@@ -380,6 +406,7 @@ class DashboardData:
         promoted = self._safe(lambda: self.registry.alias_version(model))
         drift = self._drift(model, version, promoted, attempts[0]["report"] if attempts else None)
         row = row_of(state)
+        row["holds_alias"] = self.settings.alias in row["aliases"] or (promoted is not None and promoted == version)
         return {
             "model": model,
             "version": version,

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_stage.config import Settings
-from ckpt_stage.dashboard.data import RERUN_DAG, RERUNNABLE_STATUSES, DashboardData
-from ckpt_stage.domain import ReasonCode, VersionRef
+from ckpt_stage.dashboard.data import RERUN_DAG, DashboardData
+from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, VersionRef
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ lists what a pickle imports.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import stat
@@ -29,7 +30,8 @@ from ckpt_stage.domain import FileFormat, Finding, ReasonCode
 from ckpt_stage.scan._common import HINT_NOT_CKPT, FileScan, Region
 from ckpt_stage.scan.estimate import estimate_bytes, resource_finding
 from ckpt_stage.scan.formats import Ctx, scan_region
-from ckpt_stage.scan.mlflow_dir import fold_pickle_findings, scan_code
+from ckpt_stage.policy import OTHER_FLAVOR
+from ckpt_stage.scan.mlflow_dir import fold_pickle_findings, other_flavor, scan_code
 from ckpt_stage.scan.reading import Reading, reading_of
 
 __all__ = ["Reading", "ScanResult", "scan_file", "scan_version"]
@@ -48,6 +50,13 @@ class ScanResult:
     model_code: dict[str, list[str]] = field(default_factory=dict)
     """Code folders the operator allowed (``CKPT_STAGE_ALLOW_MODEL_CODE``) → their top-level modules;
     the worker alone may import them (``LoadJob.model_code``)."""
+    recorded: dict[str, str] = field(default_factory=dict)
+    """Library versions the version's MLmodel and requirements.txt recorded (``mlflow_dir.recorded_versions``),
+    for the report when the worker did not run."""
+    other_flavor: str = ""
+    """The version is only of MLflow flavor(s) the stage does not validate (``sklearn``): its
+    UNSUPPORTED_FORMAT finding carries ``detail["kind"] == OTHER_FLAVOR`` for the policy
+    (``CKPT_STAGE_OTHER_FLAVORS``), and nothing is loaded."""
 
 
 def scan_file(root: Path, rel: str, settings: Settings, *, mlflow_dir: bool = False) -> tuple[FileFormat, FileScan, bool]:
@@ -115,6 +124,11 @@ def scan_version(root: Path, paths: Sequence[str], settings: Settings) -> ScanRe
         scans.append(fs)
         checkpoints += counts
     findings = fold_pickle_findings(findings, code)
+    flavor = other_flavor(code, paths)
+    if flavor:
+        findings = [dataclasses.replace(f, detail={**f.detail, "kind": OTHER_FLAVOR})
+                    if f.file in code.other_flavors and f.code is ReasonCode.UNSUPPORTED_FORMAT else f
+                    for f in findings]
     if not checkpoints and not any(f.blocking for f in findings):
         listing = ", ".join(f"{p} ({formats[p].value})" for p in list(paths)[:10]) or "no files"
         findings.append(Finding(ReasonCode.NOT_A_CHECKPOINT,
@@ -125,4 +139,5 @@ def scan_version(root: Path, paths: Sequence[str], settings: Settings) -> ScanRe
     if too_big is not None:
         findings.append(too_big)
     return ScanResult(formats=formats, findings=tuple(findings), estimated_bytes=estimated, readings=readings,
-                      model_code=dict(code.model_code))
+                      model_code=dict(code.model_code), other_flavor=flavor,
+                      recorded=dict(code.recorded))

@@ -36,6 +36,7 @@ import importlib.machinery
 import json
 import os
 import posixpath
+import re
 import stat
 import sys
 from collections.abc import Iterable, Sequence
@@ -46,7 +47,7 @@ from typing import Any
 import yaml
 
 from ckpt_stage.config import Settings
-from ckpt_stage.domain import Finding, ReasonCode
+from ckpt_stage.domain import Finding, ReasonCode, Severity
 from ckpt_stage.scan.allowlist import DENIED_MODULE_PREFIXES
 from ckpt_stage.scan.sniff import CODE_EXTS, extension
 
@@ -95,6 +96,10 @@ class CodeScan:
     """MLmodel folder → top-level modules its code folders provide (allowed or not)."""
     pyfunc_models: set[str] = field(default_factory=set)
     """python_model files of custom pyfunc models: their pickle findings belong to the UNSAFE_CODE one."""
+    other_flavors: dict[str, str] = field(default_factory=dict)
+    """MLmodel files of a stock flavor the stage does not validate → that flavor (``sklearn``)."""
+    recorded: dict[str, str] = field(default_factory=dict)
+    """Library versions the model recorded (``recorded_versions``), from its first MLmodel."""
 
     @property
     def allowed_modules(self) -> tuple[str, ...]:
@@ -198,6 +203,9 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
         return
     flavors = doc.get("flavors")
     flavors = flavors if isinstance(flavors, dict) else {}
+    if not out.recorded:
+        reqs = _read_small(root / mdir / "requirements.txt", MAX_SMALL_TEXT * 16)
+        out.recorded = recorded_versions(doc, reqs.decode("utf-8", "replace") if reqs else None)
     names = [str(k) for k in flavors]
     pyfunc = flavors.get("python_function") if isinstance(flavors.get("python_function"), dict) else None
     pytorch = flavors.get("pytorch") if isinstance(flavors.get("pytorch"), dict) else None
@@ -247,6 +255,8 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
     hf = flavors.get("transformers")
     if pytorch is None and isinstance(hf, dict):
         _check_transformers(mlmodel, hf, here, out)
+    if mlmodel in out.other_flavors and isinstance(flavors.get("sklearn"), dict):
+        _skops_types(root, mdir, flavors["sklearn"], here, out)
 
 
 #: What save_pretrained writes as weights (single file, shards, their indexes).
@@ -274,6 +284,36 @@ def _check_transformers(mlmodel: str, flavor: dict[str, Any], here: set[str], ou
             "so the weights the stage validates are the ones served", mlmodel)
 
 
+_PIN_RE = re.compile(r"^\s*(torch|mlflow|mlflow-skinny)\s*==\s*([0-9][^\s;#,]*)", re.IGNORECASE | re.MULTILINE)
+
+
+def recorded_versions(mlmodel: Any, requirements: str | None = None) -> dict[str, str]:
+    """The library versions a model recorded: ``{"python", "torch", "mlflow"}`` (what is known), from a
+    parsed ``MLmodel`` (``flavors.pytorch.pytorch_version``, ``mlflow_version``,
+    ``flavors.python_function.python_version``), then from ``torch==`` / ``mlflow==`` pins in
+    ``requirements.txt``. Pure: the report shows them even when the scan stops a version before the
+    worker (which reads the same fields) could load it."""
+    out: dict[str, str] = {}
+
+    def put(lib: str, value: Any) -> None:
+        if lib not in out and isinstance(value, str | int | float) and not isinstance(value, bool) \
+                and str(value).strip():
+            out[lib] = str(value).strip()[:64]
+
+    def mapping(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    doc = mapping(mlmodel)
+    flavors = mapping(doc.get("flavors"))
+    pytorch, pyfunc = mapping(flavors.get("pytorch")), mapping(flavors.get("python_function"))
+    put("python", pyfunc.get("python_version"))
+    put("torch", pytorch.get("pytorch_version"))
+    put("mlflow", doc.get("mlflow_version"))
+    for name, ver in _PIN_RE.findall(requirements or ""):
+        put("torch" if name.lower() == "torch" else "mlflow", ver)
+    return out
+
+
 def _flavor_label(names: Sequence[str]) -> str:
     others = [n for n in names if n != "python_function"] or list(names)
     return ", ".join(others)
@@ -282,10 +322,57 @@ def _flavor_label(names: Sequence[str]) -> str:
 def _unsupported_flavor(mlmodel: str, names: Sequence[str], loader: str | None, out: CodeScan) -> None:
     label = _flavor_label(names)
     via = f" (served through {loader})" if loader else ""
+    out.other_flavors[mlmodel] = label
     out.add(ReasonCode.UNSUPPORTED_FORMAT,
             f"{label} flavor{via}: ckpt-stage validates PyTorch models (mlflow.pytorch), not {label} models",
-            "register PyTorch models here (mlflow.pytorch.log_model, or a torch/safetensors checkpoint); "
-            "validate other flavors with a gate made for them", mlmodel, flavors=list(names))
+            "register PyTorch models here (mlflow.pytorch.log_model, or a torch/safetensors checkpoint) and "
+            "validate other flavors with a gate made for them; an operator may set CKPT_STAGE_OTHER_FLAVORS=skip "
+            "to leave such versions alone (status skipped, never promoted)", mlmodel, flavors=list(names))
+
+
+MAX_SKOPS_BYTES = 64 << 20
+
+
+def _skops_types(root: Path, mdir: str, conf: dict[str, Any], here: set[str], out: CodeScan) -> None:
+    """For an sklearn model saved with skops (MLflow 3.17's default): the types ``skops.io.load`` would
+    refuse unless trusted, from ``skops.io.get_untrusted_types``, which reads the file's schema and
+    builds no object. Information only (the flavor is not validated here), and only where skops is
+    installed; a file too large to read into memory is not looked at."""
+    name = conf.get("pickled_model")
+    if conf.get("serialization_format") != "skops" or not isinstance(name, str) or name not in here:
+        return
+    rel = posixpath.join(mdir, name) if mdir else name
+    try:
+        import skops.io as sio
+    except ImportError:
+        return
+    try:
+        if os.path.getsize(root / rel) > MAX_SKOPS_BYTES:
+            return
+        untrusted = sio.get_untrusted_types(file=str(root / rel))
+    except Exception as exc:  # noqa: BLE001 - a malformed file is the flavor gate's to judge
+        out.findings.append(Finding(None, f"{rel}: skops could not read the file's schema: "
+                                    f"{type(exc).__name__}: {str(exc)[:200]}", file=rel, severity=Severity.INFO))
+        return
+    if untrusted:
+        shown = ", ".join(untrusted[:MAX_LISTED]) + (f" and {len(untrusted) - MAX_LISTED} more"
+                                                     if len(untrusted) > MAX_LISTED else "")
+        out.findings.append(Finding(None, f"{rel}: skops.io.load refuses {len(untrusted)} type(s) it does not "
+                                    f"trust by default: {shown}", "review them before passing trusted=[...] to "
+                                    "skops.io.load on a serving host", file=rel, severity=Severity.WARNING,
+                                    detail={"untrusted_types": untrusted[:100]}))
+    else:
+        out.findings.append(Finding(None, f"{rel}: skops.io.get_untrusted_types finds only types skops trusts "
+                                    "by default", file=rel, severity=Severity.INFO))
+
+
+def other_flavor(code: CodeScan, paths: Sequence[str]) -> str:
+    """The flavor(s) of a version made only of models of flavors the stage does not validate (every
+    ``MLmodel`` of it is one), else ``""``: a version that also holds a PyTorch model is judged as one."""
+    mlmodels = [p for p in paths if posixpath.basename(p) == "MLmodel"]
+    if not mlmodels or any(m not in code.other_flavors for m in mlmodels):
+        return ""
+    return ", ".join(dict.fromkeys(code.other_flavors[m] for m in sorted(mlmodels)))
 
 
 def _check_pyfunc(mdir: str, mlmodel: str, pyfunc: dict[str, Any], pytorch: dict[str, Any] | None,

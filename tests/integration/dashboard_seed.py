@@ -31,6 +31,7 @@ from ckpt_stage.domain import (
     VersionRef,
 )
 from ckpt_stage.pipeline import validate_version
+from ckpt_stage.policy import OTHER_FLAVOR, summarize
 from ckpt_stage.registry import Registry
 
 LAYERS_V1 = {"weight": {"shape": [2, 4], "dtype": "float32"}, "bias": {"shape": [2], "dtype": "float32"}}
@@ -45,6 +46,8 @@ class Seeded:
     b: str
     """Model with v1 UNSAFE_PICKLE, v2 CORRUPT_ARCHIVE+INTEGRITY_MISMATCH, v3 never validated, v4 files missing
     (really validated: ARTIFACT_MISSING)."""
+    c: str = ""
+    """Model with v1 promoted (holds the alias), v2 skipped (sklearn flavor, CKPT_STAGE_OTHER_FLAVORS=skip)."""
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -53,7 +56,7 @@ def _finding(code: ReasonCode, message: str, hint: str, file: str | None = "mode
 
 
 def record(registry: Registry, ref: VersionRef, verdict: Verdict, findings: list[Finding], *, attempt: int,
-           layers: dict | None = None, total_s: float = 1.25) -> str:
+           layers: dict | None = None, total_s: float = 1.25, summary: str | None = None) -> str:
     decision = Decision(verdict, tuple(f for f in findings if f.blocking))
     report = Report(
         verdict=verdict, reasons=decision.reasons, model=ref,
@@ -64,7 +67,7 @@ def record(registry: Registry, ref: VersionRef, verdict: Verdict, findings: list
         timings_s={"download": 0.2, "scan": 0.05, "load": 0.6, "inference": 0.1, "total": total_s},
         resources={"peak_anon_bytes": 150 * 2**20, "estimated_bytes": 200 * 2**20, "limit_bytes": 4 * 2**30},
         attempt=attempt, findings=tuple(findings),
-        summary=f"{ref.name} version {ref.version}: {verdict.value}"
+        summary=summary or f"{ref.name} version {ref.version}: {verdict.value}"
                 + (f" ({', '.join(c.value for c in decision.codes)})" if decision.codes else ""),
         isolation={"network_namespace": True, "pid_namespace": True, "unprivileged_user": True,
                    "memory_cgroup": "4.0 GiB"},
@@ -85,7 +88,7 @@ def seed(stack: devstack.Stack) -> Seeded:
     from mlflow import MlflowClient
 
     uid = uuid.uuid4().hex[:6]
-    out = Seeded(a=f"dash-clf-{uid}", b=f"dash-det-{uid}")
+    out = Seeded(a=f"dash-clf-{uid}", b=f"dash-det-{uid}", c=f"dash-mix-{uid}")
     settings = Settings.from_env()
     registry = Registry(settings)
     client = MlflowClient()
@@ -116,6 +119,12 @@ def seed(stack: devstack.Stack) -> Seeded:
         _finding(ReasonCode.CORRUPT_ARCHIVE, "bad CRC-32 for data/0", "upload the file again"),
         _finding(ReasonCode.INTEGRITY_MISMATCH, "size differs from the registry's record", "upload the file again"),
     ], attempt=1)
+    c = [_version(client, out.c, stack.bucket) for _ in range(2)]
+    record(registry, c[0], Verdict.PASS, [], attempt=1, layers=LAYERS_V1)
+    other = Finding(ReasonCode.UNSUPPORTED_FORMAT, "sklearn flavor (served through mlflow.sklearn): ckpt-stage "
+                    "validates PyTorch models (mlflow.pytorch), not sklearn models", "register PyTorch models here",
+                    file="MLmodel", detail={"kind": OTHER_FLAVOR, "flavors": ["python_function", "sklearn"]})
+    record(registry, c[1], Verdict.SKIP, [other], attempt=1, summary=summarize(Decision(Verdict.SKIP, (other,))))
     # b[2] stays without a verdict; b[3] gets a real one: its location holds no files.
     validate_version(b[3], settings=settings, registry=registry)
     out.env = dict(os.environ)

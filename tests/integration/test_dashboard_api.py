@@ -209,6 +209,28 @@ def test_rerun_with_the_token_records_a_new_attempt(api, seeded):
     assert nothing.status_code == 404
 
 
+def test_the_alias_holder_and_a_skipped_version(api, api_without_token, seeded):
+    """The list marks the version that holds @validated (MLflow's version search returns no aliases); a
+    skipped version reads as not validated; a read-only dashboard offers no re-run button."""
+    c = seeded.c
+    rows = {r["version"]: r for r in _versions(api, model=c)["items"]}
+    assert rows["1"]["holds_alias"] and rows["1"]["aliases"] == ["validated"]
+    assert rows["2"]["status"] == "skipped" and not rows["2"]["holds_alias"] and rows["2"]["aliases"] == []
+    assert rows["2"]["summary"].startswith("Not validated: sklearn flavor")
+    assert api.get("/api/stats/status", params={"model": c}).json()["counts"]["skipped"] == 1
+    home = api.get("/", params={"model": c}).text
+    assert 'class="alias holds"' in home and "Skipped" in home
+    page = api.get(f"/versions/{c}/2").text
+    assert 'id="skipped-note"' in page and 'id="holds-alias"' not in page and 'id="rerun-version"' in page
+    assert 'id="holds-alias"' in api.get(f"/versions/{c}/1").text
+    # Read-only: no button that would only answer 403.
+    for html in (api_without_token.get("/").text, api_without_token.get(f"/versions/{c}/2").text):
+        assert "data-rerun" not in html and 'id="readonly-note"' in html
+    skipped_rerun = api.post("/api/rerun", json={"status": "skipped", "model": c}, headers={"Authorization": "Bearer x"})
+    assert skipped_rerun.status_code == 403  # wrong token: refused, but the status itself is accepted
+    assert api.post("/api/rerun", json={"status": "pending"}).status_code in (401, 422)
+
+
 def test_pages_render(api, seeded):
     home = api.get("/", params={"model": seeded.a})
     assert home.status_code == 200 and home.headers["content-type"].startswith("text/html")

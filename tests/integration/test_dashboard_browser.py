@@ -116,3 +116,40 @@ def test_filter_open_and_rerun_in_the_browser(browser, dashboard, seeded):
     page.screenshot(path=str(ARTIFACTS / "dashboard-version.png"), full_page=True)
     assert not errors, errors
     context.close()
+
+
+@pytest.fixture(scope="module")
+def read_only_dashboard(seeded) -> Iterator[str]:
+    with serve(create_app(Settings.from_env().replace(dashboard_token=""))) as url:
+        yield url
+
+
+def test_alias_holder_skipped_version_and_read_only_in_the_browser(browser, read_only_dashboard, seeded):
+    """The version that holds @validated is marked in the list; a skipped version says it was not validated;
+    a dashboard without an operator token shows no re-run button at all (it would only answer 403)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    page.goto(f"{read_only_dashboard}/?model={seeded.c}")
+    holder = page.locator(f'tr.row[data-model="{seeded.c}"][data-version="1"]')
+    assert holder.locator(".alias.holds").inner_text() == "@validated"
+    skipped = page.locator(f'tr.row[data-model="{seeded.c}"][data-version="2"]')
+    assert skipped.locator(".pill").inner_text() == "skipped" and skipped.locator(".alias").count() == 0
+    assert page.locator("[data-rerun]").count() == 0 and page.locator("#readonly-note").is_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-alias-readonly.png"), full_page=True)
+
+    page.click(f'a.version-link[href$="/versions/{seeded.c}/2"]')
+    page.wait_for_url(re.compile(rf"/versions/{re.escape(seeded.c)}/2$"))
+    assert page.locator("#version-status").inner_text() == "skipped"
+    assert "not validated" in page.locator("#skipped-note").inner_text()
+    assert page.locator("#rerun-version").count() == 0 and page.locator("#readonly-note").is_visible()
+    assert page.locator("details.attempt .pill.st-skipped").first.inner_text() == "skip"
+    page.screenshot(path=str(ARTIFACTS / "dashboard-skipped-version.png"), full_page=True)
+    page.goto(f"{read_only_dashboard}/versions/{seeded.c}/1")
+    assert "holds @validated" in page.locator("#holds-alias").inner_text()
+    assert not errors, errors
+    context.close()

@@ -28,6 +28,12 @@ class FakeClient:
     experiment: str | None = "7"
     calls: int = 0
 
+    aliases: dict[str, str] = field(default_factory=dict)
+    """model → version holding the alias (shared with FakeRegistry.alias)."""
+
+    def search_registered_models(self, max_results=1000, page_token=None):
+        return Page([SimpleNamespace(name=m, aliases={"validated": v}) for m, v in self.aliases.items()])
+
     def get_experiment_by_name(self, name):
         return SimpleNamespace(experiment_id=self.experiment) if self.experiment else None
 
@@ -61,6 +67,7 @@ class FakeRegistry:
         self.reports_by_run: dict[str, dict] = {}
         self.alias: dict[str, str] = {}
         self.client = FakeClient()
+        self.client.aliases = self.alias
         self.list_calls = 0
 
     def add(self, model, version, status=None, reasons=(), *, attempt=0, summary="", age_s=60, **tags):

@@ -86,3 +86,50 @@ def test_tables_go_to_stdout(fake_data):
                                                              "--attempts", "0"])
     assert result.exit_code == 0, result.output
     assert "SHAPE_MISMATCH" in result.stdout and "Attempts (newest first)" in result.stdout
+
+
+LONG_HINT = ("set the ckpt_stage.arch tag to the class the weights belong to (package.module:Class) and "
+             "ckpt_stage.arch_kwargs to its constructor arguments as a JSON object")
+
+
+def test_render_stays_readable_at_80_columns():
+    """A narrow terminal stacks the findings instead of squeezing message and hint into fragments."""
+    import copy
+
+    detail = copy.deepcopy(DETAIL)
+    detail["attempts"][0]["report"]["findings"][0]["hint"] = LONG_HINT
+    detail["attempts"][0]["run_id"] = "0123456789abcdef0123456789abcdef"
+    detail["attempts"][0]["reasons"] = ["SHAPE_MISMATCH", "SMOKE_INFERENCE_FAILED"]
+    console = Console(record=True, width=80)
+    cli_show.render(detail, console=console)
+    out = console.export_text()
+    assert max(len(line.rstrip()) for line in out.splitlines()) <= 80
+    words = set(out.split())
+    # Every word of the hint, the codes and the run id are printed whole (rich folds words in a narrow column).
+    for word in [*LONG_HINT.split(), "SMOKE_INFERENCE_FAILED", "STORAGE_UNAVAILABLE",
+                 "0123456789abcdef0123456789abcdef"]:
+        assert word.strip(",") in words or word in out, word
+    assert " ".join(LONG_HINT.split()) in " ".join(out.split())
+
+
+def test_show_at_80_columns_through_the_command(fake_data):
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(main, ["show", "--model", "clf", "--version", "3"])
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "fix arch_kwargs" in result.stdout and "SHAPE_MISMATCH" in result.stdout
+
+
+def test_skipped_and_alias_holder_are_said_in_words():
+    import copy
+
+    detail = copy.deepcopy(DETAIL)
+    detail["state"].update(status="skipped", aliases=[], reasons=["UNSUPPORTED_FORMAT"])
+    console = Console(record=True, width=100)
+    cli_show.render(detail, console=console)
+    out = " ".join(console.export_text().split())
+    assert "skipped" in out and "not validated" in out and "CKPT_STAGE_OTHER_FLAVORS=skip" in out
+    detail = copy.deepcopy(DETAIL)
+    detail["version"], detail["state"]["aliases"], detail["state"]["holds_alias"] = "2", ["validated"], True
+    console = Console(record=True, width=100)
+    cli_show.render(detail, console=console)
+    assert "holds @validated: deployments of clf get this version" in console.export_text()

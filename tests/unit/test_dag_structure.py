@@ -87,7 +87,7 @@ def test_rerun_form_is_json_schema(dags):
     assert set(params) == {"model", "versions", "status", "reason"}
     assert params["versions"]["type"] == "array"
     assert params["versions"]["items"]["pattern"] == "^[0-9]+$"
-    assert set(params["status"]["enum"]) == {None, "quarantined", "error", "promoted"}
+    assert set(params["status"]["enum"]) == {None, "quarantined", "error", "promoted", "skipped"}
     assert "SHAPE_MISMATCH" in params["reason"]["enum"]
 
 

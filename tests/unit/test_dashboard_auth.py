@@ -201,3 +201,16 @@ def test_mounted_rerun_needs_permission_to_trigger_the_rerun_dag():
     assert c.post("/api/rerun", json=BODY).status_code == 403
     c.cookies.set(CSRF_COOKIE, "k")
     assert c.post("/api/rerun", json=BODY, headers={CSRF_HEADER: "k"}).status_code == 202
+
+
+def test_a_read_only_dashboard_shows_no_rerun_buttons():
+    """No operator token: every re-run would answer 403, so no page offers one (the pages say why)."""
+    ro = client_for(Settings(dashboard_token=""))
+    home, page = ro.get("/"), ro.get("/versions/m/2")
+    assert home.status_code == page.status_code == 200
+    for html in (home.text, page.text):
+        assert "data-rerun" not in html and "Re-run" not in html.replace("re-runs are off", "")
+    assert 'id="readonly-note"' in page.text and "CKPT_STAGE_DASHBOARD_TOKEN" in page.text
+    rw = client_for(Settings(dashboard_token=TOKEN))
+    assert 'id="rerun-version"' in rw.get("/versions/m/2").text
+    assert 'id="rerun-filtered"' in rw.get("/").text

@@ -53,7 +53,8 @@ def test_filters_and_counts():
     assert [r["version"] for r in data.rows(status="none")] == ["2"]
     assert [(r["model"], r["version"]) for r in data.rows(reason="INTEGRITY_MISMATCH")] == [("b", "1")]
     assert [r["version"] for r in data.rows(model="a", status="quarantined")] == ["2"]
-    assert data.counts() == {"pending": 1, "validating": 1, "promoted": 1, "quarantined": 2, "error": 1, "none": 1}
+    assert data.counts() == {"pending": 1, "validating": 1, "promoted": 1, "quarantined": 2, "error": 1, "skipped": 0,
+                             "none": 1}
     assert data.counts(model="a")["quarantined"] == 1
     assert data.reason_counts() == {"CORRUPT_ARCHIVE": 1, "INTEGRITY_MISMATCH": 1, "SHAPE_MISMATCH": 1}
     assert data.models() == ["a", "b"]
@@ -213,3 +214,19 @@ def test_every_status_sorts(status):
     reg = FakeRegistry()
     reg.add("m", 1, status)
     assert DashboardData(Settings(), reg).rows()[0]["status"] == status
+
+
+def test_lists_mark_the_version_that_holds_the_alias():
+    """search_model_versions returns aliases=[] for every version (MLflow 3.17's SQL store): the list takes
+    them from the registered models instead, and the row that holds the configured alias says so."""
+    reg = FakeRegistry()
+    reg.add("m", 1, "promoted")
+    reg.add("m", 2, "promoted")
+    reg.add("m", 3, "skipped", ["UNSUPPORTED_FORMAT"])
+    reg.alias["m"] = "2"
+    data = DashboardData(Settings(), reg)
+    rows = {r["version"]: r for r in data.rows(model="m")}
+    assert rows["2"]["holds_alias"] and rows["2"]["aliases"] == ["validated"]
+    assert not rows["1"]["holds_alias"] and rows["1"]["aliases"] == [] and not rows["3"]["holds_alias"]
+    assert data.detail("m", "2")["state"]["holds_alias"] and not data.detail("m", "1")["state"]["holds_alias"]
+    assert data.counts(model="m")["skipped"] == 1

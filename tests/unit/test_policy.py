@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ckpt_stage.config import Settings
-from ckpt_stage.domain import Finding, ReasonCode as R, Severity, Verdict
-from ckpt_stage.policy import NO_INPUT_EXAMPLE, decide, summarize
+from ckpt_stage.domain import Finding, ReasonCode as R, Severity, Status, Verdict
+from ckpt_stage.errors import ConfigError
+from ckpt_stage.policy import NO_INPUT_EXAMPLE, OTHER_FLAVOR, decide, summarize
 
 
 def f(code, severity=Severity.ERROR, **detail):
@@ -54,8 +55,62 @@ def test_every_code_has_a_cause():
 
 def test_summary_is_one_sentence_within_500_characters():
     d = decide([Finding(R.SHAPE_MISMATCH, "x" * 2000, "fix it")])
-    text = summarize(d, subject="clf version 3")
-    assert len(text) <= 500
+    text = summarize(d)
+    assert len(text) <= 500 and text.endswith("…")
     assert "\n" not in text
-    assert text.startswith("clf version 3 quarantined (SHAPE_MISMATCH)")
-    assert summarize(decide([]), subject="clf version 3") == "clf version 3 loads safely and passed every check."
+    assert text.startswith("xxx")  # the cause first: tables already show model, version, status and codes
+    assert summarize(decide([])) == "Loads safely and passed every check."
+
+
+def test_summary_joins_message_and_hint_as_sentences():
+    d = decide([Finding(R.PARTIAL_CHECKPOINT, "model.pt holds a state_dict but no architecture was declared to "
+                        "load it into", "set the ckpt_stage.arch tag to a torch.nn class")])
+    assert summarize(d) == ("model.pt holds a state_dict but no architecture was declared to load it into. "
+                            "Fix: set the ckpt_stage.arch tag to a torch.nn class.")
+    # A message that already ends a sentence gets no second full stop; whitespace is folded.
+    d = decide([Finding(R.TIMEOUT, "loading ran past 300 s.", "  raise\nthe limit  "),
+                Finding(R.NONFINITE_WEIGHTS, "NaN in fc.weight", "retrain")])
+    assert summarize(d) == "loading ran past 300 s. Fix: raise the limit. (1 more reason.)"
+    assert not summarize(d).startswith(("clf", "version"))
+    assert summarize(decide([Finding(R.STORAGE_UNAVAILABLE, "S3 kept failing:", "")])) == "S3 kept failing."
+
+
+def test_summary_is_cut_at_a_word_boundary():
+    words = " ".join(f"word{i}" for i in range(200))
+    text = summarize(decide([Finding(R.SHAPE_MISMATCH, words, "")]))
+    assert len(text) <= 500 and text.endswith("…")
+    assert text[:-1].split(" ")[-1] in words.split(" ")  # the last word is whole
+    # One enormous token (a path) has no boundary to cut at: it is cut inside, still within the limit.
+    assert len(summarize(decide([Finding(R.SHAPE_MISMATCH, "/" + "a" * 900, "")]))) == 500
+
+
+def other_flavor_finding() -> Finding:
+    return Finding(R.UNSUPPORTED_FORMAT, "sklearn flavor (served through mlflow.sklearn): ckpt-stage validates "
+                   "PyTorch models (mlflow.pytorch), not sklearn models", "register PyTorch models here",
+                   file="MLmodel", detail={"kind": OTHER_FLAVOR, "flavors": ["python_function", "sklearn"]})
+
+
+def test_other_flavor_is_quarantined_by_default():
+    d = decide([other_flavor_finding()])
+    assert d.verdict is Verdict.QUARANTINE and d.codes == (R.UNSUPPORTED_FORMAT,)
+    assert decide([other_flavor_finding()], Settings.from_env({})).verdict is Verdict.QUARANTINE
+
+
+def test_other_flavor_is_skipped_when_the_operator_says_so():
+    skip = Settings(other_flavors="skip")
+    pickle = Finding(R.UNSAFE_PICKLE, "model.pkl imports sklearn.linear_model._logistic.LogisticRegression", "x")
+    d = decide([other_flavor_finding(), pickle, Finding(None, "note", severity=Severity.INFO)], skip)
+    assert d.verdict is Verdict.SKIP and d.codes == (R.UNSUPPORTED_FORMAT,)
+    assert d.verdict.exit_code == 4 and Status.for_verdict(d.verdict) is Status.SKIPPED
+    text = summarize(d)
+    assert text.startswith("Not validated: sklearn flavor") and "CKPT_STAGE_OTHER_FLAVORS=skip" in text
+    assert len(text) <= 500
+    # Only the scan's whole-version fact skips: a plain UNSUPPORTED_FORMAT (a 7z file) is still a quarantine.
+    assert decide([Finding(R.UNSUPPORTED_FORMAT, "a 7-Zip archive", "unpack it")], skip).verdict is Verdict.QUARANTINE
+    assert decide([], skip).verdict is Verdict.PASS
+
+
+def test_other_flavors_setting_is_checked():
+    assert Settings.from_env({"CKPT_STAGE_OTHER_FLAVORS": " Skip "}).other_flavors == "skip"
+    with pytest.raises(ConfigError, match="CKPT_STAGE_OTHER_FLAVORS.*quarantine, skip"):
+        Settings.from_env({"CKPT_STAGE_OTHER_FLAVORS": "ignore"})

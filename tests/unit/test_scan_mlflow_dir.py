@@ -118,7 +118,8 @@ def test_real_sklearn_model(dirs):
     model = sklearn.LogisticRegression().fit(np.array([[0.0], [1.0]]), [0, 1])
     mlflow.sklearn.save_model(model, str(d), pip_requirements=["scikit-learn"])
     result = scan(d)
-    assert [f.code for f in result.findings] == [ReasonCode.UNSUPPORTED_FORMAT], [f.to_dict() for f in result.findings]
+    assert [f.code for f in result.findings if f.blocking] == [ReasonCode.UNSUPPORTED_FORMAT], [
+        f.to_dict() for f in result.findings]
     assert result.findings[0].message.startswith("sklearn flavor")
 
 
@@ -220,3 +221,80 @@ def test_python_files_are_code_not_checkpoints_nor_metadata(path, mlflow_dir, tm
     (tmp_path / path).write_text("print('hi')\n")
     result = scan_version(tmp_path, [path], Settings())
     assert [f.code for f in result.findings] == [ReasonCode.UNSAFE_CODE]
+
+
+# -- other flavors and recorded versions -------------------------------------------------------------
+
+
+def test_a_version_of_only_another_flavor_is_a_fact_the_policy_can_skip(dirs):
+    from ckpt_stage.domain import Verdict
+    from ckpt_stage.policy import OTHER_FLAVOR, decide
+    from tests.corpus.model_code_cases import b_sklearn_by_hand
+
+    d = b_sklearn_by_hand(*dirs).paths[0]
+    result = scan(d)
+    assert result.other_flavor == "sklearn"
+    (finding,) = [f for f in result.findings if f.blocking]
+    assert finding.code is ReasonCode.UNSUPPORTED_FORMAT and finding.detail["kind"] == OTHER_FLAVOR
+    assert "CKPT_STAGE_OTHER_FLAVORS=skip" in finding.hint
+    assert decide(result.findings, Settings()).verdict is Verdict.QUARANTINE
+    assert decide(result.findings, Settings(other_flavors="skip")).verdict is Verdict.SKIP
+    # The libraries it recorded are known without loading anything.
+    assert result.recorded == {"python": "3.11.7", "mlflow": "3.17.2"}
+
+
+def test_a_pytorch_model_next_to_an_sklearn_one_is_not_skipped(dirs):
+    """"Only of another flavor": a version that also holds a PyTorch MLflow model is judged as one."""
+    import shutil
+
+    from ckpt_stage.domain import Verdict
+    from ckpt_stage.policy import decide
+    from tests.corpus.model_code_cases import b_sklearn_by_hand
+
+    work, _ = dirs
+    sk = b_sklearn_by_hand(*dirs).paths[0]
+    both = work / "both"
+    shutil.copytree(sk, both / "sk")
+    copy("pickle", both / "torch")
+    result = scan(both)
+    assert result.other_flavor == ""
+    assert not any(f.detail.get("kind") for f in result.findings if f.blocking)
+    assert decide(result.findings, Settings(other_flavors="skip")).verdict is Verdict.QUARANTINE
+
+
+def test_recorded_versions_from_mlmodel_and_requirements():
+    from ckpt_stage.scan.mlflow_dir import recorded_versions
+
+    doc = {"mlflow_version": "3.17.2", "flavors": {"pytorch": {"pytorch_version": "2.13.0+cpu"},
+                                                   "python_function": {"python_version": "3.11.7"}}}
+    assert recorded_versions(doc) == {"python": "3.11.7", "torch": "2.13.0+cpu", "mlflow": "3.17.2"}
+    # MLmodel wins; requirements.txt fills in what it lacks (mlflow-skinny counts as mlflow).
+    assert recorded_versions({"flavors": {"pytorch": {}}}, "numpy==2.0\ntorch == 2.12.1 ; python_version>'3'\n"
+                             "mlflow-skinny==3.16.0\n") == {"torch": "2.12.1", "mlflow": "3.16.0"}
+    # Whatever the file says, only short scalar text comes out.
+    assert recorded_versions(["not", "a", "mapping"]) == {}
+    assert recorded_versions({"mlflow_version": True, "flavors": {"pytorch": {"pytorch_version": ["x"]}}}) == {}
+    assert len(recorded_versions({"mlflow_version": "9" * 500})["mlflow"]) == 64
+
+
+def test_skops_untrusted_types_are_reported_for_an_sklearn_model(dirs):
+    """MLflow 3.17 saves sklearn with skops: the report names the types skops.io.load would refuse
+    (skops.io.get_untrusted_types reads the schema and builds nothing), as information, not a verdict."""
+    sklearn = pytest.importorskip("sklearn.preprocessing")
+    pytest.importorskip("skops.io")
+    import operator
+
+    import mlflow.sklearn
+
+    d = dirs[0] / "sk-ft"
+    mlflow.sklearn.save_model(sklearn.FunctionTransformer(func=operator.neg), str(d), pip_requirements=["scikit-learn"],
+                              skops_trusted_types=["_operator.neg"])  # MLflow refuses to save it otherwise
+    result = scan(d)
+    assert [f.code for f in result.findings if f.blocking] == [ReasonCode.UNSUPPORTED_FORMAT]
+    (note,) = [f for f in result.findings if f.detail.get("untrusted_types")]
+    assert note.code is None and not note.blocking and "_operator.neg" in note.message
+    assert note.file == "model.skops"
+    # A broken skops file is noted, never a crash of the scan.
+    (d / "model.skops").write_bytes(b"PK\x05\x06" + b"\x00" * 18)
+    notes = [f.message for f in scan(d).findings if f.code is None]
+    assert any("could not read" in m for m in notes), notes
