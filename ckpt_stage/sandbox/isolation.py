@@ -37,7 +37,7 @@ _ENV_KEEP_NAMES = frozenset(
      "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONNOUSERSITE", "PYTHONSAFEPATH", "PYTHONUNBUFFERED",
      "PYTHONHASHSEED", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONFAULTHANDLER", "PYTHONWARNINGS",
      "PYTHONMALLOC",
-     # set by the runner: transformers in the worker stays offline (sandbox/hf.py)
+     # set by the runner: transformers in the worker stays offline (load/hf.py)
      "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_DISABLE_PROGRESS_BARS",
      "TRANSFORMERS_VERBOSITY"}
 )

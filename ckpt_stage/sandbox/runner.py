@@ -65,7 +65,7 @@ from ckpt_stage.sandbox.job import LoadJob, LoadResult
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENTRY = "ckpt_stage.sandbox.loader:load_and_check"
+DEFAULT_ENTRY = "ckpt_stage.load.loader:load_and_check"
 RESULT_CAP = 32 * 2**20
 """A result bigger than this is malformed (layer tables of huge models fit well below it)."""
 STDERR_TAIL = 64 * 2**10
@@ -88,7 +88,7 @@ def run_job(job: LoadJob, settings: Settings, *, entry: str | None = None) -> Lo
     """Run ``job`` in a fresh isolated worker; never raises.
 
     ``entry`` (``module:function`` taking a LoadJob, returning a LoadResult) is for tests only; the
-    production path is always ``ckpt_stage.sandbox.loader:load_and_check``.
+    production path is always ``ckpt_stage.load.loader:load_and_check``.
     """
     run = _Run(job, settings, entry or DEFAULT_ENTRY)
     try:
@@ -163,7 +163,7 @@ def _server_env(pythonpath: list[str]) -> dict[str, str]:
     # one of those threads held would stay locked in every worker. One BLAS thread: no pool, and the
     # fork server is single-threaded as fork() wants (torch's own pools start lazily, at the first op).
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    # transformers (Hugging Face folders, sandbox/hf.py) must never reach the Hub from the worker: no
+    # transformers (Hugging Face folders, load/hf.py) must never reach the Hub from the worker: no
     # download, no telemetry, no cache writes. The worker has no network anyway (and seccomp refuses
     # socket()); these make huggingface_hub not try, instead of failing or waiting on it.
     # (isolation's allowlist keeps exactly these names; HF_TOKEN and the like never pass.)

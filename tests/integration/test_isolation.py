@@ -458,9 +458,9 @@ def test_stale_cgroups_of_dead_stages_are_swept():
 
 def _real_loader_missing() -> str:
     try:
-        import ckpt_stage.sandbox.loader  # noqa: F401
+        import ckpt_stage.load.loader  # noqa: F401
     except Exception as exc:  # noqa: BLE001
-        return f"ckpt_stage.sandbox.loader not importable: {exc}"
+        return f"ckpt_stage.load.loader not importable: {exc}"
     return ""
 
 

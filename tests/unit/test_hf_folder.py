@@ -16,7 +16,7 @@ from ckpt_stage.domain import ReasonCode as R  # noqa: E402
 from ckpt_stage.domain import Verdict  # noqa: E402
 from ckpt_stage.policy import decide  # noqa: E402
 from ckpt_stage.sandbox.job import LoadJob  # noqa: E402
-from ckpt_stage.sandbox.loader import load_and_check  # noqa: E402
+from ckpt_stage.load.loader import load_and_check  # noqa: E402
 from ckpt_stage.scan import scan_version  # noqa: E402
 from ckpt_stage.scan.reading import Reading  # noqa: E402
 from tests.corpus import hf_cases as hf  # noqa: E402
@@ -92,8 +92,8 @@ def test_synthetic_forward_output_matches_from_pretrained(tmp_path):
     import torch
     import transformers
 
-    from ckpt_stage.sandbox import hf as worker_hf
-    from ckpt_stage.sandbox.loader import _load_safetensors, _Run
+    from ckpt_stage.load import hf as worker_hf
+    from ckpt_stage.load.loader import _load_safetensors, _Run
 
     for builder in (hf.gpt2_folder, hf.bert_folder):
         d = tmp_path / builder.__name__

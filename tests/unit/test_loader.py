@@ -14,9 +14,9 @@ from ckpt_stage import drift
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import Finding, ReasonCode as R, Severity, Verdict
 from ckpt_stage.policy import NO_INPUT_EXAMPLE, decide
-from ckpt_stage.sandbox import checks
+from ckpt_stage.load import checks
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
-from ckpt_stage.sandbox.loader import load_and_check
+from ckpt_stage.load.loader import load_and_check
 from tests.corpus import Built
 from tests.corpus.load_cases import CASES, LINEAR, LINEAR_KW
 
@@ -179,7 +179,7 @@ def test_unexpected_exception_becomes_internal_error(dirs, monkeypatch):
 def test_pt2_guard_alone_stops_payloads(dirs, builder):
     """Stock torch.export.load (torch 2.13) runs each of these payloads; the guard alone, without the
     archive inspection in front of it, refuses them and restores torch afterwards."""
-    from ckpt_stage.sandbox import pt2, safe_torch
+    from ckpt_stage.load import pt2, safe_torch
     from tests.corpus import load_cases
 
     work, canary = dirs
@@ -195,7 +195,7 @@ def test_pt2_guard_alone_stops_payloads(dirs, builder):
 def test_read_example_dataframe_and_named_inputs(tmp_path):
     import json
 
-    from ckpt_stage.sandbox import mlflow_model
+    from ckpt_stage.load import mlflow_model
 
     (tmp_path / "ex.json").write_text(json.dumps({"columns": ["a", "b"], "data": [[1, 2], [3, 4]]}))
     m = mlflow_model.MlflowModel(root=str(tmp_path), rel="", mlmodel={}, pytorch={},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ckpt_stage.domain import ReasonCode
 from ckpt_stage.sandbox.job import LoadJob
-from ckpt_stage.sandbox.loader import load_and_check
+from ckpt_stage.load.loader import load_and_check
 from tests.corpus.model_code_cases import PKG, copy
 
 

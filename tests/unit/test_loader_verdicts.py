@@ -14,7 +14,7 @@ from ckpt_stage.config import Settings
 from ckpt_stage.domain import ReasonCode as R
 from ckpt_stage.policy import decide
 from ckpt_stage.sandbox.job import LoadJob
-from ckpt_stage.sandbox.loader import load_and_check
+from ckpt_stage.load.loader import load_and_check
 from safetensors.torch import save_file
 
 LINEAR = {"arch": "torch.nn:Linear", "arch_kwargs": {"in_features": 4, "out_features": 2}}

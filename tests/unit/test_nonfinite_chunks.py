@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ckpt_stage.domain import ReasonCode
-from ckpt_stage.sandbox import checks
+from ckpt_stage.load import checks
 
 
 def test_values_in_the_last_piece_are_found_and_counted(monkeypatch):

@@ -29,7 +29,7 @@ from ckpt_stage.domain import FileFormat, ReasonCode as R, VersionRef, Verdict
 from ckpt_stage.policy import decide
 from ckpt_stage.registry import VersionState
 from ckpt_stage.sandbox.job import LoadJob
-from ckpt_stage.sandbox.loader import load_and_check
+from ckpt_stage.load.loader import load_and_check
 from ckpt_stage.scan import scan_version
 from ckpt_stage.scan.reading import Member, Reading, sha256_of
 from ckpt_stage.storage import RemoteFile, S3Location

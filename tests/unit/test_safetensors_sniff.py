@@ -27,7 +27,7 @@ from ckpt_stage.config import Settings
 from ckpt_stage.domain import FileFormat, ReasonCode as R, Verdict
 from ckpt_stage.policy import decide
 from ckpt_stage.sandbox.job import LoadJob
-from ckpt_stage.sandbox.loader import load_and_check
+from ckpt_stage.load.loader import load_and_check
 from ckpt_stage.scan import scan_version
 from ckpt_stage.scan._common import Region
 from ckpt_stage.scan.safetensors import MAX_HEADER
@@ -135,7 +135,7 @@ def test_real_pickles_still_sniff_as_pickles(tmp_path, proto):
 
 
 def test_one_header_limit():
-    from ckpt_stage.sandbox import loader
+    from ckpt_stage.load import loader
 
     assert MAX_HEADER == 100_000_000  # safetensors' Rust MAX_HEADER_SIZE
     assert loader.MAX_HEADER is MAX_HEADER  # the worker uses the scanner's constant, not its own

@@ -257,7 +257,7 @@ def test_benign_mlflow_pt2_model_reads_clean(tmp_path):
 
 
 def test_worker_reader_agrees_on_benign(benign_dir):
-    from ckpt_stage.sandbox import pt2
+    from ckpt_stage.load import pt2
 
     for name in _benign_programs():
         facts = pt2.inspect(str(benign_dir / f"{name}.pt2"))
@@ -291,7 +291,7 @@ def test_worker_refuses_without_the_scanner(payload, src, tmp_path):
     """The worker reads the same grammar before torch sees the file (a file the scan did not describe)."""
     from ckpt_stage.domain import ReasonCode
     from ckpt_stage.sandbox.job import LoadJob
-    from ckpt_stage.sandbox.loader import load_and_check
+    from ckpt_stage.load.loader import load_and_check
 
     canary = tmp_path / "canary"
     payload.build(src, tmp_path / "m.pt2", canary)

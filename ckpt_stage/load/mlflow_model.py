@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from ckpt_stage.sandbox.checks import TensorSpec, parse_tensor_specs
+from ckpt_stage.load.checks import TensorSpec, parse_tensor_specs
 
 MAX_EXAMPLE_BYTES = 64 * 2**20
 _PIN_RE = re.compile(r"^\s*(torch|mlflow|mlflow-skinny)\s*==\s*([0-9][^\s;#,]*)", re.IGNORECASE | re.MULTILINE)

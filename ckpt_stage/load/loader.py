@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from ckpt_stage.domain import FileFormat, Finding, ReasonCode, Severity  # noqa: E402
 from ckpt_stage.policy import NO_INPUT_EXAMPLE  # noqa: E402
-from ckpt_stage.sandbox import checks, mlflow_model, pt2, safe_torch  # noqa: E402
+from ckpt_stage.load import checks, mlflow_model, pt2, safe_torch  # noqa: E402
 from ckpt_stage.scan import pt2 as pt2_grammar  # noqa: E402
 from ckpt_stage.sandbox.job import LoadJob, LoadResult  # noqa: E402
 from ckpt_stage.scan.reading import Reading, changed, stamp_of  # noqa: E402
@@ -629,7 +629,7 @@ def _hf_config(run: _Run, files: list[tuple[str, FileFormat]], used: list[str]) 
 
 
 def _check_hf(run: _Run, state: dict[str, torch.Tensor], file: str | None, config_rel: str) -> None:
-    from ckpt_stage.sandbox import hf
+    from ckpt_stage.load import hf
 
     with run.timed("load"):
         try:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ckpt_stage.sandbox.safe_torch import forced_weights_only
+from ckpt_stage.load.safe_torch import forced_weights_only
 from ckpt_stage.scan import pt2 as grammar
 
 MAX_FILE_FORMAT_VERSION = 10
