@@ -80,19 +80,17 @@ class Checked:
 
 
 def _runtime_here() -> dict[str, str]:
+    """The runtime a report names when no worker ran. From package metadata, never by importing:
+    ``import torch`` costs seconds and the parent orchestrates without it (the wheel's metadata
+    version carries the build label too, ``2.13.0+cpu``, as the worker's ``torch.__version__``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": platform.python_version()}
-    try:
-        import torch
-
-        out["torch"] = torch.__version__  # as the worker reports it (build label included)
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        from importlib.metadata import version
-
-        out["mlflow"] = version("mlflow")
-    except Exception:  # noqa: BLE001
-        pass
+    for dist in ("torch", "mlflow"):
+        try:
+            out[dist] = version(dist)
+        except (PackageNotFoundError, ValueError):
+            pass
     return out
 
 
@@ -100,6 +98,19 @@ def run_worker(job: LoadJob, settings: Settings) -> LoadResult:
     from ckpt_stage.sandbox.runner import run_job
 
     return run_job(job, settings)
+
+
+def prewarm_worker(settings: Settings) -> None:
+    """Start the worker's fork server in the background while the download runs (it costs about a
+    second of imports); a no-op when ``run_worker`` was replaced (tests) or the server is up."""
+    if run_worker is not _REAL_RUN_WORKER:
+        return
+    from ckpt_stage.sandbox.runner import prewarm
+
+    prewarm(settings)
+
+
+_REAL_RUN_WORKER = run_worker
 
 
 def check_local(
@@ -110,6 +121,7 @@ def check_local(
     arch: str | None = None,
     arch_kwargs: dict | None = None,
     hashes: dict[str, str] | None = None,
+    stamps: dict[str, tuple[int, int, int, int]] | None = None,
     extra_findings: Sequence[Finding] = (),
 ) -> Checked:
     """Sizes from metadata, static scan, estimate, then (only if nothing blocking was found) the
@@ -128,8 +140,8 @@ def check_local(
         for rel in rels
     )
     findings = list(extra_findings) + list(scan.findings)  # RESOURCE_LIMIT over every class comes from the scan
-    readings = tuple(dataclasses.replace(scan.readings[f.path], sha256=f.sha256) for f in files
-                     if f.path in scan.readings)
+    readings = tuple(_pinned(scan.readings[f.path], f.sha256, f.path in hashes, (stamps or {}).get(f.path))
+                     for f in files if f.path in scan.readings)
     findings.extend(_changed_while_scanned(root, readings))
     limit = (settings.class_for(scan.estimated_bytes) or settings.largest_class).memory_bytes
     load: LoadResult | None = None
@@ -194,6 +206,21 @@ def _oversized(root: Path, rels: Sequence[str], settings: Settings,
     files = tuple(FileInfo(rel, sizes.get(rel, 0), "", FileFormat.UNKNOWN) for rel in rels)
     return Checked(files, tuple(findings), ScanResult(findings=tuple(findings)), None, {"scan": 0.0},
                    settings.largest_class.memory_bytes)
+
+
+def _pinned(reading: Reading, sha256: str, hashed_before: bool,
+            stamp: tuple[int, int, int, int] | None) -> Reading:
+    """The reading the worker obeys, with the digest of the scanned bytes.
+
+    The worker trusts the digest without hashing again when the file's stamp is still the scan's
+    (``loader._formats``). That holds only if the digest was made of the bytes the scan read: true
+    for a digest made here after the scan (``_changed_while_scanned`` proves nothing wrote in
+    between), and for the download's digest when the file's stamp right after the download equals
+    the scan's. Otherwise the stamp is cleared and the worker hashes the whole file again.
+    """
+    if hashed_before and (stamp is None or tuple(stamp) != tuple(reading.stamp)):
+        return dataclasses.replace(reading, sha256=sha256, stamp=(0, 0, 0, 0))
+    return dataclasses.replace(reading, sha256=sha256)
 
 
 def _changed_while_scanned(root: Path, readings: Sequence[Reading]) -> list[Finding]:
@@ -517,12 +544,14 @@ def validate_version(
     if state is None:
         return Outcome(None, skipped=f"{ref} is being validated by another worker (lease held)")
     attempt = state.attempt + 1
+    prewarm_worker(settings)
     workdir = settings.cache_dir / "versions" / f"{_safe(ref.name)}-v{_safe(ref.version)}-{uuid.uuid4().hex[:8]}"
     timings: dict[str, float] = {}
     checked: Checked | None = None
     findings: list[Finding] = []
     files: list[FileInfo] = []
     hashes: dict[str, str] = {}
+    stamps: dict[str, tuple[int, int, int, int]] = {}
     listed: dict[str, RemoteFile] = {}
     where: dict[str, Any] = {}
     try:
@@ -543,13 +572,14 @@ def validate_version(
                 where = {"uri": loc.uri, "bucket": loc.bucket, "prefix": loc.prefix,
                          "versioned": storage.bucket_versioned(loc.bucket)}
                 hashes = {lf.rel: lf.sha256 for lf in local}
+                stamps = {lf.rel: lf.stamp for lf in local}
                 files = [_with_origin(FileInfo(lf.rel, lf.size, lf.sha256), listed) for lf in local]
         except CkptStageError as exc:
             findings.append(_finding_from_error(exc))
         timings["download"] = time.perf_counter() - t
         if not findings:
             checked = check_local(workdir, sorted(hashes), settings, arch=arch, arch_kwargs=arch_kwargs,
-                                  hashes=hashes, extra_findings=tag_findings)
+                                  hashes=hashes, stamps=stamps, extra_findings=tag_findings)
             checked = dataclasses.replace(checked, files=tuple(_with_origin(f, listed) for f in checked.files))
             findings = list(checked.findings)
             timings.update(checked.timings_s)

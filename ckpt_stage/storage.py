@@ -97,6 +97,10 @@ class LocalFile:
     path: Path
     size: int
     sha256: str
+    stamp: tuple[int, int, int, int] = (0, 0, 0, 0)
+    """(inode, size, mtime_ns, ctime_ns) once the hashed bytes were in place (``reading.stamp_of``):
+    the scan's stamp equal to it proves the scan read the bytes ``sha256`` describes, so the worker
+    need not hash the file again (any later write or chmod moves ctime)."""
 
 
 def resolve_artifact_uri(uri: str, settings: Settings) -> S3Location:
@@ -411,6 +415,7 @@ class S3Storage:
         # Hash and write chunk N on a helper thread while chunk N+1 is read from the socket, so the
         # digest costs (almost) no wall time over the transfer itself.
         pending = None
+        tmp.unlink(missing_ok=True)  # a read-only leftover of a crash would refuse open("wb")
         try:
             with tmp.open("wb") as fh, ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as hasher:
                 for chunk in resp["Body"].iter_chunks(CHUNK):
@@ -436,8 +441,12 @@ class S3Storage:
                 f"{rf.rel}: sha256 {sha} differs from the SHA-256 S3 recorded at upload",
                 hint="the object was altered after upload; upload it again", file=rf.rel,
             )
+        # Read-only from here on: nothing of the stage writes a downloaded file again, and the stamp
+        # taken after the rename (which moves ctime itself) pins the bytes the digest covers.
+        os.chmod(tmp, 0o444)
         os.replace(tmp, target)
-        return LocalFile(rf.rel, target, size, sha)
+        st = os.stat(target)
+        return LocalFile(rf.rel, target, size, sha, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
     # -- upload (demo, tests, tools) -------------------------------------------------------------
     def upload_dir(self, src: Path, loc: S3Location) -> list[str]:
