@@ -185,14 +185,38 @@ def run_sizes(b: Bench, sizes: list[int], repeat: int, log) -> list[dict[str, An
     return rows
 
 
-def fixed_costs(b: Bench, repeat: int) -> tuple[float, float]:
+@contextlib.contextmanager
+def counting_http(calls: list[str]):
+    """Every HTTP request MLflow's client makes (it uses requests; boto3 does not), as "METHOD path"."""
+    import requests
+    from urllib.parse import urlparse
+
+    real = requests.Session.request
+
+    def request(self, method, url, *args, **kwargs):
+        calls.append(f"{method} {urlparse(url).path}")
+        return real(self, method, url, *args, **kwargs)
+
+    requests.Session.request = request  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        requests.Session.request = real  # type: ignore[method-assign]
+
+
+def fixed_costs(b: Bench, repeat: int, log) -> tuple[float, float, int]:
     folder = b.tmp / "bench-tiny"
     _, tags = make_checkpoint(folder, 64)
     prefix = b.upload("bench-tiny", folder)
     b.stage_inprocess(b.register("bench-tiny", prefix, tags))  # warms the fork server
+    calls: list[str] = []
+    ref = b.register("bench-tiny", prefix, tags)
+    with counting_http(calls):
+        b.stage_inprocess(ref)
+    log(json.dumps({"mlflow_requests_per_version": len(calls), "requests": calls}))
     inproc = [b.stage_inprocess(b.register("bench-tiny", prefix, tags)) for _ in range(max(3, repeat))]
     cli = [b.stage_cli(b.register("bench-tiny", prefix, tags))[0] for _ in range(max(3, repeat))]
-    return statistics.median(inproc), statistics.median(cli)
+    return statistics.median(inproc), statistics.median(cli), len(calls)
 
 
 def backlog(tmp: Path, n: int, concurrency: int | None, log) -> dict[str, Any]:
@@ -249,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["CKPT_STAGE_CACHE_DIR"] = str(tmp / "cache")
             try:
                 b = Bench(stack, tmp)
-                doc["fixed_cost_s"], doc["cli_fixed_cost_s"] = (round(x, 3) for x in fixed_costs(b, args.repeat))
+                fixed, cli, n_calls = fixed_costs(b, args.repeat, log)
+                doc["fixed_cost_s"], doc["cli_fixed_cost_s"] = round(fixed, 3), round(cli, 3)
+                doc["mlflow_requests_per_version"] = n_calls
                 log(json.dumps({"fixed_cost_s": doc["fixed_cost_s"], "cli_fixed_cost_s": doc["cli_fixed_cost_s"]}))
                 doc["results"] = run_sizes(b, sizes, args.repeat, log)
             finally:
