@@ -135,7 +135,8 @@ def validate(model: str, version: str, as_json: bool) -> None:
                 outcome = validate_one_safely(ref, settings=settings, progress=progress)
             if outcome.report is None:
                 raise CkptStageError(outcome.skipped, code=ReasonCode.INTERNAL_ERROR,
-                                     hint="wait for the lease to expire, or run `ckpt-stage rerun`")
+                                     hint=f"a decided version gets a new attempt with `ckpt-stage rerun --model "
+                                          f"{model} --version {version}`; a leased one is free when its lease ends")
             if as_json:
                 _emit_json(real, outcome.report.to_dict())
         if not as_json:
@@ -237,8 +238,17 @@ def sweep(as_json: bool) -> None:
         with _stdout_to_stderr() as real:
             # Promoted versions first: one whose files changed since its verdict loses the alias before
             # anything else happens in this sweep.
-            rechecked = integrity.recheck_promoted(settings=settings, on_result=_recheck_line(as_json))
-            outcomes = pipeline.sweep(settings=settings, on_result=_line_per_version(as_json))
+            try:
+                rechecked = integrity.recheck_promoted(settings=settings, on_result=_recheck_line(as_json))
+                outcomes = pipeline.sweep(settings=settings, on_result=_line_per_version(as_json))
+            except CkptStageError as exc:
+                # Even when the versions cannot be listed (MLflow down), --json prints its one document.
+                if as_json:
+                    _emit_json(real, {"results": [], "count": 0, "errors": 1,
+                                      "error": {"code": exc.code.value, "message": exc.message, "hint": exc.hint}})
+                    logging.getLogger("ckpt_stage").error("sweep: %s", exc.message)
+                    return EXIT_ERROR
+                raise
             code = _batch_summary(outcomes, as_json, real, integrity=_recheck_doc(rechecked))
         if any(r.outcome == "error" for r in rechecked):
             code = EXIT_ERROR
@@ -404,7 +414,7 @@ def rerun(model: str | None, version: str | None, status: str | None, reason: st
             for i, ref in enumerate(refs, 1):
                 with _progress_bar(as_json, f"[{i}/{len(refs)}] {ref}") as progress:
                     outcome = pipeline.validate_one_safely(ref, settings=settings, registry=registry, force=True,
-                                                           progress=progress)
+                                                           progress=progress, batch=len(refs) > 1)
                 line(ref, outcome)
                 outcomes.append(outcome)
             code = _batch_summary(outcomes, as_json, real)

@@ -20,9 +20,12 @@ PREFIX = "CKPT_STAGE_"
 
 DEFAULT_ARCH_MODULES = ("torch.nn",)
 #: ``python_function.loader_module`` values whose ``_load_pyfunc`` a serving host may run: only the
-#: stock loader of the one flavor the stage validates (``mlflow.pyfunc.load_model`` imports it).
-DEFAULT_LOADER_MODULES = ("mlflow.pytorch",)
+#: stock loaders of the flavors the stage validates (``mlflow.pyfunc.load_model`` imports them):
+#: ``mlflow.transformers`` loads the save_pretrained folder the worker checks, without trust_remote_code
+#: (a config with auto_map is refused by the scanner).
+DEFAULT_LOADER_MODULES = ("mlflow.pytorch", "mlflow.transformers")
 MIN_SWEEP_INTERVAL_S = 5.0
+MIN_LEASE_S = 3.0
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10, "m": 10**6, "mb": 10**6,
@@ -184,13 +187,25 @@ class Settings:
     worker_classes: tuple[WorkerClass, ...] = (WorkerClass("small", 4 * 2**30), WorkerClass("large", 16 * 2**30))
     """Size classes, smallest first (``CKPT_STAGE_WORKER_CLASSES``): pools ``ckpt_stage_<name>``, Celery
     queues ``ckpt-<name>`` unless named."""
-    lease_s: float = 900.0
+    lease_s: float = 60.0
+    """How long a claim holds a version without news. A heartbeat renews it every third of it while the
+    attempt runs, so a live attempt keeps its version however long it takes, and a killed one's versions
+    are free again within ``lease_s`` (plus the next sweep's interval)."""
     sweep_interval_s: float = 300.0
     """How often ``ckpt_stage_validate`` sweeps for versions without a verdict (at least 5 s)."""
     owner: str = ""
     s3_attempts: int = 5
     s3_deadline_s: float = 120.0
     s3_max_concurrency: int = 8
+    s3_connect_timeout_s: float = 5.0
+    s3_read_timeout_s: float = 30.0
+    """Socket timeouts of one S3 call; each attempt also gets no more than what is left of ``s3_deadline_s``."""
+    mlflow_max_retries: int = 3
+    mlflow_backoff_factor: int = 1
+    mlflow_timeout_s: int = 30
+    """Defaults for MLflow's own HTTP client retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR,
+    _TIMEOUT), applied only where the operator did not set those variables. The stage never adds its
+    own retry loop on top of the client's."""
     artifacts_destination: str = ""
     max_archive_entries: int = 100_000
     max_compression_ratio: float = 200.0
@@ -243,12 +258,17 @@ class Settings:
             worker_cpu_s=_float(env, "WORKER_CPU_S", d.worker_cpu_s),
             worker_cgroup=env.get(PREFIX + "WORKER_CGROUP", ""),
             worker_classes=parse_worker_classes(classes_raw) if classes_raw else d.worker_classes,
-            lease_s=_float(env, "LEASE_S", d.lease_s),
+            lease_s=max(MIN_LEASE_S, _float(env, "LEASE_S", d.lease_s)),
             sweep_interval_s=max(MIN_SWEEP_INTERVAL_S, _float(env, "SWEEP_INTERVAL_S", d.sweep_interval_s)),
             owner=env.get(PREFIX + "OWNER", ""),
             s3_attempts=max(1, _int(env, "S3_ATTEMPTS", d.s3_attempts)),
             s3_deadline_s=_float(env, "S3_DEADLINE_S", d.s3_deadline_s),
             s3_max_concurrency=max(1, _int(env, "S3_MAX_CONCURRENCY", d.s3_max_concurrency)),
+            s3_connect_timeout_s=_float(env, "S3_CONNECT_TIMEOUT_S", d.s3_connect_timeout_s) or d.s3_connect_timeout_s,
+            s3_read_timeout_s=_float(env, "S3_READ_TIMEOUT_S", d.s3_read_timeout_s) or d.s3_read_timeout_s,
+            mlflow_max_retries=_int(env, "MLFLOW_MAX_RETRIES", d.mlflow_max_retries),
+            mlflow_backoff_factor=_int(env, "MLFLOW_BACKOFF_FACTOR", d.mlflow_backoff_factor),
+            mlflow_timeout_s=max(1, _int(env, "MLFLOW_TIMEOUT_S", d.mlflow_timeout_s)),
             artifacts_destination=env.get(PREFIX + "ARTIFACTS_DESTINATION", ""),
             max_archive_entries=_int(env, "MAX_ARCHIVE_ENTRIES", d.max_archive_entries),
             max_compression_ratio=_float(env, "MAX_COMPRESSION_RATIO", d.max_compression_ratio),

@@ -61,6 +61,11 @@ class RegistryUnavailable(TransientError):
     code = ReasonCode.REGISTRY_UNAVAILABLE
 
 
+class RegistryConflict(RegistryUnavailable):
+    """Two writers raced on one row (MLflow on PostgreSQL answers 400 "duplicate key value violates unique
+    constraint" when two first writes of the same tag meet). The same write succeeds a moment later."""
+
+
 class RegistryError(PermanentError):
     """The registry answered, but not as expected (unknown model or version, bad tags)."""
 
@@ -81,3 +86,13 @@ class ObjectChanged(StorageUnavailable):
     """An object changed (or vanished) between listing and download: the listing is stale, so the whole
     version is listed and downloaded again; never a verdict on a mix of old and new bytes. Retrying the
     same request cannot help (it asks for the listed ETag or VersionId), only a fresh listing can."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """The one retryability decision: storage, registry, the pipeline and the DAG glue all ask this.
+
+    Only the stage's ``TransientError`` is retried; anything else (a ``PermanentError``, or an exception
+    that was never classified, which is a bug) is not. Adapters classify library exceptions into the
+    taxonomy at their edge (``storage.classify``, ``registry.translate``) before anyone asks.
+    """
+    return isinstance(exc, TransientError)

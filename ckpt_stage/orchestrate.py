@@ -269,9 +269,9 @@ def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings | No
     ``owner`` names the lease holder; the task passes one that is the same on each of its retries, so a
     retry takes over the lease its failed try left behind instead of waiting for it to expire.
 
-    Raises ``ValidationFailed`` (see ``judge``), or the stage's ``TransientError`` when even the error
-    verdict could not be recorded (MLflow down): both mean "retry" to the task wrapper, except a
-    ``ValidationFailed`` with ``retry=False``.
+    Raises ``ValidationFailed`` (see ``judge``): "retry" to the task wrapper unless ``retry=False``. A
+    verdict that could not be recorded (MLflow or S3 down while recording) is an ``error`` outcome with
+    that infrastructure code, so it is retried like any other transient failure.
     """
     from ckpt_stage.pipeline import validate_version
     from ckpt_stage.registry import LEASE_OWNER, Registry
@@ -365,8 +365,9 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
             # A multiplier in Airflow 3.3 (delay * 2.0 ** (try - 1)): True would mean 1.0, a constant delay.
             retry_exponential_backoff=2.0,
             max_retry_delay=dt.timedelta(minutes=10),
-            # No longer than the lease: past it, the next sweep may start a second attempt beside this one.
-            execution_timeout=dt.timedelta(seconds=settings.lease_s),
+            # The attempt renews its lease while it runs (heartbeat), so the task's limit is the attempt's
+            # own budget: downloads (each bounded by the S3 deadline), the worker's timeout, recording.
+            execution_timeout=dt.timedelta(seconds=settings.worker_timeout_s + 2 * settings.s3_deadline_s + 300),
             map_index_template="{{ task.op_kwargs['ref']['name'] }} v{{ task.op_kwargs['ref']['version'] }}",
             doc_md=f"Validates the versions of worker class **{wc.name}** (≤ {wc.memory_bytes / 2**30:.1f} GiB) "
                    f"in pool `{wc.pool}`, queue `{wc.queue}`.",

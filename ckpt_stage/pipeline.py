@@ -36,14 +36,13 @@ from ckpt_stage.errors import (
     CkptStageError,
     ConfigError,
     ObjectChanged,
-    StorageUnavailable,
-    UsageError,
-    PermanentError,
     RegistryUnavailable,
     StorageMisconfigured,
+    StorageUnavailable,
+    UsageError,
 )
 from ckpt_stage.policy import decide, summarize
-from ckpt_stage.registry import ARCH, ARCH_KWARGS, Registry, VersionState, default_owner
+from ckpt_stage.registry import ARCH, ARCH_KWARGS, LEASE_OWNER, Registry, VersionState, default_owner, now_utc
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
 from ckpt_stage.scan import ScanResult, scan_version
 from ckpt_stage.scan.estimate import oversized_files
@@ -504,6 +503,8 @@ class Outcome:
     run_id: str | None = None
     skipped: str = ""
     """Why nothing was done (another owner holds the lease), when ``report`` is None."""
+    recorded: bool = True
+    """False when the verdict could not be written to MLflow (the report says why; the version stays eligible)."""
 
 
 def _arch_from_tags(state: VersionState) -> tuple[str | None, dict, list[Finding]]:
@@ -529,10 +530,13 @@ def validate_version(
 ) -> Outcome:
     """Validate one registered version end to end and record the verdict in MLflow.
 
-    Raises ``TransientError`` only when the verdict could not even be recorded (the registry kept
-    failing): the caller (an Airflow task) should retry. Every other failure is recorded as a verdict.
-    ``origin`` says who ran the attempt (``{"airflow": {dag_id, run_id, task_id, map_index, try_number}}``);
-    it goes into the report and the attempt's run tags.
+    Never raises for an infrastructure failure: every exception is classified once (the error taxonomy)
+    and ends in the outcome. A verdict that could not be recorded becomes an ``error`` outcome with the
+    infrastructure code that stopped it (``recorded`` False), and the version is left eligible: ``error``
+    when that much could still be written, else ``validating`` under a lease that runs out within
+    ``lease_s``. Only bad input (an unknown version: ``UsageError``; a broken setting: ``ConfigError``)
+    raises. ``origin`` says who ran the attempt (``{"airflow": {dag_id, run_id, task_id, map_index,
+    try_number}}``); it goes into the report and the attempt's run tags.
     """
     settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
@@ -540,10 +544,14 @@ def validate_version(
     owner = owner or settings.owner or default_owner()
     t0 = time.perf_counter()
 
-    state = registry.claim(ref, owner, force=force)
-    if state is None:
-        return Outcome(None, skipped=f"{ref} is being validated by another worker (lease held)")
-    attempt = state.attempt + 1
+    try:
+        state = registry.claim(ref, owner, force=force)
+        if state is None:
+            return Outcome(None, skipped=f"{ref} needs no claim: decided meanwhile, or another worker holds the lease")
+    except (UsageError, ConfigError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified below; the claim wrote nothing that strands the version
+        return _unrecorded(ref, exc, attempt=0, what="claiming the version")
     prewarm_worker(settings)
     workdir = settings.cache_dir / "versions" / f"{_safe(ref.name)}-v{_safe(ref.version)}-{uuid.uuid4().hex[:8]}"
     timings: dict[str, float] = {}
@@ -554,62 +562,106 @@ def validate_version(
     stamps: dict[str, tuple[int, int, int, int]] = {}
     listed: dict[str, RemoteFile] = {}
     where: dict[str, Any] = {}
-    try:
-        arch, arch_kwargs, tag_findings = _arch_from_tags(state)
-        t = time.perf_counter()
+    with registry.heartbeat(ref, owner):
         try:
-            loc = resolve_artifact_uri(registry.download_uri(ref), settings)
-            remote = storage.list_files(loc)
-            # Sizes from the listing first: a file too big for every worker is never downloaded.
-            too_big = _oversized(workdir, [f.rel for f in remote], settings, {f.rel: f.size for f in remote})
-            if too_big is not None:
-                checked = too_big
-                files = list(too_big.files)
-                findings.extend(too_big.findings)
-            else:
-                remote, local = fetch_listed(storage, loc, workdir, progress=progress, listing=remote)
-                listed = {rf.rel: rf for rf in remote}
-                where = {"uri": loc.uri, "bucket": loc.bucket, "prefix": loc.prefix,
-                         "versioned": storage.bucket_versioned(loc.bucket)}
-                hashes = {lf.rel: lf.sha256 for lf in local}
-                stamps = {lf.rel: lf.stamp for lf in local}
-                files = [_with_origin(FileInfo(lf.rel, lf.size, lf.sha256), listed) for lf in local]
-        except CkptStageError as exc:
+            arch, arch_kwargs, tag_findings = _arch_from_tags(state)
+            t = time.perf_counter()
+            try:
+                loc = resolve_artifact_uri(registry.download_uri(ref), settings)
+                remote = storage.list_files(loc)
+                # Sizes from the listing first: a file too big for every worker is never downloaded.
+                too_big = _oversized(workdir, [f.rel for f in remote], settings, {f.rel: f.size for f in remote})
+                if too_big is not None:
+                    checked = too_big
+                    files = list(too_big.files)
+                    findings.extend(too_big.findings)
+                else:
+                    remote, local = fetch_listed(storage, loc, workdir, progress=progress, listing=remote)
+                    listed = {rf.rel: rf for rf in remote}
+                    where = {"uri": loc.uri, "bucket": loc.bucket, "prefix": loc.prefix,
+                             "versioned": storage.bucket_versioned(loc.bucket)}
+                    hashes = {lf.rel: lf.sha256 for lf in local}
+                    stamps = {lf.rel: lf.stamp for lf in local}
+                    files = [_with_origin(FileInfo(lf.rel, lf.size, lf.sha256), listed) for lf in local]
+            except CkptStageError as exc:
+                findings.append(_finding_from_error(exc))
+            timings["download"] = time.perf_counter() - t
+            if not findings:
+                checked = check_local(workdir, sorted(hashes), settings, arch=arch, arch_kwargs=arch_kwargs,
+                                      hashes=hashes, stamps=stamps, extra_findings=tag_findings)
+                checked = dataclasses.replace(checked, files=tuple(_with_origin(f, listed) for f in checked.files))
+                findings = list(checked.findings)
+                timings.update(checked.timings_s)
+                findings.extend(_drift(registry, ref, checked))
+        except (RegistryUnavailable, StorageMisconfigured, StorageUnavailable) as exc:
             findings.append(_finding_from_error(exc))
-        timings["download"] = time.perf_counter() - t
-        if not findings:
-            checked = check_local(workdir, sorted(hashes), settings, arch=arch, arch_kwargs=arch_kwargs,
-                                  hashes=hashes, stamps=stamps, extra_findings=tag_findings)
-            checked = dataclasses.replace(checked, files=tuple(_with_origin(f, listed) for f in checked.files))
-            findings = list(checked.findings)
-            timings.update(checked.timings_s)
-            findings.extend(_drift(registry, ref, checked))
-    except (RegistryUnavailable, StorageMisconfigured) as exc:
-        findings.append(_finding_from_error(exc))
-    except Exception as exc:  # noqa: BLE001 - always end with a recorded verdict
-        log.exception("validating %s failed", ref)
-        findings.append(_internal(exc))
-    finally:
-        if not settings.keep_cache:
-            shutil.rmtree(workdir, ignore_errors=True)
+        except Exception as exc:  # noqa: BLE001 - always end with a recorded verdict
+            log.exception("validating %s failed", ref)
+            findings.append(_internal(exc))
+        finally:
+            if not settings.keep_cache:
+                shutil.rmtree(workdir, ignore_errors=True)
 
     decision = decide(findings, settings)
-    timings["total"] = time.perf_counter() - t0
-    report = build_report(checked, decision, model=ref, attempt=attempt, findings=findings, timings=timings,
-                          files=files)
-    if origin:
-        report = report.replace(extra={**report.extra, **origin})
-    if where:
-        # Where the manifest's keys live: the promoted-version re-check lists exactly this location.
-        report = report.replace(extra={**report.extra, "storage": where})
-    digest = version_digest([(f.path, f.sha256) for f in report.files])
+    attempt = 0
     try:
-        run_id = registry.record(report, decision, digest=digest)
-    except PermanentError as exc:  # a TransientError propagates as it is: the caller retries
-        log.error("recording the verdict of %s failed: %s", ref, exc)
-        registry.record_error_status(ref, f"recording the verdict failed: {exc}")
+        # Re-read before recording: a rival that took the lease over (a lost race between claims, or a
+        # lease that ran out while this attempt was cut off from MLflow) records its own complete verdict;
+        # this attempt then records nothing. The attempt number is taken now, from every recorded run, so
+        # overlapping attempts do not share one.
+        now = registry.get(ref)
+        rival = now.tags.get(LEASE_OWNER, "")
+        if rival not in ("", owner) and (now.lease_until or now_utc()) > now_utc():
+            log.warning("%s: %s took the lease over while this attempt ran; leaving the verdict to it", ref, rival)
+            return Outcome(None, skipped=f"{ref}: another worker ({rival}) took the lease over; its verdict stands")
+        attempt = registry.next_attempt(ref, now)
+        timings["total"] = time.perf_counter() - t0
+        report = build_report(checked, decision, model=ref, attempt=attempt, findings=findings, timings=timings,
+                              files=files)
+        if origin:
+            report = report.replace(extra={**report.extra, **origin})
+        if where:
+            # Where the manifest's keys live: the promoted-version re-check lists exactly this location.
+            report = report.replace(extra={**report.extra, "storage": where})
+        digest = version_digest([(f.path, f.sha256) for f in report.files])
+        run_id = registry.record(report, decision, digest=digest, owner=owner)
+    except (UsageError, ConfigError):
         raise
+    except Exception as exc:  # noqa: BLE001 - classified; the version must stay eligible, never half-recorded
+        log.error("recording the verdict of %s failed: %s", ref, exc)
+        outcome = _unrecorded(ref, exc, attempt=attempt, what=f"recording the {decision.verdict.value} verdict")
+        try:
+            registry.record_error_status(ref, outcome.report.summary if outcome.report else str(exc), owner=owner)
+        except Exception as again:  # noqa: BLE001 - the lease runs out and the version is eligible again
+            log.error("%s: could not even record status error (%s); its lease expires within %.0f s", ref, again,
+                      settings.lease_s)
+        return outcome
     return Outcome(report, run_id)
+
+
+def _classified(exc: BaseException) -> CkptStageError:
+    """Any exception → the stage's taxonomy (the adapters classify their libraries' errors at their edge;
+    what reaches here unclassified is a bug: INTERNAL_ERROR)."""
+    if isinstance(exc, CkptStageError):
+        return exc
+    from ckpt_stage.storage import classify, is_storage_error
+
+    if is_storage_error(exc):
+        err = classify(exc, what="S3")
+        if isinstance(err, CkptStageError):
+            return err
+    return CkptStageError(f"the stage failed: {type(exc).__name__}: {exc}", code=ReasonCode.INTERNAL_ERROR,
+                          hint="this is a bug in ckpt-stage; the version stays eligible for a re-run")
+
+
+def _unrecorded(ref: VersionRef, exc: BaseException, *, attempt: int, what: str) -> Outcome:
+    """An ``error`` outcome for a version whose verdict could not be recorded."""
+    err = _classified(exc)
+    finding = Finding(err.code, f"{what} failed: {err.message}",
+                      err.hint or "the version stays eligible: the next sweep or a re-run picks it up again")
+    decision = decide([finding])
+    report = build_report(None, decision, model=ref, attempt=attempt, findings=[finding], timings={})
+    return Outcome(report, recorded=False)
 
 
 # A version whose objects keep changing while it is downloaded is being written to: give up after a few
@@ -680,32 +732,50 @@ def sweep(
     registry: Registry | None = None,
     storage: S3Storage | None = None,
     on_result: Callable[[VersionRef, Outcome], None] | None = None,
+    owner: str | None = None,
 ) -> list[Outcome]:
+    """Validate every version that needs a verdict, then repair the aliases (``Registry.reconcile``).
+
+    One version's failure never ends the sweep: each one's outcome is classified on its own. Only the
+    initial listing can fail the whole sweep (MLflow unreachable), as the stage's ``TransientError``.
+    """
     settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
     storage = storage or S3Storage(settings)
+    owner = owner or settings.owner or default_owner()
+    listing = list(registry.iter_versions())
+    at = now_utc()
+    todo = sorted((v for v in listing if v.needs_validation(at)),
+                  key=lambda v: (v.ref.name, int(v.ref.version) if v.ref.version.isdigit() else 0))
     outcomes = []
-    for state in registry.sweepable():
-        outcome = validate_one_safely(state.ref, settings=settings, registry=registry, storage=storage)
+    touched: set[str] = set()
+    for state in todo:
+        outcome = validate_one_safely(state.ref, settings=settings, registry=registry, storage=storage, owner=owner,
+                                      batch=True)
+        if outcome.report is not None:
+            touched.add(state.ref.name)
         if on_result:
             on_result(state.ref, outcome)
         outcomes.append(outcome)
+    registry.reconcile(listing, touched=touched)
     return outcomes
 
 
-def validate_one_safely(ref: VersionRef, **kwargs) -> Outcome:
-    """``validate_version`` for callers that want a report in any case: a registry outage becomes an
-    ``error`` report (attempt 0: nothing could be recorded). Bad input (an unknown version, a broken
-    setting) still raises, for the caller to report as such."""
+def validate_one_safely(ref: VersionRef, *, batch: bool = False, **kwargs) -> Outcome:
+    """``validate_version`` for callers that want an outcome in any case. Bad input (an unknown version, a
+    broken setting) still raises for the caller to report as such, except in a ``batch`` (a sweep, a
+    re-run of many), where it becomes that version's outcome and the batch goes on."""
     try:
         return validate_version(ref, **kwargs)
-    except (UsageError, ConfigError):
-        raise
-    except CkptStageError as exc:
-        finding = _finding_from_error(exc)
-        decision = decide([finding])
-        report = build_report(None, decision, model=ref, attempt=0, findings=[finding], timings={})
-        return Outcome(report)
+    except UsageError as exc:
+        if not batch:
+            raise
+        return Outcome(None, skipped=f"{ref}: {exc.message}")
+    except Exception as exc:  # noqa: BLE001 - a ConfigError, or a bug: this version's outcome, not the batch's
+        if not batch and isinstance(exc, ConfigError):
+            raise
+        log.exception("validating %s failed outside the pipeline's own handling", ref)
+        return _unrecorded(ref, exc, attempt=0, what="validating the version")
 
 
 def _safe(text: str) -> str:

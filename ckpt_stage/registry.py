@@ -19,15 +19,16 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import Decision, Report, Status, Verdict, VersionRef
-from ckpt_stage.errors import RegistryError, RegistryUnavailable, UsageError
+from ckpt_stage.errors import CkptStageError, RegistryConflict, RegistryError, RegistryUnavailable, UsageError
 
 # The client prints "🏃 View run … at: …" on stdout when a run ends; stdout belongs to --json.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -39,9 +40,37 @@ STATUS, REASONS, SUMMARY, ATTEMPT = TAG + "status", TAG + "reasons", TAG + "summ
 VALIDATED_AT, RUN_ID, SHA256 = TAG + "validated_at", TAG + "run_id", TAG + "sha256"
 MANIFEST_SHA256 = TAG + "manifest_sha256"
 LEASE_OWNER, LEASE_UNTIL = TAG + "lease_owner", TAG + "lease_until"
+ATTEMPT_ID = TAG + "attempt_id"  # run tag: which attempt made the run (idempotent run creation)
 ARCH, ARCH_KWARGS = TAG + "arch", TAG + "arch_kwargs"
 
 PAGE = 200
+
+# Statuses that are a verdict: a claim that finds one of them recorded meanwhile gives up.
+_DECIDED = (Status.PROMOTED, Status.QUARANTINED)
+
+# MLflow's client reads these per request; the stage sets defaults from its settings (see configure_client).
+_CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "mlflow_max_retries",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "mlflow_backoff_factor",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "mlflow_timeout_s",
+}
+
+
+def configure_client(settings: Settings, env: Any = None) -> dict[str, str]:
+    """Give MLflow's own HTTP retries the stage's defaults, without overriding what the operator set.
+
+    MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) are made for riding out minutes of
+    rate limiting; under a flaky connection each reset then waits out the backoff, and a hung server
+    holds a call for two minutes. The client is the only retry loop around MLflow calls (the stage adds
+    none, see DESIGN.md), so its budget is the stage's: a few quick retries, a bounded timeout.
+    Returns what it set.
+    """
+    env = os.environ if env is None else env
+    out = {}
+    for var, attr in _CLIENT_ENV.items():
+        if not env.get(var):
+            env[var] = out[var] = str(int(getattr(settings, attr)))
+    return out
 
 
 def now_utc() -> dt.datetime:
@@ -110,18 +139,37 @@ class VersionState:
         return status is Status.VALIDATING and not self.lease_active(at)
 
 
+_CONFLICT_MARKERS = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry",
+                     "could not serialize access", "deadlock detected")
+
+
 @contextlib.contextmanager
 def translate(what: str) -> Iterator[None]:
-    """MLflow/requests exceptions → the stage's errors (after the client's own retries)."""
+    """Whatever a registry call raises → the stage's errors, classified once (after the client's own retries).
+
+    MLflow's artifact calls (``report.json``) go to S3 through MLflow's artifact repository: their boto3 /
+    botocore errors are S3's and are classified by the storage adapter as ``STORAGE_*``, never as MLflow.
+    """
     from mlflow.exceptions import MlflowException, RestException
+
+    from ckpt_stage.storage import classify as classify_storage, is_storage_error
 
     try:
         yield
+    except CkptStageError:
+        raise
     except MlflowException as exc:
         code = getattr(exc, "error_code", "") or ""
         text = str(exc)
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and is_storage_error(cause):
+            raise classify_storage(cause, what=what) from exc
         if code == "RESOURCE_DOES_NOT_EXIST":
             raise UsageError(f"{what}: {text}") from exc
+        if any(marker in text for marker in _CONFLICT_MARKERS):
+            # Two first writes of one tag at once: PostgreSQL refuses the second insert (MLflow merges rows
+            # with a read-then-insert). The same write succeeds a moment later.
+            raise RegistryConflict(f"{what}: a concurrent write to the same row: {text[:300]}") from exc
         if code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") and (
             not isinstance(exc, RestException) or "API request" in text or code != "INTERNAL_ERROR"
             or "Max retries" in text
@@ -130,8 +178,14 @@ def translate(what: str) -> Iterator[None]:
         if "API request to" in text or "Max retries exceeded" in text or "Connection" in text:
             raise RegistryUnavailable(f"{what}: MLflow kept failing: {text[:500]}") from exc
         raise RegistryError(f"{what}: {text[:500]}") from exc
-    except OSError as exc:  # requests' ConnectionError derives from OSError
-        raise RegistryUnavailable(f"{what}: cannot reach MLflow: {exc}") from exc
+    except Exception as exc:
+        if is_storage_error(exc):
+            raise classify_storage(exc, what=what) from exc
+        import requests
+
+        if isinstance(exc, OSError | requests.RequestException):  # requests' ConnectionError is an OSError
+            raise RegistryUnavailable(f"{what}: cannot reach MLflow: {exc}") from exc
+        raise
 
 
 def _state(mv: Any) -> VersionState:
@@ -153,6 +207,7 @@ class Registry:
         self._client = client
         self._tracking_uri = tracking_uri
         self._experiment_id: str | None = None
+        configure_client(settings)
 
     @property
     def client(self) -> Any:
@@ -196,9 +251,15 @@ class Registry:
             if not token:
                 return
 
-    def sweepable(self) -> list[VersionState]:
+    def sweepable(self, *, repair: bool = True) -> list[VersionState]:
+        """The versions a sweep validates, in order. From the same listing, ``repair`` first reconciles every
+        model's alias (``reconcile``), so each sweep (the CLI's and the DAG's ``discover``) repairs
+        what an earlier one left half-done."""
         at = now_utc()
-        out = [v for v in self.iter_versions() if v.needs_validation(at)]
+        listing = list(self.iter_versions())
+        if repair:
+            self.reconcile(listing)
+        out = [v for v in listing if v.needs_validation(at)]
         return sorted(out, key=lambda v: (v.ref.name, int(v.ref.version) if v.ref.version.isdigit() else 0))
 
     def promoted(self, *, model: str | None = None) -> list[VersionState]:
@@ -219,25 +280,92 @@ class Registry:
 
     # -- claiming ------------------------------------------------------------------------------
     def claim(self, ref: VersionRef, owner: str, *, force: bool = False) -> VersionState | None:
-        """Take the lease. Returns the state after the claim, or None when another owner holds it.
+        """Take the lease. Returns the state before the claim, or None when the claim lost.
 
-        Best effort (MLflow tags have no compare-and-set): write owner and deadline, re-read, and back
-        off if another owner's write landed last.
+        MLflow tags have no compare-and-set, so a claim is a read, a write of the lease, and a re-read:
+        - it reads first and writes nothing unless the version still needs a verdict (or ``force``), or
+          holds a lease of this same owner (an Airflow task's retry), or of nobody live;
+        - it writes only the lease tags, re-reads, and loses when another owner's lease landed last or a
+          verdict was recorded meanwhile (its own lease tags are then removed again);
+        - only a claim that won writes ``status=validating`` (not over ``promoted``: a re-checked live
+          version keeps its status, and the alias, until its new verdict is recorded).
+        A backend conflict on a tag write (two first writes of one tag at once) is retried here: MLflow's
+        client does not retry a 400, so this is not a second retry loop over the client's.
         """
+        started = time.monotonic()
         state = self.get(ref)
-        if not force and state.lease_active() and state.tags.get(LEASE_OWNER) not in ("", owner):
-            log.info("%s is being validated by %s until %s; backing off", ref,
-                     state.tags.get(LEASE_OWNER), state.tags.get(LEASE_UNTIL))
-            return None
+        held_by = state.tags.get(LEASE_OWNER, "")
+        if not force:
+            if state.lease_active() and held_by not in ("", owner):
+                log.info("%s is being validated by %s until %s; backing off", ref, held_by,
+                         state.tags.get(LEASE_UNTIL))
+                return None
+            if not state.needs_validation() and not (state.status is Status.VALIDATING and held_by == owner):
+                log.info("%s already has status %s; nothing to claim", ref, state.status)
+                return None
         until = now_utc() + dt.timedelta(seconds=self.settings.lease_s)
-        self._set_tags(ref, {LEASE_OWNER: owner, LEASE_UNTIL: iso(until)})
-        self._set_tags(ref, {STATUS: Status.VALIDATING.value})
-        time.sleep(0.05)  # let a racing claimer's write land before the re-read
+        # The owner tag goes last: it is the ticket, and the last one written wins.
+        self._write_retrying_conflicts(ref, {LEASE_UNTIL: iso(until), LEASE_OWNER: owner})
+        # A rival that read before our ticket landed writes its own at most its read-to-write time later;
+        # under the same load that is about ours, so wait that long (twice, at least 0.25 s) before the
+        # re-read: then a rival's later ticket is seen here and this claim gives way.
+        time.sleep(max(0.25, 2 * (time.monotonic() - started)))
         again = self.get(ref)
         if again.tags.get(LEASE_OWNER) != owner:
             log.info("%s: lost the claim to %s", ref, again.tags.get(LEASE_OWNER))
+            return None  # the winner's lease overwrote ours: nothing of this claim is left
+        if not force and again.status != state.status and again.status in _DECIDED:
+            log.info("%s got the verdict %s meanwhile; giving the claim back", ref, again.status)
+            self._clear_lease(ref, owner=owner)
             return None
+        if state.status is not Status.PROMOTED:
+            self._write_retrying_conflicts(ref, {STATUS: Status.VALIDATING.value})
         return state
+
+    def next_attempt(self, ref: VersionRef, state: VersionState) -> int:
+        """One more than any attempt seen: the version's tag or any recorded run (one whose tags never
+        landed, e.g. ``report.json`` failed to upload), so an attempt number is never used twice."""
+        seen = [state.attempt]
+        for run in self.attempts(ref):
+            with contextlib.suppress(ValueError):
+                seen.append(int(run["tags"].get(ATTEMPT, "0") or 0))
+        return max(seen) + 1
+
+    @contextlib.contextmanager
+    def heartbeat(self, ref: VersionRef, owner: str) -> Iterator[None]:
+        """Renew the lease every third of ``lease_s`` while the body runs, so a short lease suffices for a
+        long attempt and a killed sweep's versions are free within ``lease_s``. Renewal failures are
+        logged, never raised: the attempt goes on and its recording is idempotent."""
+        stop = threading.Event()
+        period = max(0.5, self.settings.lease_s / 3)
+
+        def beat() -> None:
+            while not stop.wait(period):
+                until = iso(now_utc() + dt.timedelta(seconds=self.settings.lease_s))
+                try:
+                    with translate(f"renewing the lease of {ref}"):
+                        self.client.set_model_version_tag(ref.name, ref.version, LEASE_UNTIL, until)
+                except Exception as exc:  # noqa: BLE001 - a missed beat only shortens the lease
+                    log.warning("renewing the lease of %s failed: %s", ref, exc)
+
+        thread = threading.Thread(target=beat, name=f"ckpt-lease-{ref.name}-{ref.version}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=max(5.0, self.settings.mlflow_timeout_s))
+
+    def _write_retrying_conflicts(self, ref: VersionRef, tags: dict[str, str], tries: int = 4) -> None:
+        for i in range(tries):
+            try:
+                self._set_tags(ref, tags)
+                return
+            except RegistryConflict as exc:
+                if i == tries - 1:
+                    raise
+                log.info("%s; writing again", exc)
+                time.sleep(0.1 * (2**i))
 
     # -- recording -----------------------------------------------------------------------------
     def experiment_id(self) -> str:
@@ -257,17 +385,25 @@ class Registry:
                     self._experiment_id = exp.experiment_id
         return self._experiment_id
 
-    def log_attempt(self, report: Report) -> str:
-        """One MLflow run per attempt with ``report.json`` and metrics; returns its run id."""
+    def log_attempt(self, report: Report, *, attempt_id: str | None = None) -> str:
+        """One MLflow run per attempt with ``report.json`` and metrics, finished; returns its run id.
+
+        Idempotent: the run carries ``ckpt_stage.attempt_id``; it is looked up again after a lost answer,
+        and a second run that the client's own retry of ``runs/create`` made (the first answer was lost,
+        the server had created it) is deleted. A run whose report could not be
+        stored is finished as FAILED, never left RUNNING.
+        """
         from mlflow.entities import Metric, Param, RunTag
 
         ref = report.model
         assert ref is not None
+        attempt_id = attempt_id or uuid.uuid4().hex
         data = report.to_dict()
         tags = {
             "ckpt_stage.model": ref.name, "ckpt_stage.version": ref.version,
             "ckpt_stage.verdict": report.verdict.value, "ckpt_stage.attempt": str(report.attempt),
             "ckpt_stage.reasons": ",".join(sorted({r.code.value for r in report.reasons if r.code})),
+            ATTEMPT_ID: attempt_id,
             "mlflow.runName": f"{ref.name}-v{ref.version}-attempt{report.attempt}",
         }
         # Who ran it (an Airflow task instance): the dashboard links the attempt to that task's log.
@@ -280,28 +416,72 @@ class Registry:
                     if isinstance(v, int | float)]
         metrics.append(Metric("bytes", float(sum(f.size for f in report.files)), ts, 0))
         params = [Param("model", ref.name), Param("version", ref.version)]
-        # No stdout redirect here (it would swap sys.stdout under other threads): the "View run" print
-        # is switched off by MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set when this module is imported.
-        with translate(f"recording the attempt of {ref}"):
-            run = self.client.create_run(self.experiment_id(), tags=tags)
-            run_id = run.info.run_id
-            self.client.log_batch(run_id, metrics=metrics, params=params,
-                                  tags=[RunTag("ckpt_stage.summary", report.summary[:500])])
-            with tempfile.TemporaryDirectory() as tmp:
+        what = f"recording the attempt of {ref}"
+        run_id = self._run_for_attempt(attempt_id, tags, what=what)
+        try:
+            # No stdout redirect here (it would swap sys.stdout under other threads): the "View run" print
+            # is switched off by MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set when this module is imported.
+            with translate(what):
+                self.client.log_batch(run_id, metrics=metrics, params=params,
+                                      tags=[RunTag("ckpt_stage.summary", report.summary[:500])])
+            with translate(f"uploading report.json of {ref}"), tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "report.json")
                 with open(path, "w") as fh:
                     json.dump(data, fh, indent=2, sort_keys=False)
                 self.client.log_artifact(run_id, path)
+        except Exception:
+            self._finish_run(run_id, "FAILED")
+            raise
+        with translate(what):
             self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
-    def record(self, report: Report, decision: Decision, *, digest: str) -> str:
-        """Write the verdict of one attempt, in the contract's order. Returns the run id."""
+    def _runs_with_attempt_id(self, attempt_id: str) -> list[Any]:
+        flt = f"tags.`{ATTEMPT_ID}` = '{_quote(attempt_id)}'"
+        with translate("looking up an attempt's run"):
+            runs = self.client.search_runs([self.experiment_id()], filter_string=flt,
+                                           order_by=["attributes.start_time ASC"], max_results=10)
+        return list(runs)
+
+    def _run_for_attempt(self, attempt_id: str, tags: dict[str, str], *, what: str) -> str:
+        try:
+            with translate(what):
+                run_id = str(self.client.create_run(self.experiment_id(), tags=tags).info.run_id)
+        except RegistryUnavailable:
+            found = self._runs_with_attempt_id(attempt_id)  # the server may have created it: find it again
+            if not found:
+                raise
+            run_id = str(found[0].info.run_id)
+        for extra in self._runs_with_attempt_id(attempt_id):
+            if extra.info.run_id != run_id:
+                log.info("deleting run %s: a duplicate of attempt %s (a retried runs/create)", extra.info.run_id,
+                         attempt_id)
+                with contextlib.suppress(Exception), translate("deleting a duplicate run"):
+                    self.client.delete_run(extra.info.run_id)
+        return run_id
+
+    def _finish_run(self, run_id: str, status: str) -> None:
+        try:
+            with translate(f"finishing run {run_id}"):
+                self.client.set_terminated(run_id, status)
+        except Exception as exc:  # noqa: BLE001 - the original failure is the one to report
+            log.warning("could not finish run %s as %s: %s", run_id, status, exc)
+
+    def record(self, report: Report, decision: Decision, *, digest: str, attempt_id: str | None = None,
+               owner: str | None = None) -> str:
+        """Write the verdict of one attempt, in the contract's order. Returns the run id.
+
+        The run (finished, with ``report.json``) comes before any version tag; ``status`` is written
+        last. A failure before the status leaves the version as it was (``validating`` with a lease that
+        runs out, or ``error``): eligible again. On a pass the status is ``promoted`` before the alias
+        moves; if only the alias move fails, the lease tags stay as the marker that ``reconcile`` uses to
+        find and repair the version (the alias never points at a version that is not promoted).
+        """
         from ckpt_stage.storage import manifest_digest  # the digests' one home; no S3 client is made
 
         ref = report.model
         assert ref is not None
-        run_id = self.log_attempt(report)
+        run_id = self.log_attempt(report, attempt_id=attempt_id)
         codes = ",".join(c.value for c in decision.codes)
         self._set_tags(ref, {
             REASONS: codes,
@@ -315,13 +495,17 @@ class Registry:
         })
         if decision.verdict is Verdict.PASS:
             self._set_tags(ref, {STATUS: Status.PROMOTED.value})
-            self.sync_alias(ref.name)
+            try:
+                self.sync_alias(ref.name)
+            except CkptStageError as exc:
+                log.warning("%s is promoted but the alias did not move (%s); the next sweep repairs it", ref, exc)
+                return run_id
         elif decision.verdict is Verdict.QUARANTINE:
             self.sync_alias(ref.name, excluding=ref.version)
             self._set_tags(ref, {STATUS: Status.QUARANTINED.value})
         else:
             self._set_tags(ref, {STATUS: Status.ERROR.value})
-        self._clear_lease(ref)
+        self._clear_lease(ref, owner=owner)  # a rival's live lease stays: its attempt records after this one
         return run_id
 
     def quarantine_promoted(self, ref: VersionRef, *, codes: str, summary: str, expect_run_id: str) -> bool:
@@ -343,11 +527,14 @@ class Registry:
         self._set_tags(ref, {STATUS: Status.QUARANTINED.value})
         return True
 
-    def record_error_status(self, ref: VersionRef, summary: str) -> None:
-        """Last resort when a full record failed: leave the version eligible for a re-run."""
+    def record_error_status(self, ref: VersionRef, summary: str, *, owner: str | None = None) -> None:
+        """Last resort when a full record failed: leave the version eligible for a re-run, and never
+        holding the alias (a forced re-check of a promoted version may have got half-way)."""
         self._set_tags(ref, {SUMMARY: summary[:500], VALIDATED_AT: iso(now_utc())})
         self._set_tags(ref, {STATUS: Status.ERROR.value})
-        self._clear_lease(ref)
+        with contextlib.suppress(CkptStageError):
+            self.sync_alias(ref.name)
+        self._clear_lease(ref, owner=owner)
 
     def sync_alias(self, model: str, *, excluding: str | None = None) -> str | None:
         """Point the alias at the highest promoted version (never ``excluding``); remove it if none."""
@@ -365,7 +552,49 @@ class Registry:
                 self.client.set_registered_model_alias(model, self.settings.alias, target)
         return target
 
-    def _clear_lease(self, ref: VersionRef) -> None:
+    def reconcile(self, states: Iterable[VersionState], *, touched: Iterable[str] = ()) -> dict[str, str | None]:
+        """Repair each model's alias against the rule "highest-numbered version whose status is promoted".
+
+        ``states`` is a listing the caller already has (the sweep's); models in ``touched`` (validated by
+        this sweep), models whose alias holder is wrong in the listing, and models with a promoted version
+        that still carries lease tags (its alias move failed) are synced; those lease tags are removed once
+        the alias is right. Returns ``{model: alias target}`` for the models it synced.
+        """
+        by_model: dict[str, list[VersionState]] = {}
+        for st in states:
+            by_model.setdefault(st.ref.name, []).append(st)
+        wanted = set(touched)
+        leftovers: list[VersionRef] = []
+        for model, versions in by_model.items():
+            promoted = [int(v.ref.version) for v in versions if v.status is Status.PROMOTED and v.ref.version.isdigit()]
+            target = str(max(promoted)) if promoted else None
+            holders = [v.ref.version for v in versions if self.settings.alias in v.aliases]
+            if holders != ([target] if target else []):
+                wanted.add(model)
+            stale = [v.ref for v in versions if v.status is Status.PROMOTED and (LEASE_OWNER in v.tags or LEASE_UNTIL in v.tags)]
+            if stale:
+                wanted.add(model)
+                leftovers.extend(stale)
+        out: dict[str, str | None] = {}
+        for model in sorted(wanted):
+            try:
+                out[model] = self.sync_alias(model)
+            except CkptStageError as exc:
+                log.warning("could not repair the alias of %s: %s (the next sweep tries again)", model, exc)
+                continue
+            for ref in leftovers:
+                if ref.name == model:
+                    with contextlib.suppress(CkptStageError):
+                        self._clear_lease(ref)
+        return out
+
+    def _clear_lease(self, ref: VersionRef, *, owner: str | None = None) -> None:
+        """Remove the lease tags (only if ``owner`` still holds them, when given). Never raises for a tag
+        that is already gone."""
+        if owner is not None:
+            with contextlib.suppress(CkptStageError):
+                if self.get(ref).tags.get(LEASE_OWNER) != owner:
+                    return
         with translate(f"clearing the lease of {ref}"):
             for key in (LEASE_OWNER, LEASE_UNTIL):
                 with contextlib.suppress(Exception):

@@ -24,14 +24,13 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import boto3
+import boto3.exceptions
 import botocore.exceptions
 from botocore.config import Config
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
+    retry_if_exception,
     wait_random_exponential,
 )
 
@@ -43,13 +42,20 @@ from ckpt_stage.errors import (
     ObjectChanged,
     StorageMisconfigured,
     StorageUnavailable,
-    TransientError,
+    is_retryable,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHUNK = 8 * 2**20
+
+# Socket timeouts a client can have (seconds): one client per step, chosen to fit the time left.
+_TIMEOUT_STEPS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+# Everything boto3, botocore and urllib3 raise for a failed call; ``classify`` sorts them.
+_BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+                boto3.exceptions.Boto3Error, ConnectionError, TimeoutError)
 
 # S3 error codes that mean "try again" although some arrive with a 4xx status.
 _TRANSIENT_CODES = {
@@ -130,6 +136,12 @@ def resolve_artifact_uri(uri: str, settings: Settings) -> S3Location:
     )
 
 
+def is_storage_error(exc: BaseException) -> bool:
+    """An exception raised by boto3/botocore (also inside another library, such as MLflow's S3 artifact repository)."""
+    return isinstance(exc, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError
+                      | boto3.exceptions.Boto3Error)
+
+
 def classify(exc: BaseException, *, what: str) -> Exception:
     """botocore/urllib3 exception → TransientError or PermanentError naming ``what``."""
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -163,6 +175,14 @@ def classify(exc: BaseException, *, what: str) -> Exception:
         return StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}")
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, boto3.exceptions.S3UploadFailedError | boto3.exceptions.S3TransferFailedError):
+        # boto3's transfer manager flattens the botocore error into text ("An error occurred (AccessDenied)…").
+        text = str(exc)
+        if any(f"({code})" in text for code in _MISCONFIGURED_CODES):
+            return StorageMisconfigured(f"{what}: {text}", hint="check the S3 credentials, endpoint and bucket policy")
+        return StorageUnavailable(f"{what}: {type(exc).__name__}: {text}")
+    if isinstance(exc, boto3.exceptions.Boto3Error):
+        return StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}")
     return exc  # type: ignore[return-value]
 
 
@@ -172,35 +192,71 @@ class S3Storage:
     def __init__(self, settings: Settings, *, client: Any = None, sleep: Callable[[float], None] = time.sleep):
         self.settings = settings
         self._sleep = sleep
-        self._client = client
+        self._injected = client
+        self._clients: dict[float, Any] = {}
+        self._session = boto3.session.Session()
         self._lock = threading.Lock()
         self._versioned: dict[str, bool] = {}
 
     @property
     def client(self) -> Any:
+        """The client with the full per-call timeouts (uploads, tools)."""
+        return self._client_for(None)
+
+    def _client_for(self, remaining: float | None) -> Any:
+        """A client whose socket timeouts fit in ``remaining`` seconds (None: the configured ones).
+
+        botocore fixes timeouts when a client is built, so there is one client per timeout step (a few
+        at most), built on first use. A call in flight can then never outlive the operation's deadline:
+        a black-holed S3 costs ``s3_deadline_s``, not the deadline plus a whole read timeout.
+        """
+        if self._injected is not None:
+            return self._injected
+        read = self.settings.s3_read_timeout_s
+        if remaining is not None:
+            fitting = [t for t in _TIMEOUT_STEPS if t <= min(read, remaining)]
+            read = fitting[-1] if fitting else _TIMEOUT_STEPS[0]
+        connect = min(self.settings.s3_connect_timeout_s, read)
         with self._lock:
-            if self._client is None:
+            client = self._clients.get(read)
+            if client is None:
                 endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
                 cfg = Config(
                     retries={"total_max_attempts": 1, "mode": "standard"},  # tenacity retries; never both
-                    connect_timeout=10,
-                    read_timeout=60,
+                    connect_timeout=connect,
+                    read_timeout=read,
                     max_pool_connections=max(10, self.settings.s3_max_concurrency * 2),
                     s3={"addressing_style": "path"} if endpoint else None,
                 )
-                self._client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
-            return self._client
+                client = self._clients[read] = self._session.client("s3", endpoint_url=endpoint, config=cfg)
+            return client
 
     # -- retries -------------------------------------------------------------------------------
-    def _retry(self, fn: Callable[[], T], *, what: str) -> T:
+    def _retry(self, fn: Callable[[Any, float], T], *, what: str) -> T:
+        """Call ``fn(client, deadline)`` until it succeeds, a permanent error, the attempt count or the deadline.
+
+        The deadline (``s3_deadline_s`` from the first try, on the monotonic clock) bounds the whole
+        operation: no retry starts after it, the backoff never sleeps past it, and each attempt's client
+        has socket timeouts no longer than what is left (``_client_for``); ``fn`` checks it between chunks.
+        """
+        deadline = time.monotonic() + self.settings.s3_deadline_s
+
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             log.warning("%s failed (attempt %d), retrying: %s", what, state.attempt_number, exc)
 
+        def stop(state: RetryCallState) -> bool:
+            return state.attempt_number >= self.settings.s3_attempts or time.monotonic() >= deadline - 0.5
+
+        backoff = wait_random_exponential(multiplier=0.5, max=10)
+
+        def wait(state: RetryCallState) -> float:
+            return max(0.0, min(backoff(state), deadline - time.monotonic() - 1.0))
+
         retrying = Retrying(
-            retry=retry_if_exception_type(TransientError),
-            stop=stop_after_attempt(self.settings.s3_attempts) | stop_after_delay(self.settings.s3_deadline_s),
-            wait=wait_random_exponential(multiplier=0.5, max=10),
+            retry=retry_if_exception(is_retryable),
+            stop=stop,
+            wait=wait,
             sleep=self._sleep,
             before_sleep=before_sleep,
             reraise=True,
@@ -208,9 +264,8 @@ class S3Storage:
 
         def call() -> T:
             try:
-                return fn()
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ConnectionError,
-                    TimeoutError) as exc:
+                return fn(self._client_for(deadline - time.monotonic()), deadline)
+            except _BOTO_ERRORS as exc:
                 raise classify(exc, what=what) from exc
 
         return retrying(call)
@@ -219,14 +274,14 @@ class S3Storage:
     def list_files(self, loc: S3Location) -> list[RemoteFile]:
         prefix = loc.prefix.rstrip("/") + "/" if loc.prefix else ""
 
-        def version_pages() -> list[RemoteFile]:
-            return self._list_current_versions(loc.bucket, prefix)
+        def version_pages(client: Any, deadline: float) -> list[RemoteFile]:
+            return self._list_current_versions(client, loc.bucket, prefix)
 
-        def pages() -> list[RemoteFile]:
+        def pages(client: Any, deadline: float) -> list[RemoteFile]:
             out: list[RemoteFile] = []
             kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
             while True:
-                resp = self.client.list_objects_v2(**kwargs)
+                resp = client.list_objects_v2(**kwargs)
                 for obj in resp.get("Contents", []):
                     key = obj["Key"]
                     if key.endswith("/"):
@@ -275,7 +330,7 @@ class S3Storage:
         if known is not None:
             return known
         try:
-            resp = self._retry(lambda: self.client.get_bucket_versioning(Bucket=bucket),
+            resp = self._retry(lambda client, _: client.get_bucket_versioning(Bucket=bucket),
                                what=f"reading the versioning of s3://{bucket}")
             versioned = resp.get("Status") in ("Enabled", "Suspended")
         except StorageMisconfigured as exc:
@@ -285,12 +340,12 @@ class S3Storage:
             self._versioned[bucket] = versioned
         return versioned
 
-    def _list_current_versions(self, bucket: str, prefix: str) -> list[RemoteFile]:
+    def _list_current_versions(self, client: Any, bucket: str, prefix: str) -> list[RemoteFile]:
         """The current version of every object under ``prefix`` (no delete markers, no older versions)."""
         out: list[RemoteFile] = []
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         while True:
-            resp = self.client.list_object_versions(**kwargs)
+            resp = client.list_object_versions(**kwargs)
             for obj in resp.get("Versions", []):
                 key = obj["Key"]
                 if not obj.get("IsLatest") or key.endswith("/"):
@@ -305,7 +360,8 @@ class S3Storage:
 
     def _head_or_none(self, bucket: str, key: str) -> dict | None:
         try:
-            return self._retry(lambda: self.client.head_object(Bucket=bucket, Key=key), what=f"s3://{bucket}/{key}")
+            return self._retry(lambda client, _: client.head_object(Bucket=bucket, Key=key),
+                               what=f"s3://{bucket}/{key}")
         except ArtifactMissing:
             return None
 
@@ -335,38 +391,43 @@ class S3Storage:
     def _download_verified(
         self, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None
     ) -> LocalFile:
-        local = self._fetch_listed(bucket, rf, dest, progress)
-        problem = self._integrity_problem(rf, local)
-        if problem:
-            log.warning("%s; downloading it again once", problem)
-            local = self._fetch_listed(bucket, rf, dest, progress)
-            problem = self._integrity_problem(rf, local)
-            if problem:
-                raise IntegrityMismatch(
-                    problem + " (also after a fresh re-download)",
-                    hint="the upload was truncated or altered; upload the file again and register a new version",
-                    file=rf.rel,
-                )
-        return local
+        """Download until the file matches S3's record, within the retry budget.
 
-    def _fetch_listed(
-        self, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None
-    ) -> LocalFile:
-        """One download with retries on transient faults, except ObjectChanged: asking again for the
-        listed ETag or VersionId cannot succeed, so it goes straight up for the caller to list again."""
+        A mismatch (size against the listing, or a full-object checksum S3 keeps) is a transport fault
+        until proven otherwise: a body cut short behind a proxy that fixes up Content-Length looks
+        complete. Only two complete downloads that agree with each other (same size and sha256) and both
+        disagree with S3's record are ``INTEGRITY_MISMATCH``, a model-caused code; anything less, once the
+        retries are spent, is ``STORAGE_UNAVAILABLE`` and the version stays eligible.
+        """
+        seen: set[tuple[int, str]] = set()
 
-        def once() -> LocalFile | ObjectChanged:
+        def once(client: Any, deadline: float) -> LocalFile | ObjectChanged:
             try:
-                return self._download_once(bucket, rf, dest, progress)
+                local, problem = self._download_once(client, bucket, rf, dest, progress, deadline)
             except ObjectChanged as exc:
+                # Asking again for the listed ETag or VersionId cannot succeed: straight up, for the
+                # caller to list the version again.
                 return exc
+            if not problem:
+                return local
+            (dest / rf.rel).unlink(missing_ok=True)
+            key = (local.size, local.sha256)
+            if key in seen:
+                raise IntegrityMismatch(
+                    f"{problem}, and two complete downloads agree with each other (sha256 {local.sha256})",
+                    hint="the stored object is not what was uploaded; upload the file again and register a "
+                         "new version", file=rf.rel,
+                )
+            seen.add(key)
+            raise StorageUnavailable(f"{problem}; the download may have been cut short",
+                                     hint="S3 or the network between kept corrupting the transfer", file=rf.rel)
 
         result = self._retry(once, what=f"s3://{bucket}/{rf.key}")
         if isinstance(result, ObjectChanged):
             raise result
         return result
 
-    def _get_listed(self, bucket: str, rf: RemoteFile) -> dict[str, Any]:
+    def _get_listed(self, client: Any, bucket: str, rf: RemoteFile) -> dict[str, Any]:
         """GET exactly the object that was listed: by VersionId where the bucket has versioning,
         otherwise on condition that its ETag is still the listed one (If-Match; S3 answers 412
         PreconditionFailed when the object was overwritten since). A 404 for an object listed moments
@@ -377,7 +438,7 @@ class S3Storage:
         elif rf.etag:
             params["IfMatch"] = f'"{rf.etag}"'
         try:
-            return dict(self.client.get_object(**params))
+            return dict(client.get_object(**params))
         except botocore.exceptions.ClientError as exc:
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
@@ -392,21 +453,18 @@ class S3Storage:
                 ) from exc
             raise
 
-    @staticmethod
-    def _integrity_problem(rf: RemoteFile, local: LocalFile) -> str:
-        if local.size != rf.size:
-            return f"{rf.rel}: downloaded {local.size} bytes but S3 lists {rf.size}"
-        return ""
-
     def _download_once(
-        self, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None
-    ) -> LocalFile:
+        self, client: Any, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None,
+        deadline: float,
+    ) -> tuple[LocalFile, str]:
+        """One GET into ``*.incomplete``, hashed while written; returns the file and what is wrong with it."""
         target = dest / rf.rel
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".incomplete")
-        resp = self._get_listed(bucket, rf)
+        resp = self._get_listed(client, bucket, rf)
         digest = hashlib.sha256()
         size = 0
+        checksum_problem = ""
 
         def consume(chunk: bytes) -> None:
             digest.update(chunk)  # hashlib and file writes release the GIL on large buffers
@@ -418,43 +476,55 @@ class S3Storage:
         tmp.unlink(missing_ok=True)  # a read-only leftover of a crash would refuse open("wb")
         try:
             with tmp.open("wb") as fh, ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as hasher:
-                for chunk in resp["Body"].iter_chunks(CHUNK):
-                    if pending is not None:
-                        pending.result()
-                    pending = hasher.submit(consume, chunk)
-                    size += len(chunk)
-                    if progress:
-                        progress(len(chunk))
+                try:
+                    for chunk in resp["Body"].iter_chunks(CHUNK):
+                        if pending is not None:
+                            pending.result()
+                        pending = hasher.submit(consume, chunk)
+                        size += len(chunk)
+                        if progress:
+                            progress(len(chunk))
+                        if time.monotonic() > deadline:
+                            raise StorageUnavailable(
+                                f"{rf.rel}: download ran past the S3 deadline ({self.settings.s3_deadline_s:.0f} s) "
+                                f"after {size} of {rf.size} bytes",
+                                hint="raise CKPT_STAGE_S3_DEADLINE_S for very large files or a slow link")
+                except botocore.exceptions.FlexibleChecksumError as exc:
+                    # botocore compares the body with a full-object checksum S3 returned (CRC32, CRC64NVME,
+                    # SHA256, …; it skips composite "-N" ones) once the last byte is read: the body is whole.
+                    checksum_problem = f"{rf.rel}: {exc}"
                 if pending is not None:
                     pending.result()
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         sha = digest.hexdigest()
-        # Only a whole-object SHA-256 can be compared: multipart uploads carry COMPOSITE checksums
-        # (a checksum of part checksums), which would never match the file's own digest.
-        remote_sha = resp.get("ChecksumSHA256")
-        full_object = resp.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
-        if remote_sha and full_object and "-" not in remote_sha and base64.b64decode(remote_sha).hex() != sha:
-            tmp.unlink(missing_ok=True)
-            raise IntegrityMismatch(
-                f"{rf.rel}: sha256 {sha} differs from the SHA-256 S3 recorded at upload",
-                hint="the object was altered after upload; upload it again", file=rf.rel,
-            )
         # Read-only from here on: nothing of the stage writes a downloaded file again, and the stamp
         # taken after the rename (which moves ctime itself) pins the bytes the digest covers.
         os.chmod(tmp, 0o444)
         os.replace(tmp, target)
         st = os.stat(target)
-        return LocalFile(rf.rel, target, size, sha, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        local = LocalFile(rf.rel, target, size, sha, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        if size != rf.size:
+            return local, f"{rf.rel}: downloaded {size} bytes but S3 lists {rf.size}"
+        # Only a whole-object checksum can be compared: multipart uploads carry COMPOSITE checksums
+        # (a checksum of part checksums), which would never match the file's own digest (TRAPS.md).
+        full_object = resp.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+        if checksum_problem and full_object:
+            return local, checksum_problem
+        remote_sha = resp.get("ChecksumSHA256")
+        if remote_sha and full_object and "-" not in remote_sha and base64.b64decode(remote_sha).hex() != sha:
+            return local, f"{rf.rel}: sha256 {sha} differs from the SHA-256 S3 recorded at upload"
+        return local, ""
 
     # -- upload (demo, tests, tools) -------------------------------------------------------------
     def upload_dir(self, src: Path, loc: S3Location) -> list[str]:
         keys = []
         for path in sorted(p for p in src.rglob("*") if p.is_file()):
             key = str(PurePosixPath(loc.prefix, path.relative_to(src).as_posix()))
-            def upload(p: Path = path, k: str = key) -> None:
-                self.client.upload_file(str(p), loc.bucket, k)
+            def upload(client: Any, _: float, p: Path = path, k: str = key) -> None:
+                # A full-object CRC32 recorded at upload lets every download be checked against S3's record.
+                client.upload_file(str(p), loc.bucket, k, ExtraArgs={"ChecksumAlgorithm": "CRC32"})
 
             self._retry(upload, what=f"upload {key}")
             keys.append(key)

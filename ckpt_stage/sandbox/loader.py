@@ -315,7 +315,7 @@ def _check_files(run: _Run, files: list[tuple[str, FileFormat]]) -> None:
         if len(mlmodels) > 1:
             run.add(None, f"{len(mlmodels)} MLmodel files; validating {mlmodels[0]}", file=mlmodels[0],
                     severity=Severity.INFO, others=mlmodels[1:])
-        _check_mlflow(run, posixpath.dirname(mlmodels[0]))
+        _check_mlflow(run, posixpath.dirname(mlmodels[0]), files)
         return
     ckpts = [(rel, f) for rel, f in files if f in _CHECKPOINT_FORMATS]
     if not ckpts:
@@ -394,20 +394,72 @@ def _zip_version_problem(run: _Run, rel: str) -> bool:
 # bare checkpoints
 
 
-def _read_indexes(run: _Run, files: list[tuple[str, FileFormat]]) -> None:
-    """``*.index.json`` of sharded checkpoints: every shard its weight_map names (as the scan read the
-    index) must be present."""
+_INDEX_HINT = ("upload the shards and the index that one save_pretrained call wrote (the index must map every "
+               "tensor to the shard that holds it)")
+
+
+def _index_family(rel: str) -> frozenset[FileFormat]:
+    """Formats of the shards an index describes: ``model.safetensors.index.json`` → safetensors,
+    ``pytorch_model.bin.index.json`` → torch.save files."""
+    if rel.endswith(".safetensors.index.json"):
+        return frozenset({FileFormat.SAFETENSORS})
+    return frozenset({FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY})
+
+
+def _indexes(run: _Run, files: list[tuple[str, FileFormat]]) -> list[Reading]:
+    return [r for rel, _ in files if (r := run.readings.get(rel)) is not None and r.weight_map is not None]
+
+
+def _check_indexes(run: _Run, files: list[tuple[str, FileFormat]], loaded: dict[str, set[str]]) -> set[str]:
+    """``*.index.json`` of sharded checkpoints (as the scan read them) against the shards as loaded
+    (``loaded``: file → tensor names): every shard it names is present (ARTIFACT_MISSING), and the index
+    tells the truth (CORRUPT_ARCHIVE): each tensor in the shard it names, none named twice, no shard
+    beside it that it does not name. A serving host trusts the index to find each tensor
+    (``from_pretrained`` opens only the shard it names), so a lying index serves other weights than
+    the ones checked, or fails at load. Returns the shard files the indexes cover."""
     present = {rel for rel, _ in files}
-    for rel, _ in files:
-        r = run.readings.get(rel)
-        if r is None or r.shards is None:
-            continue
-        missing = [s for s in r.shards if s not in present]
+    covered: set[str] = set()
+    for r in _indexes(run, files):
+        rel = r.path
+        pairs = r.weight_map or ()
+        shards = sorted({f for _, f in pairs})
+        covered.update(shards)
+        missing = [s for s in shards if s not in present]
         if missing:
             run.add(ReasonCode.ARTIFACT_MISSING,
                     f"{rel} names {checks.count(len(missing), 'shard')} missing from the version: "
                     f"{checks.listing(missing)}", "upload every shard listed in the index", rel,
                     missing=missing)
+        problems: list[str] = []
+        seen: dict[str, list[str]] = {}
+        for tensor, shard in pairs:
+            seen.setdefault(tensor, []).append(shard)
+        twice = sorted(t for t, where in seen.items() if len(where) > 1)
+        if twice:
+            problems.append(f"it maps {checks.count(len(twice), 'tensor')} more than once "
+                            f"({checks.listing(twice)})")
+        absent = [(t, s) for t, s in pairs if s in loaded and t not in loaded[s]]
+        if absent:
+            shown = checks.listing([f"{t} (in {posixpath.basename(s)})" for t, s in absent], 3)
+            problems.append(f"{checks.count(len(absent), 'tensor')} it maps to a shard that does not hold "
+                            f"{'it' if len(absent) == 1 else 'them'}: {shown}")
+        where = {t: set(s) for t, s in seen.items()}
+        for shard in shards:
+            extra = sorted(t for t in loaded.get(shard, ()) if shard not in where.get(t, ()))
+            if extra:
+                problems.append(f"{posixpath.basename(shard)} holds {checks.count(len(extra), 'tensor')} the index "
+                                f"does not map to it ({checks.listing(extra)})")
+        base = posixpath.dirname(rel)
+        family = _index_family(rel)
+        unnamed = sorted(f for f, fmt in files if posixpath.dirname(f) == base and fmt in family
+                         and f not in covered and not posixpath.basename(f).startswith(("model.", "pytorch_model.")))
+        if unnamed:
+            problems.append(f"{checks.count(len(unnamed), 'shard')} beside it {'is' if len(unnamed) == 1 else 'are'} "
+                            f"not named by it ({checks.listing(unnamed)})")
+        if problems:
+            run.add(ReasonCode.CORRUPT_ARCHIVE, f"{rel} does not describe its shards: " + "; ".join(problems),
+                    _INDEX_HINT, rel, kind="index-mismatch")
+    return covered
 
 
 def _load_safetensors(run: _Run, rel: str) -> dict[str, torch.Tensor] | None:
@@ -446,7 +498,8 @@ def _load_torch(run: _Run, rel: str, fmt: FileFormat) -> Any:
         return None
 
 
-def _merge(run: _Run, found: list[tuple[str, checks.Weights]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _merge(run: _Run, found: list[tuple[str, checks.Weights]],
+           indexed: set[str] | frozenset[str] = frozenset()) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Shards of one state_dict merge; a second copy of the same weights (``model.safetensors`` next to
     ``pytorch_model.bin``) is not merged, the first (safetensors sorts first) is used. Every copy is
     still finite-checked here (the merged state is checked by the caller): a serving host may load
@@ -463,7 +516,7 @@ def _merge(run: _Run, found: list[tuple[str, checks.Weights]]) -> tuple[dict[str
                     file=rel, severity=Severity.INFO)
             run.extend(checks.nonfinite(w.state, file=rel))
             continue
-        if overlap:
+        if overlap and not (rel in indexed and set(used) <= indexed):  # an index's shards: _check_indexes says it
             run.add(ReasonCode.ARCHITECTURE_MISMATCH,
                     f"{rel} and {checks.listing(used)} both define {len(overlap)} keys "
                     f"({checks.listing(sorted(overlap))}); the shards do not form one state_dict",
@@ -474,7 +527,6 @@ def _merge(run: _Run, found: list[tuple[str, checks.Weights]]) -> tuple[dict[str
 
 
 def _check_bare(run: _Run, ckpts: list[tuple[str, FileFormat]], files: list[tuple[str, FileFormat]]) -> None:
-    _read_indexes(run, files)
     order = {FileFormat.SAFETENSORS: 0, FileFormat.TORCH_ZIP: 1, FileFormat.TORCH_LEGACY: 2}
     found: list[tuple[str, checks.Weights]] = []
     without: list[tuple[str, checks.Weights]] = []
@@ -516,6 +568,7 @@ def _check_bare(run: _Run, ckpts: list[tuple[str, FileFormat]], files: list[tupl
                 run.add(None, f"{rel}: ignoring non-tensor entries {checks.listing(sorted(w.other_keys))}",
                         file=rel, severity=Severity.INFO)
 
+    indexed = _check_indexes(run, files, {rel: set(w.state or ()) for rel, w in found})
     for rel, ep, module in exported:
         _finish_module(run, module, dict(ep.state_dict), rel, kind="torch-export")
         _smoke_exported(run, ep, module, rel)
@@ -527,7 +580,7 @@ def _check_bare(run: _Run, ckpts: list[tuple[str, FileFormat]], files: list[tupl
         return
     for rel, w in without:
         run.add(None, f"{rel} {w.problem}; not needed for validation", file=rel, severity=Severity.INFO)
-    state, used = _merge(run, found)
+    state, used = _merge(run, found, indexed)
     file = used[0] if len(used) == 1 else None
     modules = [w.module for _, w in found if w.module is not None]
     if modules:
@@ -537,15 +590,111 @@ def _check_bare(run: _Run, ckpts: list[tuple[str, FileFormat]], files: list[tupl
     run.extend(checks.nonfinite(state, file=file))
     _record_layers(run, state)
     run.info["model_kind"] = "state_dict"
+    config = None if run.job.arch else _hf_config(run, files, used)
+    if config is not None:
+        if not run.blocked:  # a lying index or a missing shard: not a state_dict worth building
+            _check_hf(run, state, file, config)
+        return
     if not run.job.arch:
         run.add(ReasonCode.PARTIAL_CHECKPOINT,
-                f"{file or checks.listing(used)} holds a bare state_dict ({checks.count(len(state), 'tensor')}) "
-                "and no architecture was declared to load it into", checks.ARCH_TAG_HINT, file)
+                f"{_what_holds(run, files, used)} a bare state_dict ({checks.count(len(state), 'tensor')}) "
+                "and no architecture was declared to load it into (no config.json beside the weights, no "
+                "ckpt_stage.arch tag)", "save the model with save_pretrained (config.json next to the weights), "
+                "or " + checks.ARCH_TAG_HINT, file)
         return
     with run.timed("load"):
         model = _build_arch(run, state, file)
     if model is not None:
         _no_example(run, file, f"bare weights loaded into {run.job.arch} have no input example")
+
+
+def _what_holds(run: _Run, files: list[tuple[str, FileFormat]], used: list[str]) -> str:
+    """Subject of a sentence about the weights read from ``used``: "model.safetensors holds", "the 3
+    shards of model.safetensors.index.json hold", "a.pt and b.pt hold"."""
+    if len(used) == 1:
+        return f"{used[0]} holds"
+    for r in _indexes(run, files):
+        if set(used) <= set(r.shards or ()):
+            return f"the {len(used)} shards of {r.path} hold"
+    return f"the {len(used)} files {checks.listing(used)} hold"
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face folders (config.json beside the weights)
+
+
+def _hf_config(run: _Run, files: list[tuple[str, FileFormat]], used: list[str]) -> str | None:
+    """The ``config.json`` of the folder the weights were read from (None: not a Hugging Face folder)."""
+    folders = {posixpath.dirname(rel) for rel in used}
+    if len(folders) != 1:
+        return None
+    (folder,) = folders
+    rel = posixpath.join(folder, "config.json") if folder else "config.json"
+    return rel if any(f == rel for f, _ in files) else None
+
+
+def _check_hf(run: _Run, state: dict[str, torch.Tensor], file: str | None, config_rel: str) -> None:
+    from ckpt_stage.sandbox import hf
+
+    with run.timed("load"):
+        try:
+            built = hf.build(hf.read_config(run.path(config_rel), config_rel), config_rel)
+        except hf.HfError as exc:
+            run.add(exc.code, exc.message, exc.hint, config_rel, **exc.detail)
+            return
+        model, arch = built.model, built.arch
+        run.info["arch"] = arch
+        run.info["model_kind"] = "hf-folder"
+        run.runtime.setdefault("transformers", built.transformers_version)
+        tied = hf.tied_keys(model)
+        ignored = set(hf.ignored_unexpected(model, list(state)))
+        if ignored:
+            run.add(None, f"ignoring {checks.count(len(ignored), 'tensor')} {arch} no longer uses "
+                    f"({checks.listing(sorted(ignored))})", file=file, severity=Severity.INFO)
+        ckpt = {k: v for k, v in checks.metas(state).items() if k not in ignored}
+        wanted = {k: v for k, v in checks.metas(model.state_dict()).items() if k not in tied or k in ckpt}
+        found = checks.compare_state(ckpt, wanted, file=file or config_rel, arch=arch)
+        for f in found:  # the hint of compare_state speaks of ckpt_stage.arch_kwargs; here it is config.json
+            if f.code in (ReasonCode.SHAPE_MISMATCH, ReasonCode.ARCHITECTURE_MISMATCH):
+                f = Finding(f.code, f.message, f"{config_rel} does not describe these weights: upload the config.json "
+                            "that save_pretrained wrote with them", f.file, f.severity, f.detail)
+            run.extend(f)
+        if any(f.blocking for f in found):
+            return
+        try:
+            model.load_state_dict({k: v for k, v in state.items() if k not in ignored}, strict=False, assign=True)
+            left = hf.finish(model)
+        except Exception as exc:
+            run.add(ReasonCode.ARCHITECTURE_MISMATCH, f"{arch}.load_state_dict refused the weights: {_brief(exc)}",
+                    "upload the config.json that save_pretrained wrote with these weights", file or config_rel)
+            return
+        if left:
+            run.add(ReasonCode.ARCHITECTURE_MISMATCH,
+                    f"{checks.count(len(left), 'tensor')} of {arch} got no value from the checkpoint: "
+                    f"{checks.listing(left)}", "upload every shard and the config.json save_pretrained wrote",
+                    file or config_rel, missing=left[:50])
+            return
+        model.eval()
+    made = hf.synthetic_input(model, built.config)
+    if made is None:
+        _no_example(run, file or config_rel, f"the stage cannot make up an input for {arch} "
+                    f"(main input {getattr(model, 'main_input_name', '?')!r})")
+        return
+    kwargs, described = made
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            out = model(**kwargs)
+    except Exception as exc:
+        run.add(ReasonCode.SMOKE_INFERENCE_FAILED,
+                f"forward pass of {arch} on a synthetic input ({described}) raised {_brief(exc)}",
+                "the weights load but the model does not run on this runtime: check config.json and the "
+                "transformers version the model was saved with", file or config_rel, example="synthetic")
+        return
+    finally:
+        run.timings["inference"] += time.perf_counter() - t0
+    run.info["forward"] = f"synthetic {described}"
+    _check_smoke_output(run, out, file or config_rel, f"a synthetic input ({described})")
 
 
 def _record_layers(run: _Run, state: dict[str, torch.Tensor]) -> None:
@@ -757,7 +906,7 @@ def _check_smoke_output(run: _Run, out: Any, rel: str, example: str) -> None:
 # MLflow models
 
 
-def _check_mlflow(run: _Run, rel_dir: str) -> None:
+def _check_mlflow(run: _Run, rel_dir: str, files: list[tuple[str, FileFormat]]) -> None:
     root = run.path(rel_dir) if rel_dir else run.job.root
     mlmodel_rel = posixpath.join(rel_dir, "MLmodel") if rel_dir else "MLmodel"
     try:
@@ -768,7 +917,7 @@ def _check_mlflow(run: _Run, rel_dir: str) -> None:
     run.recorded.update(model.recorded)
     _compare_versions(run, model, mlmodel_rel)
     with mlflow_model.model_code_on_path(run.job.root, dict(run.job.model_code or {})) as code:
-        _check_mlflow_model(run, model, mlmodel_rel, tuple(code.modules))
+        _check_mlflow_model(run, model, mlmodel_rel, tuple(code.modules), files)
     if code.folders:
         run.info["model_code_ran"] = list(code.ran)
         if code.ran:
@@ -779,7 +928,12 @@ def _check_mlflow(run: _Run, rel_dir: str) -> None:
 
 
 def _check_mlflow_model(run: _Run, model: mlflow_model.MlflowModel, mlmodel_rel: str,
-                        code_modules: tuple[str, ...]) -> None:
+                        code_modules: tuple[str, ...], files: list[tuple[str, FileFormat]]) -> None:
+    flavors = model.mlmodel.get("flavors")
+    transformers_flavor = flavors.get("transformers") if isinstance(flavors, dict) else None
+    if model.pytorch is None and isinstance(transformers_flavor, dict):
+        _check_mlflow_transformers(run, model, transformers_flavor, mlmodel_rel, files)
+        return
     if model.pytorch is None:
         flavors = model.mlmodel.get("flavors")
         names = ", ".join(flavors) if isinstance(flavors, dict) else "none"
@@ -824,6 +978,45 @@ def _check_mlflow_model(run: _Run, model: mlflow_model.MlflowModel, mlmodel_rel:
         return
     _finish_module(run, module, state, rel, kind=kind)
     _smoke_mlflow(run, model, module, rel)
+
+
+def _check_mlflow_transformers(run: _Run, model: mlflow_model.MlflowModel, flavor: dict[str, Any], mlmodel_rel: str,
+                               files: list[tuple[str, FileFormat]]) -> None:
+    """``mlflow.transformers.log_model``: the pipeline's model is a save_pretrained folder under
+    ``flavors.transformers.model_binary`` (``model/``), its tokenizer and processors under ``components/``
+    (configs the scanner checked for auto_map). The folder is validated as a Hugging Face folder; the
+    forward pass uses a synthetic input (the pipeline's example is text, which needs the tokenizer)."""
+    binary = str(flavor.get("model_binary") or "model")
+    try:
+        model.inside(binary)
+    except mlflow_model.ModelDirError as exc:
+        run.add(ReasonCode.CORRUPT_ARCHIVE, exc.message, exc.hint, mlmodel_rel)
+        return
+    folder = model.relpath(posixpath.normpath(binary))
+    inside = [(rel, f) for rel, f in files if posixpath.dirname(rel) == folder]
+    ckpts = [(rel, f) for rel, f in inside if f in _CHECKPOINT_FORMATS]
+    recorded = flavor.get("transformers_version")
+    if isinstance(recorded, str) and recorded:
+        run.recorded.setdefault("transformers", recorded)
+        try:
+            from importlib.metadata import PackageNotFoundError, version
+
+            runtime = version("transformers")
+        except PackageNotFoundError:
+            runtime = None
+        run.extend(checks.compare_library("transformers", recorded, runtime, file=mlmodel_rel, newer_blocks=True,
+                                          source="MLmodel flavors.transformers.transformers_version"))
+    if not ckpts:
+        where = flavor.get("source_model_name") or flavor.get("source_model_revision")
+        ref = f" (it refers to {str(where)[:120]!r})" if where else ""
+        run.add(ReasonCode.ARTIFACT_MISSING,
+                f"the MLflow transformers model holds no weights under {folder}/{ref}: it was logged with "
+                "save_pretrained=False, or the folder was not uploaded",
+                "log the model with mlflow.transformers.log_model(..., save_pretrained=True) (the default), so the "
+                "weights the stage validates are the ones served", mlmodel_rel)
+        return
+    run.info["flavor"] = "transformers"
+    _check_bare(run, ckpts, inside)
 
 
 def _compare_versions(run: _Run, model: mlflow_model.MlflowModel, file: str) -> None:

@@ -163,6 +163,12 @@ def _server_env(pythonpath: list[str]) -> dict[str, str]:
     # one of those threads held would stay locked in every worker. One BLAS thread: no pool, and the
     # fork server is single-threaded as fork() wants (torch's own pools start lazily, at the first op).
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # transformers (Hugging Face folders, sandbox/hf.py) must never reach the Hub from the worker: no
+    # download, no telemetry, no cache writes. The worker has no network anyway (and seccomp refuses
+    # socket()); these make huggingface_hub not try, instead of failing or waiting on it.
+    # (isolation's allowlist keeps exactly these names; HF_TOKEN and the like never pass.)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     return env
 
 
@@ -840,7 +846,8 @@ def cross_check(job: LoadJob, result: LoadResult) -> list[Finding]:
     scanned, or lies about it. Either way it cannot pass."""
     tensors = (job.expected or {}).get("tensors")
     layers = result.info.get("layers")
-    if not tensors or not isinstance(layers, dict) or result.info.get("model_kind") != "state_dict":
+    # A Hugging Face folder is a state_dict too (its layers are the tensors read, before transformers ran).
+    if not tensors or not isinstance(layers, dict) or result.info.get("model_kind") not in ("state_dict", "hf-folder"):
         return []
     problems = []
     missing, extra = sorted(set(tensors) - set(layers)), sorted(set(layers) - set(tensors))

@@ -60,7 +60,7 @@ MAX_LISTED = 10
 PYTORCH_LOADER = "mlflow.pytorch"
 PICKLE_MODULE = "mlflow.pytorch.pickle_module"
 #: Flavors the stage validates: flavor name → the stock loader module of its pyfunc.
-SUPPORTED_FLAVORS = {"pytorch": PYTORCH_LOADER}
+SUPPORTED_FLAVORS = {"pytorch": PYTORCH_LOADER, "transformers": "mlflow.transformers"}
 #: Loader modules of a custom Python model (``mlflow.pyfunc.save_model(python_model=...)``).
 _CUSTOM_PYFUNC_LOADERS = ("mlflow.pyfunc.model", "mlflow.pyfunc.loaders")
 #: Classes of the serving runtime's MLflow that every cloudpickled PythonModel references (MLflow 3.17
@@ -244,6 +244,34 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
         _unsupported_flavor(mlmodel, names, None, out)
     if pytorch is not None or (pyfunc is not None and pyfunc.get("loader_module") == PYTORCH_LOADER):
         _check_pytorch(mdir, mlmodel, pyfunc, pytorch, here, root, out)
+    hf = flavors.get("transformers")
+    if pytorch is None and isinstance(hf, dict):
+        _check_transformers(mlmodel, hf, here, out)
+
+
+#: What save_pretrained writes as weights (single file, shards, their indexes).
+_HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def _check_transformers(mlmodel: str, flavor: dict[str, Any], here: set[str], out: CodeScan) -> None:
+    """mlflow.transformers keeps the save_pretrained folder under ``model_binary``; logged with
+    save_pretrained=False it holds none, and serving would download weights from the Hub at load time:
+    what is served is then not in the version, so it cannot be validated."""
+    folder = _rel_inside("", flavor.get("model_binary") or "model")
+    if folder is None:
+        out.add(ReasonCode.CORRUPT_ARCHIVE, f"{mlmodel}: flavors.transformers.model_binary is "
+                f"{_show(flavor.get('model_binary'))}, not a folder inside the model directory",
+                "re-log the model with mlflow.transformers.log_model", mlmodel)
+        return
+    if any(p.startswith(folder + "/") and p.endswith(_HF_WEIGHT_SUFFIXES) for p in here):
+        return
+    source = flavor.get("source_model_name")
+    ref = f" (it names {_show(source)} as its source)" if source else ""
+    out.add(ReasonCode.ARTIFACT_MISSING,
+            f"{mlmodel}: the transformers flavor holds no weights under {folder}/{ref}: logged with "
+            "save_pretrained=False (serving would fetch them from the Hugging Face Hub), or the folder was not "
+            "uploaded", "log the model with mlflow.transformers.log_model(..., save_pretrained=True) (the default), "
+            "so the weights the stage validates are the ones served", mlmodel)
 
 
 def _flavor_label(names: Sequence[str]) -> str:

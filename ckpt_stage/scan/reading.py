@@ -77,6 +77,10 @@ class Reading:
     """safetensors: offset of the data section (8 + header_len)."""
     shards: tuple[str, ...] | None = None
     """``*.index.json``: the shard files its ``weight_map`` names (relative to the version root)."""
+    weight_map: tuple[tuple[str, str], ...] | None = None
+    """``*.index.json``: its ``weight_map`` as (tensor, shard relative to the version root) pairs, in file
+    order and with repeated tensor names kept (a JSON object may name a key twice; ``json.loads`` would
+    keep only the last), so the worker checks the index the scan read against the shards it loads."""
     stamp: tuple[int, int, int, int] = (0, 0, 0, 0)
     """(inode, size, mtime_ns, ctime_ns) when the scan opened the file: the parent compares it after
     hashing, so the digest and the scan are known to have seen the same bytes (a write always moves
@@ -106,6 +110,8 @@ class Reading:
         data["version_records"] = {str(k): int(v) for k, v in (data.get("version_records") or {}).items()}
         if data.get("shards") is not None:
             data["shards"] = tuple(data["shards"])
+        if data.get("weight_map") is not None:
+            data["weight_map"] = tuple((str(t), str(f)) for t, f in data["weight_map"])
         data["stamp"] = tuple(data.get("stamp") or (0, 0, 0, 0))
         return cls(**data)
 
@@ -130,26 +136,41 @@ def reading_of(region: Region, rel: str, fmt: FileFormat, fs: FileScan, st: os.s
             if raw is not None and raw.strip().isdigit():
                 versions[rec] = int(raw.strip())
     header_len = fs.st_header_len if fmt is FileFormat.SAFETENSORS else None
+    pairs = _index_pairs(region, rel)
     return Reading(
         path=rel, format=fmt.value, size=region.size, container=fs.container, prefix=prefix, members=members, version_records=versions,
         header_len=header_len, data_start=8 + header_len if header_len is not None else None,
-        shards=_index_shards(region, rel), stamp=stamp_of(st),
+        shards=None if pairs is None else tuple(sorted({f for _, f in pairs})), weight_map=pairs,
+        stamp=stamp_of(st),
     )
 
 
-def _index_shards(region: Region, rel: str) -> tuple[str, ...] | None:
-    """Shards a Hugging Face ``*.index.json`` names, relative to the version root (None: not an index)."""
+class _PairsDict(dict):  # type: ignore[type-arg]
+    """A decoded JSON object that keeps its (key, value) pairs as written, repeated keys included."""
+
+    pairs: list[tuple[str, Any]]
+
+
+def _keep_pairs(items: list[tuple[str, Any]]) -> _PairsDict:
+    obj = _PairsDict(items)
+    obj.pairs = items
+    return obj
+
+
+def _index_pairs(region: Region, rel: str) -> tuple[tuple[str, str], ...] | None:
+    """The ``weight_map`` of a Hugging Face ``*.index.json`` as (tensor, shard) pairs, shards relative to
+    the version root (None: not an index)."""
     if not rel.endswith(".index.json") or region.size > MAX_INDEX_BYTES:
         return None
     try:
-        doc = json.loads(region.read(0, region.size).decode("utf-8"))
+        doc = json.loads(region.read(0, region.size).decode("utf-8"), object_pairs_hook=_keep_pairs)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wm, dict):
+    if not isinstance(wm, _PairsDict):
         return None
     base = posixpath.dirname(rel)
-    return tuple(sorted({posixpath.join(base, str(v)) for v in wm.values()}))
+    return tuple((str(k), posixpath.normpath(posixpath.join(base, str(v)))) for k, v in wm.pairs)
 
 
 def sha256_of(path: str | os.PathLike[str], chunk: int = 8 * 2**20) -> str:

@@ -77,7 +77,9 @@ def test_one_mapped_task_per_worker_class_with_its_pool_and_queue(dags, dag_id, 
     assert {tasks[t]["queue"] for t in (first, "plan", "batch_small", "batch_large")} == {"ckpt-small"}
     for t in (small, large):
         assert t["retries"] == 3 and t["backoff"] == 2.0
-        assert t["timeout_s"] == 600  # the lease
+        # The attempt renews its lease (heartbeat), so the limit is its own budget, not the lease:
+        # worker timeout + two S3 deadlines + 300 s for recording.
+        assert t["timeout_s"] == 300 + 2 * 120 + 300
 
 
 def test_rerun_form_is_json_schema(dags):

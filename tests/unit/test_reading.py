@@ -9,6 +9,8 @@ another member table.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import json
 import os
@@ -368,10 +370,20 @@ class _Registry:
     def claim(self, ref, owner, *, force=False):
         return VersionState(ref)
 
+    def get(self, ref):
+        return VersionState(ref)
+
+    def next_attempt(self, ref, state):
+        return 1
+
+    @contextlib.contextmanager
+    def heartbeat(self, ref, owner):
+        yield
+
     def download_uri(self, ref):
         return "s3://bucket/models/m/1"
 
-    def record(self, report, decision, *, digest):
+    def record(self, report, decision, *, digest, owner=None):
         self.recorded.append(report)
         return "run-1"
 

@@ -205,8 +205,9 @@ def test_module_allowed(module, allow, ok):
 def test_settings_from_env():
     s = Settings.from_env({"CKPT_STAGE_ALLOW_MODEL_CODE": "a, b.c", "CKPT_STAGE_ALLOW_LOADER_MODULES": "x.y"})
     assert s.allow_model_code == ("a", "b.c")
-    assert s.allow_loader_modules == ("mlflow.pytorch", "x.y")
-    assert Settings.from_env({}).allow_loader_modules == ("mlflow.pytorch",)
+    # mlflow.transformers is a default since the stage validates the transformers flavor.
+    assert s.allow_loader_modules == ("mlflow.pytorch", "mlflow.transformers", "x.y")
+    assert Settings.from_env({}).allow_loader_modules == ("mlflow.pytorch", "mlflow.transformers")
 
 
 @pytest.mark.parametrize("path", ["helper.py", "code/mypkg/net.py", "x.cpython-311-x86_64-linux-gnu.so", "m.pyc"])
