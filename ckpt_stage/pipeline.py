@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import stat
+import threading
 import time
 import traceback
 import uuid
@@ -747,18 +748,42 @@ def sweep(
     at = now_utc()
     todo = sorted((v for v in listing if v.needs_validation(at)),
                   key=lambda v: (v.ref.name, int(v.ref.version) if v.ref.version.isdigit() else 0))
-    outcomes = []
-    touched: set[str] = set()
-    for state in todo:
-        outcome = validate_one_safely(state.ref, settings=settings, registry=registry, storage=storage, owner=owner,
-                                      batch=True)
-        if outcome.report is not None:
-            touched.add(state.ref.name)
-        if on_result:
-            on_result(state.ref, outcome)
-        outcomes.append(outcome)
+    outcomes = run_many([s.ref for s in todo], settings=settings, registry=registry, storage=storage,
+                        owner=owner, on_result=on_result)
+    touched = {ref.name for ref, o in zip((s.ref for s in todo), outcomes, strict=True) if o.report is not None}
+    # Also repairs an alias that concurrent verdicts of one model left on a lower promoted version (each
+    # verdict moves the alias from its own search of the promoted versions; two can interleave).
     registry.reconcile(listing, touched=touched)
     return outcomes
+
+
+def run_many(
+    refs: Sequence[VersionRef],
+    *,
+    settings: Settings,
+    on_result: Callable[[VersionRef, Outcome], None] | None = None,
+    **kwargs: Any,
+) -> list[Outcome]:
+    """``validate_one_safely`` for each of ``refs``, ``settings.sweep_concurrency`` at a time, outcomes
+    in the order of ``refs``. The threads share the registry and storage clients (thread-safe) and the
+    one fork server (``runner.run_job`` is thread-safe); ``on_result`` is called under a lock, in the
+    order the verdicts come."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+
+    def one(ref: VersionRef) -> Outcome:
+        outcome = validate_one_safely(ref, settings=settings, batch=True, **kwargs)
+        if on_result:
+            with lock:
+                on_result(ref, outcome)
+        return outcome
+
+    workers = max(1, min(settings.sweep_concurrency, len(refs)))
+    if workers == 1:
+        return [one(ref) for ref in refs]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-sweep") as pool:
+        return list(pool.map(one, refs))
 
 
 def validate_one_safely(ref: VersionRef, *, batch: bool = False, **kwargs) -> Outcome:

@@ -1,0 +1,44 @@
+"""A sweep validates several versions at once (``CKPT_STAGE_SWEEP_CONCURRENCY``), in threads that
+share the clients and the one fork server; outcomes keep the order of the work list."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from ckpt_stage import pipeline
+from ckpt_stage.config import Settings
+from ckpt_stage.domain import VersionRef
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_run_many_keeps_order_and_bounds_concurrency(monkeypatch, concurrency):
+    lock = threading.Lock()
+    active, peak, seen = [0], [0], []
+
+    def fake(ref, *, settings, batch, **kwargs):
+        assert batch is True and kwargs == {"owner": "me"}
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05 if int(ref.version) % 2 else 0.01)  # finish out of order
+        with lock:
+            active[0] -= 1
+        return pipeline.Outcome(None, skipped=ref.version)
+
+    monkeypatch.setattr(pipeline, "validate_one_safely", fake)
+    refs = [VersionRef("m", str(i)) for i in range(1, 10)]
+    outcomes = pipeline.run_many(refs, settings=Settings(sweep_concurrency=concurrency), owner="me",
+                                 on_result=lambda ref, o: seen.append(ref.version))
+    assert [o.skipped for o in outcomes] == [r.version for r in refs]
+    assert sorted(seen, key=int) == [r.version for r in refs]
+    assert peak[0] == concurrency
+
+
+def test_sweep_concurrency_setting(monkeypatch):
+    monkeypatch.setenv("CKPT_STAGE_SWEEP_CONCURRENCY", "7")
+    assert Settings.from_env().sweep_concurrency == 7
+    monkeypatch.setenv("CKPT_STAGE_SWEEP_CONCURRENCY", "0")
+    assert Settings.from_env().sweep_concurrency == 1
