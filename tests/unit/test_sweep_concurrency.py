@@ -42,3 +42,37 @@ def test_sweep_concurrency_setting(monkeypatch):
     assert Settings.from_env().sweep_concurrency == 7
     monkeypatch.setenv("CKPT_STAGE_SWEEP_CONCURRENCY", "0")
     assert Settings.from_env().sweep_concurrency == 1
+
+
+class _ArtifactClient:
+    """Just the MLflow client call ``report_of`` makes, counting downloads."""
+
+    def __init__(self, reports):
+        self.reports, self.downloads = reports, 0
+
+    def download_artifacts(self, run_id, path, dst):
+        import json
+        import os
+
+        self.downloads += 1
+        if run_id not in self.reports:
+            raise OSError("no such artifact")
+        out = os.path.join(dst, path)
+        with open(out, "w") as fh:
+            json.dump(self.reports[run_id], fh)
+        return out
+
+
+def test_report_of_reads_each_run_once():
+    """An attempt's report.json never changes once written: a sweep reads the promoted version's
+    report (for drift) once, not once per validated version; a missing one is asked for again."""
+    from ckpt_stage.registry import Registry
+
+    client = _ArtifactClient({"r1": {"verdict": "pass", "model_info": {"layers": [1]}}})
+    reg = Registry(Settings(), client=client)
+    first = reg.report_of("r1")
+    first["verdict"] = "changed by a caller"
+    assert reg.report_of("r1") == {"verdict": "pass", "model_info": {"layers": [1]}}
+    assert client.downloads == 1
+    assert reg.report_of("missing") is None and reg.report_of("missing") is None
+    assert client.downloads == 3
