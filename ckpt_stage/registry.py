@@ -199,6 +199,25 @@ def _state(mv: Any) -> VersionState:
     )
 
 
+def _prompt_check_once(client: Any) -> Any:
+    """MLflow 3's client reads the registered model before every tag write, tag delete and alias call
+    (``MlflowClient._raise_if_prompt``: is this name a prompt rather than a model?): 13 of the 48
+    requests of one verdict. A name that passed once is a model for this client's life (one validation,
+    one sweep): later checks of it are skipped. Without that private method, nothing changes."""
+    real = getattr(client, "_raise_if_prompt", None)
+    if real is None:
+        return client
+    models: set[str] = set()
+
+    def once(name: str) -> None:
+        if name not in models:
+            real(name)
+            models.add(name)
+
+    client._raise_if_prompt = once
+    return client
+
+
 REPORT_CACHE = 64
 """Reports kept in memory per Registry (each a few KB; a model's promoted version is read by every
 validation of the model in a sweep)."""
@@ -222,7 +241,7 @@ class Registry:
         if self._client is None:
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self._tracking_uri)
+            self._client = _prompt_check_once(MlflowClient(tracking_uri=self._tracking_uri))
         return self._client
 
     # -- reading -------------------------------------------------------------------------------

@@ -76,3 +76,26 @@ def test_report_of_reads_each_run_once():
     assert client.downloads == 1
     assert reg.report_of("missing") is None and reg.report_of("missing") is None
     assert client.downloads == 3
+
+
+def test_prompt_check_once_per_model_name():
+    """MLflow's client reads the registered model before each tag write; the registry's client does
+    it once per model name (a prompt is still refused: the first check of each name is MLflow's)."""
+    from ckpt_stage.registry import _prompt_check_once
+
+    calls = []
+
+    class Client:  # the one method of MlflowClient this wraps
+        def _raise_if_prompt(self, name):
+            calls.append(name)
+            if name == "a-prompt":
+                raise ValueError("not a model")
+
+    client = _prompt_check_once(Client())
+    for name in ("m", "m", "n", "m"):
+        client._raise_if_prompt(name)
+    assert calls == ["m", "n"]
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            client._raise_if_prompt("a-prompt")
+    assert calls == ["m", "n", "a-prompt", "a-prompt"]
