@@ -150,6 +150,7 @@ class Bench:
         out = validate_version(ref, settings=self.settings)
         dt = time.perf_counter() - t0
         assert out.report is not None and out.report.verdict.value == "pass", out.report
+        self.last_timings = {k: round(float(v), 3) for k, v in out.report.timings_s.items()}
         return dt
 
 
@@ -179,7 +180,9 @@ def run_sizes(b: Bench, sizes: list[int], repeat: int, log) -> list[dict[str, An
                "floor_ratio": round(med["stage"] / med["raw"], 3),
                "ratio": round(med["stage"] / med["naive"], 3),
                "stage_peak_anon_bytes": int(med["s_anon"]), "naive_peak_anon_bytes": int(med["n_anon"]),
-               "repeat": repeat}
+               "repeat": repeat,
+               # the last in-process attempt's own phases (registry round trips are total minus the rest)
+               "stage_timings_s": getattr(b, "last_timings", {})}
         log(json.dumps(row))
         rows.append(row)
     return rows
