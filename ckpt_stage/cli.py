@@ -1,4 +1,4 @@
-"""The ``ckpt-stage`` command line (CONTRACT.md "Command line").
+"""The ``ckpt-stage`` command line (docs/contract.md "Command line").
 
 ``--json`` prints exactly one JSON document on stdout; logs, progress and anything a library prints
 go to stderr (stdout is redirected to stderr while the command works).

@@ -1,7 +1,7 @@
 """A local stack for the demo and the tests: an S3 API server and an ``mlflow server`` on loopback.
 
 Production runs against MinIO/AWS S3 and a shared MLflow (see ``infra/``); this module only starts
-real servers on 127.0.0.1 with the settings TRAPS.md calls for: the MLflow server writes artifacts
+real servers on 127.0.0.1 with the settings docs/traps.md calls for: the MLflow server writes artifacts
 straight to S3 (``--no-serve-artifacts --default-artifact-root s3://BUCKET/``) so versions resolve
 to ``s3://`` locations, runs one worker with job execution off, and lives in its own process group
 so stopping it stops all of its ~15 processes.

@@ -1,6 +1,6 @@
 """Value types shared by every layer: frozen, I/O-free, picklable.
 
-The string values of the enums are part of the external contract (``../shared/CONTRACT.md``):
+The string values of the enums are part of the external contract (``docs/contract.md``):
 reason codes, verdicts, statuses and file formats are written into reports and MLflow tags.
 """
 

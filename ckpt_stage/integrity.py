@@ -6,7 +6,7 @@ path, or on purpose: the time-of-check/time-of-use gap). Three guards close it:
 
 - the report of every attempt is the version's **manifest**: per file the path, S3 key, size, ETag,
   VersionId (None when the bucket is not versioned) and sha256, with ``ckpt_stage.sha256`` as its
-  digest (CONTRACT.md); the download fetched exactly those objects (``pipeline.fetch_listed``);
+  digest (docs/contract.md); the download fetched exactly those objects (``pipeline.fetch_listed``);
 - :func:`recheck_promoted`, a cheap pass (one listing per version, a HEAD only for a version that is a
   single object; no download) run by every sweep, compares each promoted version's objects with its
   manifest and takes a version whose objects changed out of service (``INTEGRITY_MISMATCH``);

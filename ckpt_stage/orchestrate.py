@@ -11,7 +11,7 @@ Flow of one DAG run::
                        →  validate_<class> mapped over them, in the class's pool and queue
 
 One mapped task per class, not one task with a per-instance pool: Airflow 3.3 cannot expand ``pool`` or
-``queue`` per mapped instance ("unmappable or already specified arguments"; see TRAPS.md).
+``queue`` per mapped instance ("unmappable or already specified arguments"; see docs/traps.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``decide(findings, settings) -> Decision``: the verdict as a pure function of the findings.
 
-Rules (CONTRACT.md): any blocking model-caused finding quarantines, carrying only model codes;
+Rules (docs/contract.md): any blocking model-caused finding quarantines, carrying only model codes;
 otherwise any blocking infrastructure finding makes the verdict ``error`` (never a quarantine, so
 the version stays eligible for the next sweep); otherwise the version passes. Warnings never block,
 except those the policy turns into errors (``require_input_example``).

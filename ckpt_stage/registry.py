@@ -1,6 +1,6 @@
 """MLflow adapter: find versions, claim them, record verdicts, move the alias.
 
-The registry is the system of record (CONTRACT.md "What is recorded in MLflow"). Write order on a
+The registry is the system of record (docs/contract.md "What is recorded in MLflow"). Write order on a
 verdict: the attempt's run and every other tag first, ``ckpt_stage.status`` last; on a pass the
 status becomes ``promoted`` before the alias moves; on a quarantine the alias leaves the version
 before its status becomes ``quarantined``. Every write is idempotent, so an overlapping or repeated
@@ -62,7 +62,7 @@ def configure_client(settings: Settings, env: Any = None) -> dict[str, str]:
     MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) are made for riding out minutes of
     rate limiting; under a flaky connection each reset then waits out the backoff, and a hung server
     holds a call for two minutes. The client is the only retry loop around MLflow calls (the stage adds
-    none, see DESIGN.md), so its budget is the stage's: a few quick retries, a bounded timeout.
+    none, see docs/architecture.md), so its budget is the stage's: a few quick retries, a bounded timeout.
     Returns what it set.
     """
     env = os.environ if env is None else env

@@ -508,7 +508,7 @@ class S3Storage:
         if size != rf.size:
             return local, f"{rf.rel}: downloaded {size} bytes but S3 lists {rf.size}"
         # Only a whole-object checksum can be compared: multipart uploads carry COMPOSITE checksums
-        # (a checksum of part checksums), which would never match the file's own digest (TRAPS.md).
+        # (a checksum of part checksums), which would never match the file's own digest (docs/traps.md).
         full_object = resp.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
         if checksum_problem and full_object:
             return local, checksum_problem

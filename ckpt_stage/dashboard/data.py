@@ -1,6 +1,6 @@
 """What the dashboard, its JSON API, ``/metrics`` and ``ckpt-stage show`` read from MLflow.
 
-MLflow is the system of record (DESIGN.md): version tags say where each version stands, and every
+MLflow is the system of record (docs/architecture.md): version tags say where each version stands, and every
 attempt is a run in the ``ckpt-stage-validations`` experiment holding ``report.json``. This module
 turns those into plain JSON-able dicts; it imports neither FastAPI nor Jinja, so the CLI can use it.
 

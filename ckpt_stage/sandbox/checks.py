@@ -80,7 +80,7 @@ def module_allowed(module: str, prefixes: Sequence[str]) -> bool:
 def resolve_arch(spec: str, prefixes: Sequence[str]) -> type[torch.nn.Module]:
     """The class named by ``spec``, imported only when its module is under an allowed prefix.
 
-    Tags can be set by anyone who can register a model (CONTRACT.md), so the string is checked
+    Tags can be set by anyone who can register a model (docs/contract.md), so the string is checked
     first; an ``os:system`` or ``subprocess:Popen`` never reaches ``import_module``.
     """
     module, name = parse_arch(spec)

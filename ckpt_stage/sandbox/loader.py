@@ -15,7 +15,7 @@ What is loaded, and how (see also ``safe_torch`` for the rules every unpickle fo
   on the meta device and filled with ``load_state_dict(assign=True)``, so no second copy is made.
 
 Importing this module runs no torch op: the fork server imports it before forking workers, and a
-process that has run ops must not fork (TRAPS.md).
+process that has run ops must not fork (docs/traps.md).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ isolated, and this module makes sure the worker itself never weakens the safe lo
 * A failed safe load is never retried unsafely; it may be retried safely with one more allowlisted
   global, which is what ``load_allowlisted`` does for whole pickled modules.
 
-Which globals a load may add is decided by ``ckpt_stage.scan.allowlist`` (DESIGN.md's default list,
+Which globals a load may add is decided by ``ckpt_stage.scan.allowlist`` (docs/architecture.md's default list,
 shared with the static scan); this module imports an allowed name and re-checks the object.
 """
 

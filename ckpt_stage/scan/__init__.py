@@ -89,7 +89,7 @@ def scan_file(root: Path, rel: str, settings: Settings, *, mlflow_dir: bool = Fa
 def scan_version(root: Path, paths: Sequence[str], settings: Settings) -> ScanResult:
     """Scan every file of a version (``paths`` relative to ``root``).
 
-    Never raises for hostile or broken input: every problem is a Finding (CONTRACT.md codes)
+    Never raises for hostile or broken input: every problem is a Finding (docs/contract.md codes)
     naming the file, the concrete problem and what the model owner should do.
     """
     root = Path(root)

@@ -2,7 +2,7 @@
 
 Importable without torch: the static scanner uses it on bytes, and the worker's loader uses it to
 decide which globals to hand to ``torch.serialization.safe_globals`` (import the object only after
-``is_allowed`` said yes). DESIGN.md, "Default pickle allowlist", is the source; extend it only
+``is_allowed`` said yes). docs/architecture.md, "Default pickle allowlist", is the source; extend it only
 through settings (``CKPT_STAGE_PICKLE_MODULES``, ``CKPT_STAGE_ALLOW_PICKLED_MODELS``), never by
 weakening a check here.
 

@@ -5,7 +5,7 @@ Python's zipfile, scanners) disagree on exactly those points, which is what zip 
 (e.g. picklescan's CVE-2025-1944/CVE-2025-1945: name mismatch and flag bits hid pickles).
 
 ``read_zip`` never raises on hostile input; every problem becomes a ``ZipProblem`` with the code of
-CONTRACT.md (``CORRUPT_ARCHIVE`` or ``UNSUPPORTED_FORMAT``). The only exception it lets through is
+docs/contract.md (``CORRUPT_ARCHIVE`` or ``UNSUPPORTED_FORMAT``). The only exception it lets through is
 the file's scan deadline (``budget.ScanDeadline``), ticked in every loop over entries and chunks.
 """
 

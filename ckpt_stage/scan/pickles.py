@@ -6,7 +6,7 @@ values are tracked symbolically (constants, containers, imported globals, calls,
 so that ``STACK_GLOBAL`` operands fetched through the memo resolve to the names the real
 unpickler would import, and torch's ``_rebuild_tensor_v2`` calls yield tensor metadata.
 
-What a scanner must not trust (DESIGN.md "scanner confusion"; picklescan bypasses such as
+What a scanner must not trust (docs/architecture.md "scanner confusion"; picklescan bypasses such as
 CVE-2025-1716 (pip.main missing from a denylist: hence an allowlist here), CVE-2025-1889 (pickles
 under other extensions: hence sniffing by content) and the memo/STACK_GLOBAL trick of
 mmaitre314/picklescan#22):

@@ -200,7 +200,7 @@ def stand_in_load(job: LoadJob) -> LoadResult:
         info["root_writable"] = True
     except OSError:
         info["root_writable"] = False
-    # A parallel op: hangs if the fork server had run torch ops before forking (TRAPS.md).
+    # A parallel op: hangs if the fork server had run torch ops before forking (docs/traps.md).
     a = torch.ones(512, 512)
     info["matmul"] = float((a @ a)[0, 0])
     info["torch_threads"] = torch.get_num_threads()

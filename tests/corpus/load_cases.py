@@ -1,7 +1,7 @@
 """Load-time corpus: real checkpoints that pass the static scan and must be judged by the worker.
 
 Every builder writes small real files (a few tensors) into ``workdir``. MLflow models are expensive
-to save (~9 s for pt2, TRAPS.md), so one pt2 model is saved per process and every MLflow case copies
+to save (~9 s for pt2, docs/traps.md), so one pt2 model is saved per process and every MLflow case copies
 and edits it; the ``pickle``-format model is derived from the same directory by writing
 ``data/model.pth`` exactly as ``mlflow.pytorch.save_model(serialization_format="pickle")`` does.
 Those cases are ``slow=True`` (the first one pays for the save).

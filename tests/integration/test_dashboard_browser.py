@@ -22,7 +22,7 @@ from tests.integration.dashboard_seed import Seeded, seed_once, serve, stack_env
 pytestmark = pytest.mark.integration
 
 CHROMIUM = "/usr/bin/chromium"
-# TRAPS.md "Browser tests": `playwright install` cannot download browsers here; use Debian's.
+# docs/traps.md "Browser tests": `playwright install` cannot download browsers here; use Debian's.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"

@@ -116,7 +116,7 @@ def test_importable_without_torch():
 
 #: In torch's weights_only allowlist but not in ours, and why.
 TORCH_ONLY = {
-    "collections.Counter",  # not in DESIGN.md's list; no checkpoint writer needs it
+    "collections.Counter",  # not in docs/architecture.md's list; no checkpoint writer needs it
     "torch._utils._rebuild_tensor",  # pre-1.0 rebuild, never written by a supported torch
     "torch._utils._rebuild_device_tensor_from_cpu_tensor",
     "torch._utils._rebuild_device_tensor_from_numpy",
@@ -238,7 +238,7 @@ def test_allowlisted_checkpoints_load_with_weights_only(tmp_path):
         "encoder": torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16), 1),
         "containers": {"s": {1}, "f": frozenset([2]), "sl": slice(1, 2), "r": range(3),
                        # torch 2.13's weights_only unpickler refuses SETITEM on a defaultdict, so only
-                       # an empty one loads; the scanner allows both (DESIGN.md), the load decides.
+                       # an empty one loads; the scanner allows both (docs/architecture.md), the load decides.
                        "d": collections.defaultdict(list)},
         "numpy": {"a": np.arange(3.0), "s": np.float32(1.5)},
     }
