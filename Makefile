@@ -35,8 +35,10 @@ lint: venv
 	$(BIN)/ruff check ckpt_stage dags tests bench
 	$(BIN)/mypy ckpt_stage
 
+BENCH_ARGS ?= --sizes 16M,64M --repeat 1
+
 bench: venv
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.overhead $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build *.egg-info

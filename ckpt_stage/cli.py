@@ -103,9 +103,10 @@ def inspect(paths: tuple[Path, ...], arch: str | None, arch_kwargs: str | None, 
     """Validate local checkpoint files or an MLflow model directory, offline."""
 
     def body() -> int:
+        settings = Settings.from_env()
+        _start_worker_early(settings)
         from ckpt_stage.pipeline import inspect_paths
 
-        settings = Settings.from_env()
         kwargs = parse_arch_kwargs(arch_kwargs, source="--arch-kwargs")
         with _stdout_to_stderr() as real:
             report = inspect_paths(list(paths), arch=arch, arch_kwargs=kwargs, settings=settings)
@@ -126,9 +127,10 @@ def validate(model: str, version: str, as_json: bool) -> None:
     """Validate one registered version end to end and record the verdict."""
 
     def body() -> int:
+        settings = Settings.from_env()
+        _start_worker_early(settings)
         from ckpt_stage.pipeline import validate_one_safely
 
-        settings = Settings.from_env()
         with _stdout_to_stderr() as real:
             ref = VersionRef(model, str(version))
             with _progress_bar(as_json, str(ref)) as progress:
@@ -144,6 +146,15 @@ def validate(model: str, version: str, as_json: bool) -> None:
         return outcome.report.verdict.exit_code
 
     _run(body)
+
+
+def _start_worker_early(settings: Settings) -> None:
+    """Start the worker's fork server (``import torch`` and the loader: the largest part of a fresh
+    process's fixed cost) before this process imports the pipeline, boto3 and MLflow, so the two
+    import on both cores at once instead of one after the other."""
+    from ckpt_stage.sandbox.runner import prewarm
+
+    prewarm(settings)
 
 
 @contextlib.contextmanager

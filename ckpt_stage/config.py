@@ -209,6 +209,10 @@ class Settings:
     are free again within ``lease_s`` (plus the next sweep's interval)."""
     sweep_interval_s: float = 300.0
     """How often ``ckpt_stage_validate`` sweeps for versions without a verdict (at least 5 s)."""
+    sweep_concurrency: int = 4
+    """Versions one ``sweep`` (or ``rerun`` of many) validates at once, in threads sharing one fork
+    server (``CKPT_STAGE_SWEEP_CONCURRENCY``; 1: one after the other). Each holds its download on disk
+    and its own worker, so memory is up to this many workers' limits."""
     owner: str = ""
     s3_attempts: int = 5
     s3_deadline_s: float = 120.0
@@ -277,6 +281,7 @@ class Settings:
             worker_classes=parse_worker_classes(classes_raw) if classes_raw else d.worker_classes,
             lease_s=max(MIN_LEASE_S, _float(env, "LEASE_S", d.lease_s)),
             sweep_interval_s=max(MIN_SWEEP_INTERVAL_S, _float(env, "SWEEP_INTERVAL_S", d.sweep_interval_s)),
+            sweep_concurrency=max(1, _int(env, "SWEEP_CONCURRENCY", d.sweep_concurrency)),
             owner=env.get(PREFIX + "OWNER", ""),
             s3_attempts=max(1, _int(env, "S3_ATTEMPTS", d.s3_attempts)),
             s3_deadline_s=_float(env, "S3_DEADLINE_S", d.s3_deadline_s),

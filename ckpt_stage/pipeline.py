@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import stat
+import threading
 import time
 import traceback
 import uuid
@@ -79,19 +80,17 @@ class Checked:
 
 
 def _runtime_here() -> dict[str, str]:
+    """The runtime a report names when no worker ran. From package metadata, never by importing:
+    ``import torch`` costs seconds and the parent orchestrates without it (the wheel's metadata
+    version carries the build label too, ``2.13.0+cpu``, as the worker's ``torch.__version__``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": platform.python_version()}
-    try:
-        import torch
-
-        out["torch"] = torch.__version__  # as the worker reports it (build label included)
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        from importlib.metadata import version
-
-        out["mlflow"] = version("mlflow")
-    except Exception:  # noqa: BLE001
-        pass
+    for dist in ("torch", "mlflow"):
+        try:
+            out[dist] = version(dist)
+        except (PackageNotFoundError, ValueError):
+            pass
     return out
 
 
@@ -99,6 +98,19 @@ def run_worker(job: LoadJob, settings: Settings) -> LoadResult:
     from ckpt_stage.sandbox.runner import run_job
 
     return run_job(job, settings)
+
+
+def prewarm_worker(settings: Settings) -> None:
+    """Start the worker's fork server in the background while the download runs (it costs about a
+    second of imports); a no-op when ``run_worker`` was replaced (tests) or the server is up."""
+    if run_worker is not _REAL_RUN_WORKER:
+        return
+    from ckpt_stage.sandbox.runner import prewarm
+
+    prewarm(settings)
+
+
+_REAL_RUN_WORKER = run_worker
 
 
 def check_local(
@@ -109,6 +121,7 @@ def check_local(
     arch: str | None = None,
     arch_kwargs: dict | None = None,
     hashes: dict[str, str] | None = None,
+    stamps: dict[str, tuple[int, int, int, int]] | None = None,
     extra_findings: Sequence[Finding] = (),
 ) -> Checked:
     """Sizes from metadata, static scan, estimate, then (only if nothing blocking was found) the
@@ -127,8 +140,8 @@ def check_local(
         for rel in rels
     )
     findings = list(extra_findings) + list(scan.findings)  # RESOURCE_LIMIT over every class comes from the scan
-    readings = tuple(dataclasses.replace(scan.readings[f.path], sha256=f.sha256) for f in files
-                     if f.path in scan.readings)
+    readings = tuple(_pinned(scan.readings[f.path], f.sha256, f.path in hashes, (stamps or {}).get(f.path))
+                     for f in files if f.path in scan.readings)
     findings.extend(_changed_while_scanned(root, readings))
     limit = (settings.class_for(scan.estimated_bytes) or settings.largest_class).memory_bytes
     load: LoadResult | None = None
@@ -193,6 +206,21 @@ def _oversized(root: Path, rels: Sequence[str], settings: Settings,
     files = tuple(FileInfo(rel, sizes.get(rel, 0), "", FileFormat.UNKNOWN) for rel in rels)
     return Checked(files, tuple(findings), ScanResult(findings=tuple(findings)), None, {"scan": 0.0},
                    settings.largest_class.memory_bytes)
+
+
+def _pinned(reading: Reading, sha256: str, hashed_before: bool,
+            stamp: tuple[int, int, int, int] | None) -> Reading:
+    """The reading the worker obeys, with the digest of the scanned bytes.
+
+    The worker trusts the digest without hashing again when the file's stamp is still the scan's
+    (``loader._formats``). That holds only if the digest was made of the bytes the scan read: true
+    for a digest made here after the scan (``_changed_while_scanned`` proves nothing wrote in
+    between), and for the download's digest when the file's stamp right after the download equals
+    the scan's. Otherwise the stamp is cleared and the worker hashes the whole file again.
+    """
+    if hashed_before and (stamp is None or tuple(stamp) != tuple(reading.stamp)):
+        return dataclasses.replace(reading, sha256=sha256, stamp=(0, 0, 0, 0))
+    return dataclasses.replace(reading, sha256=sha256)
 
 
 def _changed_while_scanned(root: Path, readings: Sequence[Reading]) -> list[Finding]:
@@ -525,12 +553,14 @@ def validate_version(
         raise
     except Exception as exc:  # noqa: BLE001 - classified below; the claim wrote nothing that strands the version
         return _unrecorded(ref, exc, attempt=0, what="claiming the version")
+    prewarm_worker(settings)
     workdir = settings.cache_dir / "versions" / f"{_safe(ref.name)}-v{_safe(ref.version)}-{uuid.uuid4().hex[:8]}"
     timings: dict[str, float] = {}
     checked: Checked | None = None
     findings: list[Finding] = []
     files: list[FileInfo] = []
     hashes: dict[str, str] = {}
+    stamps: dict[str, tuple[int, int, int, int]] = {}
     listed: dict[str, RemoteFile] = {}
     where: dict[str, Any] = {}
     with registry.heartbeat(ref, owner):
@@ -552,13 +582,14 @@ def validate_version(
                     where = {"uri": loc.uri, "bucket": loc.bucket, "prefix": loc.prefix,
                              "versioned": storage.bucket_versioned(loc.bucket)}
                     hashes = {lf.rel: lf.sha256 for lf in local}
+                    stamps = {lf.rel: lf.stamp for lf in local}
                     files = [_with_origin(FileInfo(lf.rel, lf.size, lf.sha256), listed) for lf in local]
             except CkptStageError as exc:
                 findings.append(_finding_from_error(exc))
             timings["download"] = time.perf_counter() - t
             if not findings:
                 checked = check_local(workdir, sorted(hashes), settings, arch=arch, arch_kwargs=arch_kwargs,
-                                      hashes=hashes, extra_findings=tag_findings)
+                                      hashes=hashes, stamps=stamps, extra_findings=tag_findings)
                 checked = dataclasses.replace(checked, files=tuple(_with_origin(f, listed) for f in checked.files))
                 findings = list(checked.findings)
                 timings.update(checked.timings_s)
@@ -717,18 +748,42 @@ def sweep(
     at = now_utc()
     todo = sorted((v for v in listing if v.needs_validation(at)),
                   key=lambda v: (v.ref.name, int(v.ref.version) if v.ref.version.isdigit() else 0))
-    outcomes = []
-    touched: set[str] = set()
-    for state in todo:
-        outcome = validate_one_safely(state.ref, settings=settings, registry=registry, storage=storage, owner=owner,
-                                      batch=True)
-        if outcome.report is not None:
-            touched.add(state.ref.name)
-        if on_result:
-            on_result(state.ref, outcome)
-        outcomes.append(outcome)
+    outcomes = run_many([s.ref for s in todo], settings=settings, registry=registry, storage=storage,
+                        owner=owner, on_result=on_result)
+    touched = {ref.name for ref, o in zip((s.ref for s in todo), outcomes, strict=True) if o.report is not None}
+    # Also repairs an alias that concurrent verdicts of one model left on a lower promoted version (each
+    # verdict moves the alias from its own search of the promoted versions; two can interleave).
     registry.reconcile(listing, touched=touched)
     return outcomes
+
+
+def run_many(
+    refs: Sequence[VersionRef],
+    *,
+    settings: Settings,
+    on_result: Callable[[VersionRef, Outcome], None] | None = None,
+    **kwargs: Any,
+) -> list[Outcome]:
+    """``validate_one_safely`` for each of ``refs``, ``settings.sweep_concurrency`` at a time, outcomes
+    in the order of ``refs``. The threads share the registry and storage clients (thread-safe) and the
+    one fork server (``runner.run_job`` is thread-safe); ``on_result`` is called under a lock, in the
+    order the verdicts come."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+
+    def one(ref: VersionRef) -> Outcome:
+        outcome = validate_one_safely(ref, settings=settings, batch=True, **kwargs)
+        if on_result:
+            with lock:
+                on_result(ref, outcome)
+        return outcome
+
+    workers = max(1, min(settings.sweep_concurrency, len(refs)))
+    if workers == 1:
+        return [one(ref) for ref in refs]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-sweep") as pool:
+        return list(pool.map(one, refs))
 
 
 def validate_one_safely(ref: VersionRef, *, batch: bool = False, **kwargs) -> Outcome:

@@ -199,6 +199,30 @@ def _state(mv: Any) -> VersionState:
     )
 
 
+def _prompt_check_once(client: Any) -> Any:
+    """MLflow 3's client reads the registered model before every tag write, tag delete and alias call
+    (``MlflowClient._raise_if_prompt``: is this name a prompt rather than a model?): 13 of the 48
+    requests of one verdict. A name that passed once is a model for this client's life (one validation,
+    one sweep): later checks of it are skipped. Without that private method, nothing changes."""
+    real = getattr(client, "_raise_if_prompt", None)
+    if real is None:
+        return client
+    models: set[str] = set()
+
+    def once(name: str) -> None:
+        if name not in models:
+            real(name)
+            models.add(name)
+
+    client._raise_if_prompt = once
+    return client
+
+
+REPORT_CACHE = 64
+"""Reports kept in memory per Registry (each a few KB; a model's promoted version is read by every
+validation of the model in a sweep)."""
+
+
 class Registry:
     """Thin adapter over ``MlflowClient``; the tracking URI comes from MLflow's own settings."""
 
@@ -207,6 +231,9 @@ class Registry:
         self._client = client
         self._tracking_uri = tracking_uri
         self._experiment_id: str | None = None
+        self._reports: dict[str, dict[str, Any]] = {}
+        """report.json by run id: an attempt's report is written once, with its run, and never again,
+        so one sweep reads the promoted version's report (drift) once, not once per version."""
         configure_client(settings)
 
     @property
@@ -214,7 +241,7 @@ class Registry:
         if self._client is None:
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self._tracking_uri)
+            self._client = _prompt_check_once(MlflowClient(tracking_uri=self._tracking_uri))
         return self._client
 
     # -- reading -------------------------------------------------------------------------------
@@ -607,8 +634,16 @@ class Registry:
 
     def report_of(self, run_id: str) -> dict[str, Any] | None:
         """The ``report.json`` an attempt's run holds, or None when it has none (or it is unreadable)."""
+        cached = self._reports.get(run_id)
+        if cached is not None:
+            return json.loads(json.dumps(cached))  # a copy: callers may change what they get
         with translate(f"reading report.json of run {run_id}"):
-            return _load_json_artifact(self.client, run_id)
+            report = _load_json_artifact(self.client, run_id)
+        if report is not None:
+            if len(self._reports) >= REPORT_CACHE:
+                self._reports.pop(next(iter(self._reports)), None)
+            self._reports[run_id] = json.loads(json.dumps(report))
+        return report
 
     def attempts(self, ref: VersionRef) -> list[dict[str, Any]]:
         """Every recorded attempt's run (newest first), without the reports."""

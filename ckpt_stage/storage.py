@@ -103,6 +103,10 @@ class LocalFile:
     path: Path
     size: int
     sha256: str
+    stamp: tuple[int, int, int, int] = (0, 0, 0, 0)
+    """(inode, size, mtime_ns, ctime_ns) once the hashed bytes were in place (``reading.stamp_of``):
+    the scan's stamp equal to it proves the scan read the bytes ``sha256`` describes, so the worker
+    need not hash the file again (any later write or chmod moves ctime)."""
 
 
 def resolve_artifact_uri(uri: str, settings: Settings) -> S3Location:
@@ -469,6 +473,7 @@ class S3Storage:
         # Hash and write chunk N on a helper thread while chunk N+1 is read from the socket, so the
         # digest costs (almost) no wall time over the transfer itself.
         pending = None
+        tmp.unlink(missing_ok=True)  # a read-only leftover of a crash would refuse open("wb")
         try:
             with tmp.open("wb") as fh, ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as hasher:
                 try:
@@ -494,8 +499,12 @@ class S3Storage:
             tmp.unlink(missing_ok=True)
             raise
         sha = digest.hexdigest()
+        # Read-only from here on: nothing of the stage writes a downloaded file again, and the stamp
+        # taken after the rename (which moves ctime itself) pins the bytes the digest covers.
+        os.chmod(tmp, 0o444)
         os.replace(tmp, target)
-        local = LocalFile(rf.rel, target, size, sha)
+        st = os.stat(target)
+        local = LocalFile(rf.rel, target, size, sha, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         if size != rf.size:
             return local, f"{rf.rel}: downloaded {size} bytes but S3 lists {rf.size}"
         # Only a whole-object checksum can be compared: multipart uploads carry COMPOSITE checksums

@@ -23,6 +23,7 @@ The server starts with a scrubbed environment (``isolation.scrub_env``): its chi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -118,7 +119,12 @@ def _serve(ctrl: socket.socket) -> None:
                     msg, fds = b"", []
                 if not msg:
                     _shutdown(jobs)
-                    return
+                    # Straight out: finalizing an interpreter that imported torch takes seconds
+                    # (module teardown, torch's atexit hooks), and the parent's stop() waits for us.
+                    for stream in (sys.stdout, sys.stderr):
+                        with contextlib.suppress(Exception):
+                            stream.flush()
+                    os._exit(0)
                 if msg != b"run" or len(fds) != 5:
                     for fd in fds:
                         os.close(fd)

@@ -196,6 +196,28 @@ def _get_server(key: tuple) -> ForkServer:
         return server
 
 
+def prewarm(settings: Settings) -> None:
+    """Start the fork server in the background, if it is not running, and return at once.
+
+    Its start (``import torch`` and the loader, about a second) then overlaps the download and the
+    scan instead of following them; the first ``run_job`` waits on ``_lock`` for the same server
+    rather than starting a second one. A failure is left for that ``run_job`` to report.
+    """
+    key = _server_key(settings)
+    with _lock:
+        server = _servers.get(key)
+        if server is not None and server.alive():
+            return
+
+    def start() -> None:
+        try:
+            _get_server(key)
+        except Exception as exc:  # noqa: BLE001 - run_job retries the start and reports it
+            log.warning("starting the fork server in the background failed: %s", exc)
+
+    threading.Thread(target=start, name="ckpt-stage-forkserver-start", daemon=True).start()
+
+
 def _restart_server(key: tuple, dead: ForkServer) -> None:
     with _lock:
         if _servers.get(key) is dead:

@@ -132,6 +132,85 @@ def test_file_replaced_after_scan_is_refused_unloaded(linear_pt, tmp_path, same_
     assert not canary.exists()
 
 
+def _hostile_same_size(original: Path, tmp_path: Path, canary: Path) -> bytes:
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"weight": torch.ones(3, 4), "x": Payload(canary)}, hostile)
+    size = original.stat().st_size
+    return (hostile.read_bytes() + b"\0" * size)[:size]
+
+
+def test_worker_trusts_the_digest_only_under_the_scans_stamp(linear_pt):
+    """The worker does not hash a file again while its stamp (inode, size, mtime, ctime) is the one
+    the scan took: a digest that does not match the bytes goes unnoticed then (the parent vouches for
+    it), and is caught as soon as anything touched the file, even with the same bytes and mtime."""
+    job, readings = _scan_job(linear_pt.parent, ["model.pt"])
+    wrong = dataclasses.replace(readings["model.pt"], sha256="0" * 64)
+    result = load_and_check(_with(job, wrong))
+    assert decide(result.findings, Settings()).verdict is Verdict.PASS, [f.to_dict() for f in result.findings]
+    st = linear_pt.stat()
+    os.utime(linear_pt, ns=(st.st_atime_ns, st.st_mtime_ns))  # moves ctime only
+    result = load_and_check(_with(job, wrong))
+    assert blocking(result) == {R.CORRUPT_ARCHIVE}
+    assert any("sha256" in f.message for f in result.findings if f.blocking)
+
+
+@pytest.mark.parametrize("how", ["in-place", "replaced", "chmod-and-back"])
+def test_stamp_moves_with_every_change_of_the_file(linear_pt, tmp_path, how):
+    """Every way of changing a file under the scan's reading leaves another stamp, so the worker
+    hashes it again and refuses the hostile bytes, unloaded (no canary)."""
+    job, _ = _scan_job(linear_pt.parent, ["model.pt"])
+    canary = tmp_path / "canary"
+    data = _hostile_same_size(linear_pt, tmp_path, canary)
+    st = linear_pt.stat()
+    if how == "in-place":
+        with open(linear_pt, "r+b") as fh:
+            fh.write(data)
+        os.utime(linear_pt, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime set back; ctime cannot be
+    elif how == "replaced":
+        other = tmp_path / "other.pt"
+        other.write_bytes(data)
+        os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(other, linear_pt)
+    else:
+        os.chmod(linear_pt, 0o644)
+        with open(linear_pt, "r+b") as fh:
+            fh.write(data)
+        os.chmod(linear_pt, st.st_mode)
+        os.utime(linear_pt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    result = load_and_check(job)
+    assert blocking(result) == {R.CORRUPT_ARCHIVE}, [f.to_dict() for f in result.findings]
+    assert not canary.exists()
+
+
+def test_download_digest_is_trusted_only_when_the_scan_saw_the_downloaded_file(linear_pt, tmp_path):
+    """The download hashed the file; if it was written to after that and before the scan, the scan's
+    stamp differs from the download's and the worker hashes the file again (real sandboxed worker)."""
+    canary = tmp_path / "canary"
+    digest = sha256_of(linear_pt)
+    st = linear_pt.stat()
+    download_stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    time.sleep(0.01)  # past the kernel's coarse timestamp tick
+    data = _hostile_same_size(linear_pt, tmp_path, canary)
+    with open(linear_pt, "r+b") as fh:
+        fh.write(data)
+    checked = pipeline.check_local(linear_pt.parent, ["model.pt"], Settings(), arch="torch.nn:Linear",
+                                   arch_kwargs=LINEAR, hashes={"model.pt": digest},
+                                   stamps={"model.pt": download_stamp})
+    assert any(f.code is R.CORRUPT_ARCHIVE for f in checked.findings if f.blocking), \
+        [f.to_dict() for f in checked.findings]
+    assert not canary.exists()
+
+
+def test_pinned_reading_keeps_the_stamp_only_when_the_digest_covers_the_scanned_bytes(linear_pt):
+    scan = scan_version(linear_pt.parent, ["model.pt"], Settings())
+    r = scan.readings["model.pt"]
+    assert r.stamp != (0, 0, 0, 0)
+    assert pipeline._pinned(r, "ab" * 32, False, None).stamp == r.stamp  # hashed after the scan
+    assert pipeline._pinned(r, "ab" * 32, True, r.stamp).stamp == r.stamp  # download saw the same file
+    assert pipeline._pinned(r, "ab" * 32, True, (1, 2, 3, 4)).stamp == (0, 0, 0, 0)
+    assert pipeline._pinned(r, "ab" * 32, True, None).stamp == (0, 0, 0, 0)
+
+
 @pytest.mark.parametrize("tamper", ["drop-record", "extra-record", "moved-record", "resized-record"])
 def test_torch_reader_disagreeing_with_the_scan_is_refused(linear_pt, tamper):
     """Simulates a parser differential: the scan's member table is not what torch's reader sees."""
