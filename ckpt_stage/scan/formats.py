@@ -565,11 +565,15 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
     with ``weights_only=False`` (torch/export/pt2_archive/_package.py; sample inputs fall back to it
     after a failed safe load), so they get the full pickle scan."""
     ctx.fs.has_metadata = True
-    models = [e for e in z.entries if e.name.startswith(f"{prefix}/models/") and e.name.endswith(".json")]
+    # Every record under models/ is a program to torch, whatever its extension (pt2_grammar.MODELS_DIR).
+    models = [e for e in z.entries if pt2_grammar.is_program_record(e.name[len(prefix) + 1:])]
     if not models:
         ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"pt2 archive has no {prefix}/models/*.json (no exported program)",
                 HINT_CORRUPT)
     for e in models:
+        odd = pt2_grammar.program_record_problem(e.name[len(prefix) + 1:])
+        if odd is not None:
+            report_pt2_reading(ctx, pt2_grammar.Reading(problems=[odd]), e.name)
         # The program's strings become Python that torch runs (guards, generated forward, sympify):
         # read under a strict grammar first (scan/pt2.py says which fields and why).
         doc = _json_entry(region, ctx, e)
@@ -639,8 +643,9 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
                         f"{itemsize}-byte elements", HINT_CORRUPT)
                 continue
             _check_tensors(ctx, [t], {record: entry.usize}, f"pt2 {e.name!r}")
+    programs = {e.name for e in models}
     for e in z.entries:
-        if e.name in raw_payloads or e.name.endswith(".json"):
+        if e.name in raw_payloads or e.name in programs or e.name.endswith(".json"):
             continue
         _scan_nested_entry(region, ctx, e, require_known=False)
 
