@@ -293,6 +293,19 @@ def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bo
         ctx.fs.zip, ctx.fs.zip_prefix = z, prefix
     fmt = _zip_kind(z, region, prefix)
     by_name = z.by_name()
+    if fmt is FileFormat.TORCH_EXPORT:
+        # torch.load reads a zip's data.pkl (or hands one with constants.pkl to torch.jit.load)
+        # without looking at archive_format, torch.export.load reads the pt2 records: the same bytes
+        # would be a different model to each loader, and only one of them is validated.
+        # (miniz finds records case-insensitively: DATA.PKL is data.pkl to torch.load)
+        lowered = {n.lower() for n in by_name}
+        other = [r for r in ("data.pkl", "constants.pkl") if f"{prefix}/{r}".lower() in lowered]
+        if other:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"the archive is a torch.export .pt2 and also holds {prefix}/{other[0]}, which torch.load reads "
+                    "as a different checkpoint: a file with two meanings is not loaded",
+                    "no torch writer produces this; re-export the model with torch.export.save (or "
+                    "mlflow.pytorch.log_model) and upload the new file", content="pt2+torch-zip")
     if fmt is None:
         if claimed:
             ctx.add(ReasonCode.NOT_A_CHECKPOINT,

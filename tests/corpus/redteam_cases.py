@@ -103,3 +103,28 @@ def recursive_mlmodel(dest_dir: Path) -> Path:
     (dest_dir / "MLmodel").write_text(
         "flavors:\n  python_function:\n    loader_module: mlflow.pytorch\n    code: &r [*r]\n")
     return dest_dir / "MLmodel"
+
+
+# -- a zip with two meanings: a .pt2 that torch.load reads as another checkpoint ------------------
+#
+# torch.load on a zip reads ``<folder>/data.pkl`` (a TorchScript archive's ``constants.pkl`` sends it
+# to torch.jit.load) and never looks at ``archive_format``; torch.export.load reads the pt2 records.
+# Adding a torch.save state dict's data.pkl and storages to a real .pt2 gives one file that is a
+# valid program to one loader and NaN weights to the other.
+
+
+def pt2_with_data_pkl(src: Path, dest: Path, *, record: str = "data.pkl") -> Path:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"l1.weight": torch.full((8, 4), float("nan"))}, buf)
+    with zipfile.ZipFile(buf) as z:
+        tz = {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+    root, rec = _records(src)
+    rec[f"{root}/{record}"] = tz["data.pkl"]
+    for rel, data in tz.items():
+        if rel.startswith("data/"):
+            rec[f"{root}/{rel}"] = data
+    return _write(dest, rec)

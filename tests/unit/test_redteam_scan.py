@@ -128,3 +128,24 @@ def test_yaml_with_a_shared_value_mlflow_could_write_still_reads():
 
     doc = load_yaml("a: &s [1, 2]\nb: *s\nflavors: {pytorch: {model_data: data}}\n")
     assert doc["b"] == [1, 2]
+
+
+# -- a .pt2 that torch.load reads as another checkpoint -----------------------------------------------
+
+
+def test_torch_load_reads_a_pt2_with_data_pkl_as_a_state_dict(src, tmp_path):
+    """The mechanism: both loaders accept the same bytes, and they get different models."""
+    import torch
+
+    path = R.pt2_with_data_pkl(src, tmp_path / "m.pt2")
+    sd = torch.load(path, weights_only=True)
+    assert torch.isnan(sd["l1.weight"]).all()
+    assert type(torch.export.load(path)).__name__ == "ExportedProgram"
+
+
+@pytest.mark.parametrize("record", ["data.pkl", "DATA.PKL", "constants.pkl"])
+def test_scanner_refuses_a_pt2_with_two_meanings(record, src, tmp_path):
+    R.pt2_with_data_pkl(src, tmp_path / "m.pt2", record=record)
+    result = scan_version(tmp_path, ["m.pt2"], S)
+    assert ReasonCode.CORRUPT_ARCHIVE in _codes(result.findings), [f.message for f in result.findings]
+    assert any("two meanings" in f.message for f in result.findings)
