@@ -593,6 +593,7 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
         if doc is not None:
             report_pt2_reading(ctx, pt2_grammar.read_program(doc), e.name)
     raw_payloads: set[str] = set()
+    pickled: set[str] = set()
     counted: set[str] = set()
     for e in z.entries:
         rel = e.name[len(prefix) + 1:]
@@ -626,6 +627,7 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
                         HINT_CORRUPT)
                 continue
             if meta.get("use_pickle"):
+                pickled.add(record)
                 continue  # a torch.save archive: scanned (and counted) below like every non-raw record
             if record not in counted:
                 counted.add(record)
@@ -657,6 +659,9 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
                 continue
             _check_tensors(ctx, [t], {record: entry.usize}, f"pt2 {e.name!r}")
     programs = {e.name for e in models}
+    # A record that any payload loads with use_pickle is unpickled by torch (weights_only=False), even
+    # when another FQN names the same record as raw bytes: it is never skipped as a raw payload.
+    raw_payloads -= pickled
     for e in z.entries:
         if e.name in raw_payloads or e.name in programs or e.name.endswith(".json"):
             continue

@@ -128,3 +128,44 @@ def pt2_with_data_pkl(src: Path, dest: Path, *, record: str = "data.pkl") -> Pat
         if rel.startswith("data/"):
             rec[f"{root}/{rel}"] = data
     return _write(dest, rec)
+
+
+# -- pt2: one record listed both as a raw tensor and as a pickled payload ----------------------------
+#
+# torch.export.load reads a ``use_pickle`` payload with ``torch.load(weights_only=False)``
+# (torch/export/pt2_archive/_package.py ``_load_state_dict``) and a raw one as bytes. The scanner
+# skipped the pickle scan of records it had seen declared raw, so a second FQN naming the same
+# record with ``use_pickle: true`` had its torch.save archive unpickled by torch, unscanned.
+
+
+class _Run:
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.cmd,))
+
+
+def pt2_raw_and_pickled(src: Path, dest: Path, canary: Path) -> Path:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(_Run(f"touch {canary}"), buf)
+    hostile = buf.getvalue()
+    root, rec = _records(src)
+    cfg_name = f"{root}/data/weights/model_weights_config.json"
+    cfg = json.loads(rec[cfg_name])
+    rec[f"{root}/data/weights/weight_99"] = hostile
+    meta = {"dtype": 1, "sizes": [{"as_int": len(hostile)}], "requires_grad": False,
+            "device": {"type": "cpu", "index": None}, "strides": [{"as_int": 1}],
+            "storage_offset": {"as_int": 0}, "layout": 7}
+    cfg["config"]["extra_raw"] = {"path_name": "weight_99", "is_param": False, "use_pickle": False,
+                                  "tensor_meta": meta}
+    cfg["config"]["extra_pickled"] = {"path_name": "weight_99", "is_param": False, "use_pickle": True,
+                                      "tensor_meta": meta}
+    rec[cfg_name] = json.dumps(cfg).encode()
+    return _write(dest, rec)

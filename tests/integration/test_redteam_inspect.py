@@ -107,3 +107,12 @@ def test_mlmodel_alias_bomb_returns_quickly(field, sources, tmp_path, monkeypatc
     assert (report["verdict"], code) == ("quarantine", 1), report["reasons"]
     assert "CORRUPT_ARCHIVE" in {r["code"] for r in report["reasons"]}, report["reasons"]
     assert any("alias bomb" in r["message"] for r in report["reasons"]), report["reasons"]
+
+
+def test_record_listed_raw_and_pickled_is_quarantined(sources, tmp_path, monkeypatch):
+    canary = _canary(tmp_path)
+    path = R.pt2_raw_and_pickled(sources[0], tmp_path / "model.pt2", canary)
+    report, code = _inspect(path, tmp_path, monkeypatch)
+    assert (report["verdict"], code) == ("quarantine", 1), report["reasons"]
+    assert "UNSAFE_PICKLE" in {r["code"] for r in report["reasons"]}, report["reasons"]
+    assert not canary.exists()

@@ -149,3 +149,35 @@ def test_scanner_refuses_a_pt2_with_two_meanings(record, src, tmp_path):
     result = scan_version(tmp_path, ["m.pt2"], S)
     assert ReasonCode.CORRUPT_ARCHIVE in _codes(result.findings), [f.message for f in result.findings]
     assert any("two meanings" in f.message for f in result.findings)
+
+
+# -- pt2: a record listed raw by one FQN and pickled by another ------------------------------------------
+
+
+def test_torch_unpickles_a_record_also_listed_raw(src, tmp_path):
+    """The mechanism: plain torch.export.load runs the torch.save payload of the use_pickle entry."""
+    canary = tmp_path / "canary"
+    path = R.pt2_raw_and_pickled(src, tmp_path / "m.pt2", canary)
+    subprocess.run([sys.executable, "-c", P.TORCH_RUN, str(path)], capture_output=True, timeout=300,
+                   cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert canary.exists()
+
+
+def test_scanner_scans_a_record_also_listed_raw(src, tmp_path):
+    canary = tmp_path / "canary"
+    R.pt2_raw_and_pickled(src, tmp_path / "m.pt2", canary)
+    result = scan_version(tmp_path, ["m.pt2"], S)
+    assert ReasonCode.UNSAFE_PICKLE in _codes(result.findings), [f.message for f in result.findings]
+    assert any("weight_99" in f.message and "posix.system" in f.message for f in result.findings)
+    assert not canary.exists()
+
+
+def test_worker_refuses_a_record_also_listed_raw(src, tmp_path):
+    from ckpt_stage.sandbox.job import LoadJob
+    from ckpt_stage.sandbox.loader import load_and_check
+
+    canary = tmp_path / "canary"
+    R.pt2_raw_and_pickled(src, tmp_path / "m.pt2", canary)
+    result = load_and_check(LoadJob(root=str(tmp_path), files=(("m.pt2", "unknown"),)))
+    assert ReasonCode.UNSAFE_PICKLE in _codes(result.findings), [f.to_dict() for f in result.findings]
+    assert not canary.exists()
