@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from ckpt_stage.load.checks import TensorSpec, parse_tensor_specs
+from ckpt_stage.scan.mlflow_dir import MAX_MLMODEL_BYTES, YamlProblem, load_yaml
 
 MAX_EXAMPLE_BYTES = 64 * 2**20
 _PIN_RE = re.compile(r"^\s*(torch|mlflow|mlflow-skinny)\s*==\s*([0-9][^\s;#,]*)", re.IGNORECASE | re.MULTILINE)
@@ -62,7 +63,12 @@ def read(root: str, rel: str) -> MlflowModel:
     path = os.path.join(root, "MLmodel")
     try:
         with open(path, encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh)
+            text = fh.read(MAX_MLMODEL_BYTES + 1)
+        if len(text) > MAX_MLMODEL_BYTES:
+            raise YamlProblem(f"it is larger than {MAX_MLMODEL_BYTES >> 20} MiB")
+        doc = load_yaml(text)
+    except YamlProblem as exc:
+        raise ModelDirError(f"MLmodel is not used: {exc}", "re-log the model with mlflow", file="MLmodel") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ModelDirError(f"MLmodel cannot be read as YAML: {exc}".strip(), "re-log the model with mlflow",
                             file="MLmodel") from None
@@ -94,8 +100,8 @@ def _recorded(model: MlflowModel, flavors: dict[str, Any]) -> None:
     env = _small_text(os.path.join(model.root, "python_env.yaml"))
     if env:
         try:
-            penv = yaml.safe_load(env)
-        except yaml.YAMLError:
+            penv = load_yaml(env)
+        except (yaml.YAMLError, YamlProblem):
             penv = None
         if isinstance(penv, dict):
             _put(model, "python", penv.get("python"), "python_env.yaml")

@@ -96,7 +96,9 @@ def inspect(path: str) -> Pt2Facts:
         for r, full in rel.items():
             if r.startswith("data/aotinductor/"):
                 facts.compiled.append(r)
-            elif r.startswith("models/") and r.endswith(".json"):
+            elif grammar.is_program_record(r):  # every record under models/, as torch reads them
+                odd = grammar.program_record_problem(r)
+                _grammar(facts, r, [odd] if odd is not None else [])
                 raw = _read(z, full)
                 try:
                     doc = json.loads(raw) if raw else {}

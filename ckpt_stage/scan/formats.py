@@ -293,6 +293,19 @@ def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bo
         ctx.fs.zip, ctx.fs.zip_prefix = z, prefix
     fmt = _zip_kind(z, region, prefix)
     by_name = z.by_name()
+    if fmt is FileFormat.TORCH_EXPORT:
+        # torch.load reads a zip's data.pkl (or hands one with constants.pkl to torch.jit.load)
+        # without looking at archive_format, torch.export.load reads the pt2 records: the same bytes
+        # would be a different model to each loader, and only one of them is validated.
+        # (miniz finds records case-insensitively: DATA.PKL is data.pkl to torch.load)
+        lowered = {n.lower() for n in by_name}
+        other = [r for r in ("data.pkl", "constants.pkl") if f"{prefix}/{r}".lower() in lowered]
+        if other:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"the archive is a torch.export .pt2 and also holds {prefix}/{other[0]}, which torch.load reads "
+                    "as a different checkpoint: a file with two meanings is not loaded",
+                    "no torch writer produces this; re-export the model with torch.export.save (or "
+                    "mlflow.pytorch.log_model) and upload the new file", content="pt2+torch-zip")
     if fmt is None:
         if claimed:
             ctx.add(ReasonCode.NOT_A_CHECKPOINT,
@@ -565,17 +578,22 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
     with ``weights_only=False`` (torch/export/pt2_archive/_package.py; sample inputs fall back to it
     after a failed safe load), so they get the full pickle scan."""
     ctx.fs.has_metadata = True
-    models = [e for e in z.entries if e.name.startswith(f"{prefix}/models/") and e.name.endswith(".json")]
+    # Every record under models/ is a program to torch, whatever its extension (pt2_grammar.MODELS_DIR).
+    models = [e for e in z.entries if pt2_grammar.is_program_record(e.name[len(prefix) + 1:])]
     if not models:
         ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"pt2 archive has no {prefix}/models/*.json (no exported program)",
                 HINT_CORRUPT)
     for e in models:
+        odd = pt2_grammar.program_record_problem(e.name[len(prefix) + 1:])
+        if odd is not None:
+            report_pt2_reading(ctx, pt2_grammar.Reading(problems=[odd]), e.name)
         # The program's strings become Python that torch runs (guards, generated forward, sympify):
         # read under a strict grammar first (scan/pt2.py says which fields and why).
         doc = _json_entry(region, ctx, e)
         if doc is not None:
             report_pt2_reading(ctx, pt2_grammar.read_program(doc), e.name)
     raw_payloads: set[str] = set()
+    pickled: set[str] = set()
     counted: set[str] = set()
     for e in z.entries:
         rel = e.name[len(prefix) + 1:]
@@ -609,6 +627,7 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
                         HINT_CORRUPT)
                 continue
             if meta.get("use_pickle"):
+                pickled.add(record)
                 continue  # a torch.save archive: scanned (and counted) below like every non-raw record
             if record not in counted:
                 counted.add(record)
@@ -639,8 +658,12 @@ def _scan_pt2(region: Region, ctx: Ctx, z: ZipArchive, prefix: str, by_name: dic
                         f"{itemsize}-byte elements", HINT_CORRUPT)
                 continue
             _check_tensors(ctx, [t], {record: entry.usize}, f"pt2 {e.name!r}")
+    programs = {e.name for e in models}
+    # A record that any payload loads with use_pickle is unpickled by torch (weights_only=False), even
+    # when another FQN names the same record as raw bytes: it is never skipped as a raw payload.
+    raw_payloads -= pickled
     for e in z.entries:
-        if e.name in raw_payloads or e.name.endswith(".json"):
+        if e.name in raw_payloads or e.name in programs or e.name.endswith(".json"):
             continue
         _scan_nested_entry(region, ctx, e, require_known=False)
 

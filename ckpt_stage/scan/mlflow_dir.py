@@ -157,6 +157,58 @@ def _read_small(path: Path, limit: int) -> bytes | None:
         os.close(fd)
 
 
+#: Values of an MLmodel after YAML aliases are expanded. MLflow writes a few hundred; an alias bomb
+#: ("billion laughs": ten aliases of ten aliases of ...) is a KB of text that expands to 10^9 values,
+#: which PyYAML builds by reference in microseconds and which every later ``repr``, ``str`` or JSON
+#: dump of a field (a refusal message, a report detail) then expands in the parent.
+MAX_YAML_VALUES = 100_000
+
+
+class YamlProblem(Exception):
+    """An MLmodel-like YAML document the stage refuses to use (not what a YAML writer produces)."""
+
+
+def _expanded_values(doc: Any, limit: int) -> int:
+    """How many values ``doc`` holds with every alias expanded, counted once per distinct container
+    (linear in what PyYAML built); raises ``YamlProblem`` past ``limit`` or on a cycle."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(doc, False)]
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        nid = id(node)
+        kids = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if done:
+            on_path.discard(nid)
+            total = 1 + sum(sizes.get(id(k), 1) for k in kids)
+            if total > limit:
+                raise YamlProblem(f"its YAML aliases expand to more than {limit:,} values (an alias bomb)")
+            sizes[nid] = total
+            continue
+        if nid in sizes:
+            continue
+        if nid in on_path:
+            raise YamlProblem("it holds a YAML alias that refers to itself (a recursive value)")
+        on_path.add(nid)
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if isinstance(k, (dict, list)))
+    return sizes.get(id(doc), 1)
+
+
+def load_yaml(text: str, limit: int = MAX_YAML_VALUES) -> Any:
+    """``yaml.safe_load`` (what MLflow's ``Model.load`` uses, so both read the same document) with
+    bounds: deep nesting (PyYAML's composer recurses) and alias bombs or recursive aliases raise
+    ``YamlProblem`` instead of exhausting the parent. Shared by the scanner and the worker."""
+    try:
+        doc = yaml.safe_load(text)
+    except RecursionError:
+        raise YamlProblem("it nests too deeply to read") from None
+    _expanded_values(doc, limit)
+    return doc
+
+
 def _top_modules(files_under: Iterable[str]) -> set[str]:
     """Top-level names importable from a folder on sys.path, given the files below it (relative)."""
     out = set()
@@ -192,10 +244,14 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
                 "re-log the model with mlflow; MLmodel is a small YAML file", mlmodel)
         return
     try:
-        doc = yaml.safe_load(raw.decode("utf-8"))
+        doc = load_yaml(raw.decode("utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         out.add(ReasonCode.CORRUPT_ARCHIVE, f"{mlmodel} is not valid YAML: {' '.join(str(exc).split())[:200]}",
                 "re-log the model with mlflow", mlmodel)
+        return
+    except YamlProblem as exc:
+        out.add(ReasonCode.CORRUPT_ARCHIVE, f"{mlmodel} is not used: {exc}",
+                "re-log the model with mlflow (MLflow writes a plain YAML mapping without such aliases)", mlmodel)
         return
     if not isinstance(doc, dict):
         out.add(ReasonCode.CORRUPT_ARCHIVE, f"{mlmodel} is not a YAML mapping", "re-log the model with mlflow",

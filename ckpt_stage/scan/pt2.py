@@ -981,6 +981,31 @@ class _Walker:
             self.bool_(f"{path}.persistent", v.get("persistent"), null=True)
 
 
+MODELS_DIR = "models/"
+"""torch 2.13 ``_load_exported_programs`` (torch/export/pt2_archive/_package.py:991) deserializes
+*every* record whose name starts with ``models/`` as an exported program, whatever its extension,
+and names the program ``record[len("models/"):-len(".json")]``: ``models/model.txt1`` is read as
+program ``model`` (and replaces a benign ``models/model.json`` listed before it)."""
+_PROGRAM_RECORD = re.compile(r"models/[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\.json\Z")
+
+
+def is_program_record(rel: str) -> bool:
+    """Whether torch.export.load reads the archive record ``rel`` (relative to the archive folder)
+    as a program graph: every record under ``models/``."""
+    return rel.startswith(MODELS_DIR)
+
+
+def program_record_problem(rel: str) -> Problem | None:
+    """A program record whose name is not what torch.export.save writes (``models/<name>.json``):
+    torch would still deserialize it, under a derived name the reader cannot trust."""
+    if _PROGRAM_RECORD.match(rel):
+        return None
+    return Problem(ReasonCode.UNSAFE_CODE, "record", rel,
+                   "torch.export.load deserializes every record under models/ as an exported program "
+                   "(any extension, name cut as record[7:-5]); torch.export.save writes only "
+                   "models/<name>.json")
+
+
 def read_program(doc: Any) -> Reading:
     """Read a parsed ``models/<name>.json`` under the grammar; problems say what was refused."""
     w = _Walker()
