@@ -98,8 +98,9 @@ def test_other_flavor_is_quarantined_or_skipped_as_the_operator_chooses(stack, s
                                                                      v_skip.version: "quarantine"}
     # Without --json the same command prints its table on stdout.
     monkeypatch.setenv("COLUMNS", "100")
-    table = CliRunner().invoke(main, ["validate", "--model", name, "--version", v_skip.version])
-    assert table.exit_code == 1 and "UNSUPPORTED_FORMAT" in table.stdout
+    # (``rerun``: ``validate`` leaves an already decided version alone and points at ``rerun``.)
+    table = CliRunner().invoke(main, ["rerun", "--model", name, "--version", v_skip.version])
+    assert table.exit_code == 0 and "UNSUPPORTED_FORMAT" in table.stdout and "quarantined" in table.stdout
 
 
 def test_a_bare_file_registers_with_create_model_version_on_its_s3_location(stack, stage_env, build_sample):
