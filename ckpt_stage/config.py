@@ -209,7 +209,7 @@ class Settings:
     are free again within ``lease_s`` (plus the next sweep's interval)."""
     sweep_interval_s: float = 300.0
     """How often ``ckpt_stage_validate`` sweeps for versions without a verdict (at least 5 s)."""
-    sweep_concurrency: int = 4
+    sweep_concurrency: int = 1
     """Versions one ``sweep`` (or ``rerun`` of many) validates at once, in threads sharing one fork
     server (``CKPT_STAGE_SWEEP_CONCURRENCY``; 1: one after the other). Each holds its download on disk
     and its own worker, so memory is up to this many workers' limits."""
