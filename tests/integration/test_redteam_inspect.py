@@ -4,53 +4,21 @@ returns (a YAML alias bomb used to hang it). The benign originals still pass on 
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from ckpt_stage.cli import main
-from tests.conftest import ROOT
-from tests.corpus import pt2_code as P
+from tests.integration.pt2_inspect import canary_path, inspect_json
 from tests.corpus import redteam_cases as R
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> tuple[Path, Path]:
-    """(a bare benign .pt2, a benign MLflow pt2 model directory)."""
-    import mlflow.pytorch
-    import numpy as np
-
-    base = tmp_path_factory.mktemp("redteam-sources")
-    src = P.benign(base / "src.pt2")
-    model = base / "mlflow-model"
-    mlflow.pytorch.save_model(P.Net().eval(), str(model), input_example=np.zeros((3, 4), dtype=np.float32))
-    return src, model
 
 
-def _inspect(path: Path, tmp_path: Path, monkeypatch) -> tuple[dict, int]:
-    monkeypatch.setenv("CKPT_STAGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    result = CliRunner().invoke(main, ["inspect", str(path), "--json"], catch_exceptions=False)
-    assert result.stdout.strip(), result.stderr[-3000:]
-    return json.loads(result.stdout), result.exit_code
-
-
-def _canary(tmp_path: Path) -> Path:
-    d = tmp_path / "canary"
-    d.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(d, 0o777)  # a payload running as the worker's unprivileged user could write here
-    return d / "ran"
-
-
-def test_benign_sources_pass(sources, tmp_path, monkeypatch):
-    for path in sources:
-        report, code = _inspect(path, tmp_path, monkeypatch)
+def test_benign_sources_pass(pt2_sources, tmp_path, monkeypatch):
+    for path in pt2_sources:
+        report, code = inspect_json(path, tmp_path, monkeypatch)
         assert (report["verdict"], code) == ("pass", 0), report["reasons"]
 
 
@@ -58,10 +26,10 @@ HIDDEN = [c for c in R.HIDDEN_PROGRAMS if c.record in ("model.txt1", "model.JSON
 
 
 @pytest.mark.parametrize("case", HIDDEN, ids=lambda c: c.name)
-def test_program_record_not_named_json_is_quarantined(case, sources, tmp_path, monkeypatch):
-    canary = _canary(tmp_path)
-    path = case.build(sources[0], tmp_path / "model.pt2", canary)
-    report, code = _inspect(path, tmp_path, monkeypatch)
+def test_program_record_not_named_json_is_quarantined(case, pt2_sources, tmp_path, monkeypatch):
+    canary = canary_path(tmp_path)
+    path = case.build(pt2_sources[0], tmp_path / "model.pt2", canary)
+    report, code = inspect_json(path, tmp_path, monkeypatch)
     assert (report["verdict"], code) == ("quarantine", 1), report["reasons"]
     assert {r["code"] for r in report["reasons"]} == {"UNSAFE_CODE"}, report["reasons"]
     assert any(f"models/{case.record}" in r["message"] for r in report["reasons"]), report["reasons"]
@@ -69,13 +37,13 @@ def test_program_record_not_named_json_is_quarantined(case, sources, tmp_path, m
 
 
 @pytest.mark.parametrize("case", [c for c in HIDDEN if c.record == "model.txt1"], ids=lambda c: c.name)
-def test_program_record_not_named_json_in_an_mlflow_dir(case, sources, tmp_path, monkeypatch):
-    canary = _canary(tmp_path)
+def test_program_record_not_named_json_in_an_mlflow_dir(case, pt2_sources, tmp_path, monkeypatch):
+    canary = canary_path(tmp_path)
     model = tmp_path / "mlflow-model"
-    shutil.copytree(sources[1], model)
+    shutil.copytree(pt2_sources[1], model)
     target = model / "data" / "model.pt2"
     case.build(target, tmp_path / "evil.pt2", canary).replace(target)
-    report, code = _inspect(model, tmp_path, monkeypatch)
+    report, code = inspect_json(model, tmp_path, monkeypatch)
     assert (report["verdict"], code) == ("quarantine", 1), report["reasons"]
     assert "UNSAFE_CODE" in {r["code"] for r in report["reasons"]}, report["reasons"]
     assert not canary.exists()
@@ -97,22 +65,22 @@ def _bomb_into(mlmodel: Path, field: str) -> None:
 
 
 @pytest.mark.parametrize("field", R.YAML_BOMB_FIELDS)
-def test_mlmodel_alias_bomb_returns_quickly(field, sources, tmp_path, monkeypatch):
+def test_mlmodel_alias_bomb_returns_quickly(field, pt2_sources, tmp_path, monkeypatch):
     model = tmp_path / "mlflow-model"
-    shutil.copytree(sources[1], model)
+    shutil.copytree(pt2_sources[1], model)
     _bomb_into(model / "MLmodel", field)
     t = time.monotonic()
-    report, code = _inspect(model, tmp_path, monkeypatch)
+    report, code = inspect_json(model, tmp_path, monkeypatch)
     assert time.monotonic() - t < 120
     assert (report["verdict"], code) == ("quarantine", 1), report["reasons"]
     assert "CORRUPT_ARCHIVE" in {r["code"] for r in report["reasons"]}, report["reasons"]
     assert any("alias bomb" in r["message"] for r in report["reasons"]), report["reasons"]
 
 
-def test_record_listed_raw_and_pickled_is_quarantined(sources, tmp_path, monkeypatch):
-    canary = _canary(tmp_path)
-    path = R.pt2_raw_and_pickled(sources[0], tmp_path / "model.pt2", canary)
-    report, code = _inspect(path, tmp_path, monkeypatch)
+def test_record_listed_raw_and_pickled_is_quarantined(pt2_sources, tmp_path, monkeypatch):
+    canary = canary_path(tmp_path)
+    path = R.pt2_raw_and_pickled(pt2_sources[0], tmp_path / "model.pt2", canary)
+    report, code = inspect_json(path, tmp_path, monkeypatch)
     assert (report["verdict"], code) == ("quarantine", 1), report["reasons"]
     assert "UNSAFE_PICKLE" in {r["code"] for r in report["reasons"]}, report["reasons"]
     assert not canary.exists()
