@@ -44,6 +44,7 @@ from ckpt_stage.errors import (
     StorageUnavailable,
     is_retryable,
 )
+from ckpt_stage.scan.reading import sha256_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -532,11 +533,8 @@ class S3Storage:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of a local file: the scanner's and the worker's one streaming hash."""
+    return sha256_of(path)
 
 
 def manifest_digest(files: list[tuple[str, str | None, int, str | None, str | None, str]]) -> str:
