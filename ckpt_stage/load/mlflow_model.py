@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,10 +17,9 @@ import torch
 import yaml
 
 from ckpt_stage.load.checks import TensorSpec, parse_tensor_specs
-from ckpt_stage.scan.mlflow_dir import MAX_MLMODEL_BYTES, YamlProblem, load_yaml
+from ckpt_stage.scan.mlflow_dir import MAX_MLMODEL_BYTES, REQUIREMENT_PIN_RE, YamlProblem, load_yaml
 
 MAX_EXAMPLE_BYTES = 64 * 2**20
-_PIN_RE = re.compile(r"^\s*(torch|mlflow|mlflow-skinny)\s*==\s*([0-9][^\s;#,]*)", re.IGNORECASE | re.MULTILINE)
 
 
 class ModelDirError(Exception):
@@ -106,7 +104,7 @@ def _recorded(model: MlflowModel, flavors: dict[str, Any]) -> None:
         if isinstance(penv, dict):
             _put(model, "python", penv.get("python"), "python_env.yaml")
     reqs = _small_text(os.path.join(model.root, "requirements.txt"))
-    for name, ver in _PIN_RE.findall(reqs or ""):
+    for name, ver in REQUIREMENT_PIN_RE.findall(reqs or ""):
         _put(model, "torch" if name.lower() == "torch" else "mlflow", ver, "requirements.txt")
 
 

@@ -340,7 +340,7 @@ def _check_transformers(mlmodel: str, flavor: dict[str, Any], here: set[str], ou
             "so the weights the stage validates are the ones served", mlmodel)
 
 
-_PIN_RE = re.compile(r"^\s*(torch|mlflow|mlflow-skinny)\s*==\s*([0-9][^\s;#,]*)", re.IGNORECASE | re.MULTILINE)
+REQUIREMENT_PIN_RE = re.compile(r"^\s*(torch|mlflow|mlflow-skinny)\s*==\s*([0-9][^\s;#,]*)", re.IGNORECASE | re.MULTILINE)
 
 
 def recorded_versions(mlmodel: Any, requirements: str | None = None) -> dict[str, str]:
@@ -365,7 +365,7 @@ def recorded_versions(mlmodel: Any, requirements: str | None = None) -> dict[str
     put("python", pyfunc.get("python_version"))
     put("torch", pytorch.get("pytorch_version"))
     put("mlflow", doc.get("mlflow_version"))
-    for name, ver in _PIN_RE.findall(requirements or ""):
+    for name, ver in REQUIREMENT_PIN_RE.findall(requirements or ""):
         put("torch" if name.lower() == "torch" else "mlflow", ver)
     return out
 
