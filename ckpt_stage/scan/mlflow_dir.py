@@ -22,7 +22,9 @@ host?". Answered from MLflow 3.17's own source, field by field:
 * Hugging Face: ``auto_map`` in ``config.json`` (and the tokenizer/processor configs) makes
   ``transformers`` import the repository's ``.py`` files (``trust_remote_code``); a ``repo--module.Class``
   entry fetches code from another repository.
-* ``requirements.txt``, ``conda.yaml``, ``python_env.yaml`` are not executed by ``load_model``.
+* ``requirements.txt``, ``conda.yaml``, ``python_env.yaml`` (and ``uv.lock``) are not executed by
+  ``load_model``, but ``mlflow models serve`` / ``build-docker`` install them first: ``envspec`` judges
+  what they would install.
 
 Every such piece of code is ``UNSAFE_CODE`` unless the operator allowed it: loader modules by exact
 name (``CKPT_STAGE_ALLOW_LOADER_MODULES``, default ``mlflow.pytorch``), the version's own modules by
@@ -49,6 +51,7 @@ import yaml
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import Finding, ReasonCode, Severity
 from ckpt_stage.scan.allowlist import DENIED_MODULE_PREFIXES
+from ckpt_stage.scan.envspec import check_environment
 from ckpt_stage.scan.sniff import CODE_EXTS, extension
 
 MAX_MLMODEL_BYTES = 1 << 20
@@ -302,6 +305,7 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
             out.model_code[folder] = sorted(modules)
     out.own_modules[mdir] = own
 
+    check_environment(root, mdir, pyfunc, here, out.add, _read_small, _rel_inside)
     if pyfunc is not None:
         _check_pyfunc(mdir, mlmodel, pyfunc, pytorch, names, here, root, settings, out)
     elif pytorch is None and names:
