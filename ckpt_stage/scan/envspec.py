@@ -6,9 +6,9 @@ model's environment before loading it (MLflow 3.17 ``utils/virtualenv.py``, ``ut
 and ``dependencies``, usually ``-r requirements.txt``) goes to ``pip install -r`` with the model folder as
 working directory, ``python_function.env.conda`` (``conda.yaml``) to ``conda env create`` (its ``pip:``
 list to pip as well, ``variables:`` into every activation's environment), and ``uv.lock`` with
-``pyproject.toml`` to ``uv sync``. An install runs code: an sdist's ``setup.py``, a wheel's ``.pth``
-file (run at every interpreter start), a build backend. So a requirement that is not a package name
-from the package index — a URL, a VCS checkout, a local path or wheel, ``-e``, another index
+``pyproject.toml`` to ``uv sync`` (uv also takes ``uv.toml`` / ``[tool.uv]`` in that folder as its
+configuration). An install runs code: an sdist's ``setup.py``, a wheel's ``.pth`` file (run at every
+interpreter start), a build backend. So a requirement that is not a package name from the package index — a URL, a VCS checkout, a local path or wheel, ``-e``, another index
 (``--index-url``, ``--extra-index-url``, ``--find-links``), a per-requirement build option, an
 environment path outside the model folder, a conda channel that is not a public one, a ``variables:``
 block, a ``uv.lock`` source that is not PyPI — is code the version brings to the serving host, and is
@@ -262,14 +262,35 @@ class EnvCheck:
                             "from a channel (a URL, a path or a channel::package spec)",
                             "conda downloads it as given and runs its install scripts")
 
-    def uv_lock(self, rel: str) -> None:
+    def toml(self, rel: str) -> dict[str, Any] | None:
         text = self.text(rel)
         if text is None:
-            return
+            return None
         try:
-            doc = tomllib.loads(text)
+            return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            self.report(self.full(rel), f"is not valid TOML ({str(exc)[:120]})", "uv sync installs what it locks")
+            self.report(self.full(rel), f"is not valid TOML ({str(exc)[:120]})", "uv reads it during the install")
+            return None
+
+    def uv_config(self) -> None:
+        """uv (MLflow's ``env_manager="uv"``) reads ``uv.toml`` and ``pyproject.toml``'s ``[tool.uv]`` from its
+        working directory — the model folder — as configuration of ``uv pip install`` and ``uv sync``:
+        index URLs, sources, build settings."""
+        if "uv.toml" in self.here:
+            self.report(self.full("uv.toml"), "is uv configuration",
+                        "uv takes its index URLs, sources and build settings from it when installing the model's "
+                        "environment")
+        if "pyproject.toml" in self.here:
+            doc = self.toml("pyproject.toml")
+            tool = doc.get("tool") if doc is not None else None
+            if isinstance(tool, dict) and "uv" in tool:
+                self.report(self.full("pyproject.toml"), "has a [tool.uv] table",
+                            "uv takes its index URLs, sources and build settings from it when installing the "
+                            "model's environment")
+
+    def uv_lock(self, rel: str) -> None:
+        doc = self.toml(rel)
+        if doc is None:
             return
         for pkg in doc.get("package", []) if isinstance(doc.get("package"), list) else []:
             source = pkg.get("source") if isinstance(pkg, dict) else None
@@ -292,6 +313,7 @@ class EnvCheck:
             self.requirements_file(REQUIREMENTS, 0)
         if "uv.lock" in self.here and "pyproject.toml" in self.here:
             self.uv_lock("uv.lock")
+        self.uv_config()
 
 
 def check_environment(root: Path, mdir: str, pyfunc: dict[str, Any] | None, here: set[str], add: Callable[..., None],

