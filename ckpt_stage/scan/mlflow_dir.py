@@ -661,8 +661,15 @@ def _scan_hf_configs(root: Path, paths: Sequence[str], settings: Settings, out: 
             continue
         try:
             doc = json.loads(raw)
-        except (UnicodeDecodeError, ValueError, RecursionError):
+        except (UnicodeDecodeError, ValueError):
             continue  # transformers cannot read it either; the HF checks say so
+        except RecursionError:
+            # Readable by a process with a higher recursion limit (a serving host may raise it): what it
+            # would import there cannot be known here, so it is not skipped as broken.
+            out.add(ReasonCode.UNSAFE_CODE,
+                    f"{rel} nests too deeply for the stage to read, so it cannot be checked for auto_map remote code",
+                    "save the config with save_pretrained (Hugging Face configs are a few levels deep)", rel)
+            continue
         for key, value in _remote_code(doc):
             modules = _referenced_modules(value)
             # "repo--module.Class" pulls code from another Hub repository at load: never allowed.

@@ -171,6 +171,18 @@ def test_huge_config_is_refused_not_skipped(dirs):
     assert ReasonCode.UNSAFE_CODE in {f.code for f in result.findings}
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_too_deep_config_is_refused_not_skipped(dirs, name):
+    """json.loads stops at the interpreter's recursion limit; a serving host with a higher one reads the
+    auto_map (a "repo--module.Class" needs no file in the version), so the scan may not skip the file."""
+    d = dirs[0]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (d / name).write_bytes(b'{"auto_map": {"AutoTokenizer": ["evil/repo--tok.Tok", null]}, "x": ' + deep + b"}")
+    result = scan_version(d, [name], Settings())
+    refused = [f for f in result.findings if f.code is ReasonCode.UNSAFE_CODE]
+    assert refused and "nests too deeply" in refused[0].message and "save_pretrained" in refused[0].hint
+
+
 def test_config_without_auto_map_is_metadata(dirs):
     d = copy("pt2", dirs[0])
     (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
