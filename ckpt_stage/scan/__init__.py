@@ -7,7 +7,8 @@ Modules: ``reading`` (the one reading of each file that the worker obeys), ``sni
 ``pickles`` (pickle streams against ``allowlist``), ``safetensors`` (header rules),
 ``formats`` (per-format checks, tensor metadata), ``estimate`` (memory needed), ``mlflow_dir``
 (code a serving host would execute: MLmodel loader and pickle modules, code folders, ``.py`` files,
-custom pyfunc models, Hugging Face ``auto_map``).
+custom pyfunc models, Hugging Face ``auto_map``), ``envspec`` (what serving would install from the
+model's requirements/conda/python_env/uv files).
 
 For the worker's loader (importable without torch): ``allowlist.check(module, name, settings,
 factory=False) -> Decision(allowed, why)``, ``allowlist.is_allowed``, ``allowlist.normalize``,
