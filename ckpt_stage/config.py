@@ -189,6 +189,9 @@ class Settings:
     """Module prefixes whose code a version may carry (MLflow ``code_paths``, Hugging Face ``auto_map``):
     ``CKPT_STAGE_ALLOW_MODEL_CODE``. Such code is imported only inside the isolated worker."""
     require_input_example: bool = False
+    drift_max_change: float = 0.0
+    """``CKPT_STAGE_DRIFT_MAX_CHANGE``: a tensor whose relative L2 change against the alias holder exceeds
+    this fraction (0.5 = 50 %) is a ``PARAMETER_DRIFT`` quarantine; 0 (default): drift is information only."""
     other_flavors: str = "quarantine"
     """``CKPT_STAGE_OTHER_FLAVORS`` (``OTHER_FLAVOR_CHOICES``): quarantine versions of a flavor the stage
     does not validate, or skip them."""
@@ -271,6 +274,7 @@ class Settings:
             allow_loader_modules=tuple(dict.fromkeys(DEFAULT_LOADER_MODULES + _list(env, "ALLOW_LOADER_MODULES"))),
             allow_model_code=_list(env, "ALLOW_MODEL_CODE"),
             require_input_example=_bool(env, "REQUIRE_INPUT_EXAMPLE", d.require_input_example),
+            drift_max_change=_float(env, "DRIFT_MAX_CHANGE", d.drift_max_change),
             other_flavors=_choice(env, "OTHER_FLAVORS", OTHER_FLAVOR_CHOICES, d.other_flavors),
             cache_dir=Path(cache) if cache else d.cache_dir,
             keep_cache=_bool(env, "KEEP_CACHE", d.keep_cache),
