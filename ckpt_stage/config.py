@@ -156,6 +156,11 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
     return int(_float(env, key, default))
 
 
+def _size(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = (env.get(PREFIX + key) or "").strip()
+    return parse_size(raw, name=PREFIX + key) if raw else default
+
+
 def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...], default: str) -> str:
     raw = (env.get(PREFIX + key) or "").strip().lower()
     if not raw:
@@ -197,6 +202,9 @@ class Settings:
     does not validate, or skip them."""
     cache_dir: Path = field(default_factory=_default_cache)
     keep_cache: bool = False
+    cache_max_bytes: int = 20 * 2**30
+    """``CKPT_STAGE_CACHE_MAX_BYTES``: size of the host's content-addressed cache of downloaded objects
+    (``ckpt_stage.cache``) under ``cache_dir/objects``; re-runs of unchanged files download nothing. 0: off."""
     worker_python: str = ""
     worker_timeout_s: float = 300.0
     worker_cpu_s: float = 600.0
@@ -278,6 +286,7 @@ class Settings:
             other_flavors=_choice(env, "OTHER_FLAVORS", OTHER_FLAVOR_CHOICES, d.other_flavors),
             cache_dir=Path(cache) if cache else d.cache_dir,
             keep_cache=_bool(env, "KEEP_CACHE", d.keep_cache),
+            cache_max_bytes=_size(env, "CACHE_MAX_BYTES", d.cache_max_bytes),
             worker_python=env.get(PREFIX + "WORKER_PYTHON", ""),
             worker_timeout_s=_float(env, "WORKER_TIMEOUT_S", d.worker_timeout_s),
             worker_cpu_s=_float(env, "WORKER_CPU_S", d.worker_cpu_s),
