@@ -13,17 +13,8 @@ from ckpt_stage.config import Settings
 from ckpt_stage.domain import Verdict
 from ckpt_stage.pipeline import validate_version
 from ckpt_stage.storage import S3Location, S3Storage
-from tests.faults import FaultProxy
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def counting_s3(stack, monkeypatch):
-    with FaultProxy(stack.s3.url) as p:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)
-        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", p.url)
-        yield p
 
 
 def _model_gets(proxy, loc: S3Location) -> list[str]:
