@@ -178,9 +178,18 @@ def render(detail: dict[str, Any], *, full: int = 1, console: Any = None) -> Non
             for layer in drift.get("added") or []:
                 t.add_row(Text("+", style="green"), layer["name"], "—", f"{layer.get('shape')} {layer.get('dtype')}")
             for c in drift.get("changed") or []:
-                b, a = c.get("before") or {}, c.get("after") or {}
+                b, a = c.get("previous") or {}, c.get("current") or {}
                 t.add_row(Text("~", style="yellow"), c["name"], f"{b.get('shape')} {b.get('dtype')}",
                           f"{a.get('shape')} {a.get('dtype')}")
+            console.print(t)
+        weights = drift.get("weights") or {}
+        if weights.get("tensors"):
+            console.rule("Weight drift (largest relative L2 change first; ≈ estimated from sampled values)")
+            t = Table("tensor", "relative L2 change")
+            for w in weights["tensors"]:
+                rel = w.get("rel_l2")
+                t.add_row(w.get("name", ""), "from zero" if rel is None else
+                          f"{'' if w.get('exact') else '≈'}{rel:.2%}")
             console.print(t)
 
 

@@ -156,6 +156,11 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
     return int(_float(env, key, default))
 
 
+def _size(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = (env.get(PREFIX + key) or "").strip()
+    return parse_size(raw, name=PREFIX + key) if raw else default
+
+
 def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...], default: str) -> str:
     raw = (env.get(PREFIX + key) or "").strip().lower()
     if not raw:
@@ -189,11 +194,17 @@ class Settings:
     """Module prefixes whose code a version may carry (MLflow ``code_paths``, Hugging Face ``auto_map``):
     ``CKPT_STAGE_ALLOW_MODEL_CODE``. Such code is imported only inside the isolated worker."""
     require_input_example: bool = False
+    drift_max_change: float = 0.0
+    """``CKPT_STAGE_DRIFT_MAX_CHANGE``: a tensor whose relative L2 change against the alias holder exceeds
+    this fraction (0.5 = 50 %) is a ``PARAMETER_DRIFT`` quarantine; 0 (default): drift is information only."""
     other_flavors: str = "quarantine"
     """``CKPT_STAGE_OTHER_FLAVORS`` (``OTHER_FLAVOR_CHOICES``): quarantine versions of a flavor the stage
     does not validate, or skip them."""
     cache_dir: Path = field(default_factory=_default_cache)
     keep_cache: bool = False
+    cache_max_bytes: int = 20 * 2**30
+    """``CKPT_STAGE_CACHE_MAX_BYTES``: size of the host's content-addressed cache of downloaded objects
+    (``ckpt_stage.cache``) under ``cache_dir/objects``; re-runs of unchanged files download nothing. 0: off."""
     worker_python: str = ""
     worker_timeout_s: float = 300.0
     worker_cpu_s: float = 600.0
@@ -271,9 +282,11 @@ class Settings:
             allow_loader_modules=tuple(dict.fromkeys(DEFAULT_LOADER_MODULES + _list(env, "ALLOW_LOADER_MODULES"))),
             allow_model_code=_list(env, "ALLOW_MODEL_CODE"),
             require_input_example=_bool(env, "REQUIRE_INPUT_EXAMPLE", d.require_input_example),
+            drift_max_change=_float(env, "DRIFT_MAX_CHANGE", d.drift_max_change),
             other_flavors=_choice(env, "OTHER_FLAVORS", OTHER_FLAVOR_CHOICES, d.other_flavors),
             cache_dir=Path(cache) if cache else d.cache_dir,
             keep_cache=_bool(env, "KEEP_CACHE", d.keep_cache),
+            cache_max_bytes=_size(env, "CACHE_MAX_BYTES", d.cache_max_bytes),
             worker_python=env.get(PREFIX + "WORKER_PYTHON", ""),
             worker_timeout_s=_float(env, "WORKER_TIMEOUT_S", d.worker_timeout_s),
             worker_cpu_s=_float(env, "WORKER_CPU_S", d.worker_cpu_s),

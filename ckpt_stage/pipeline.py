@@ -43,7 +43,7 @@ from ckpt_stage.errors import (
     UsageError,
 )
 from ckpt_stage.policy import decide, summarize
-from ckpt_stage.registry import ARCH, ARCH_KWARGS, LEASE_OWNER, Registry, VersionState, default_owner, now_utc
+from ckpt_stage.registry import ARCH, ARCH_KWARGS, LEASE_OWNER, RUN_ID, Registry, VersionState, default_owner, now_utc
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
 from ckpt_stage.scan import ScanResult, scan_version
 from ckpt_stage.scan.estimate import oversized_files
@@ -593,7 +593,7 @@ def validate_version(
                 checked = dataclasses.replace(checked, files=tuple(_with_origin(f, listed) for f in checked.files))
                 findings = list(checked.findings)
                 timings.update(checked.timings_s)
-                findings.extend(_drift(registry, ref, checked))
+                findings.extend(_drift(registry, ref, checked, settings))
         except (RegistryUnavailable, StorageMisconfigured, StorageUnavailable) as exc:
             findings.append(_finding_from_error(exc))
         except Exception as exc:  # noqa: BLE001 - always end with a recorded verdict
@@ -703,8 +703,9 @@ def _with_origin(info: FileInfo, listed: dict[str, RemoteFile]) -> FileInfo:
     return dataclasses.replace(info, key=rf.key, etag=rf.etag, version_id=rf.version_id)
 
 
-def _drift(registry: Registry, ref: VersionRef, checked: Checked) -> list[Finding]:
-    """Informational comparison with the version that holds the alias (policy may act on it)."""
+def _drift(registry: Registry, ref: VersionRef, checked: Checked, settings: Settings) -> list[Finding]:
+    """Drift against the version that holds the alias (``ckpt_stage.drift``): information, unless the
+    operator set ``drift_max_change``."""
     current = (checked.load.info if checked.load else {}).get("layers")
     if not current:
         return []
@@ -715,13 +716,10 @@ def _drift(registry: Registry, ref: VersionRef, checked: Checked) -> list[Findin
         if promoted is None or promoted == ref.version:
             return []
         prev_state = registry.get(VersionRef(ref.name, promoted))
-        run_id = prev_state.tags.get("ckpt_stage.run_id")
+        run_id = prev_state.tags.get(RUN_ID)
         prev = registry.report_of(run_id) if run_id else None
         layers = ((prev or {}).get("model_info") or {}).get("layers")
-        if not layers:
-            return []
-        finding = drift.compare(layers, current, promoted)
-        return [finding] if finding else []
+        return drift.compare(layers, current, promoted, max_change=settings.drift_max_change)
     except Exception as exc:  # noqa: BLE001 - drift is informational; never fail a validation on it
         log.warning("drift comparison for %s skipped: %s", ref, exc)
         return []

@@ -9,6 +9,7 @@ an attempt count and a deadline; botocore's own retries are switched off so they
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from ckpt_stage.cache import ObjectCache
 from ckpt_stage.config import Settings
 from ckpt_stage.errors import (
     ArtifactMissing,
@@ -198,6 +200,7 @@ class S3Storage:
         self._session = boto3.session.Session()
         self._lock = threading.Lock()
         self._versioned: dict[str, bool] = {}
+        self.cache = ObjectCache(settings.cache_dir / "objects", settings.cache_max_bytes)
 
     @property
     def client(self) -> Any:
@@ -386,8 +389,27 @@ class S3Storage:
             )
         workers = min(self.settings.s3_max_concurrency, max(1, len(files)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-s3") as pool:
-            results = list(pool.map(lambda f: self._download_verified(loc.bucket, f, dest, progress), files))
+            results = list(pool.map(lambda f: self._fetch(loc.bucket, f, dest, progress), files))
         return results
+
+    def _fetch(self, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None) -> LocalFile:
+        """One listed object into ``dest``: from the host's object cache when it holds exactly the listed
+        object (``ckpt_stage.cache``: same key, ETag, VersionId and size, bytes hashed again), else
+        downloaded, verified and then kept in the cache."""
+        target = dest / rf.rel
+        ident = self.cache.identity(bucket, rf.key, rf.size, rf.etag, rf.version_id)
+        sha = self.cache.lookup(ident, rf.size, target)
+        if sha is None:
+            local = self._download_verified(bucket, rf, dest, progress)
+            self.cache.store(ident, local.path, local.sha256)
+        else:
+            if progress:
+                progress(rf.size)
+            local = LocalFile(rf.rel, target, rf.size, sha)
+        # Stamped last: linking into the cache moves the file's ctime (docs/architecture.md: the worker hashes
+        # again only a file whose stamp is not the scan's).
+        st = os.stat(target)
+        return dataclasses.replace(local, stamp=(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
     def _download_verified(
         self, bucket: str, rf: RemoteFile, dest: Path, progress: Callable[[int], None] | None

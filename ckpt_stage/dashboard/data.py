@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote
 
+from ckpt_stage import drift
 from ckpt_stage.config import Settings, format_size
 from ckpt_stage.domain import ReasonCode, Status, VersionRef
 from ckpt_stage.errors import UsageError
@@ -252,34 +253,6 @@ def _ts(text: str | None) -> float | None:
     return t.timestamp() if t else None
 
 
-# -- architecture drift ------------------------------------------------------------------------------
-def layer_drift(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, list]:
-    """Compare two ``model_info.layers`` maps ({name: {"shape": [...], "dtype": "float32"}})."""
-    before, after = dict(before or {}), dict(after or {})
-    changed = []
-    for name in sorted(set(before) & set(after)):
-        b, a = before[name] or {}, after[name] or {}
-        if list(b.get("shape") or []) != list(a.get("shape") or []) or b.get("dtype") != a.get("dtype"):
-            changed.append({"name": name, "before": b, "after": a})
-    return {
-        "added": [{"name": n, **(after[n] or {})} for n in sorted(set(after) - set(before))],
-        "removed": [{"name": n, **(before[n] or {})} for n in sorted(set(before) - set(after))],
-        "changed": changed,
-    }
-
-
-def drift_findings(report: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Findings of a report that describe drift against the promoted version (``drift.compare``)."""
-    out = []
-    for f in (report or {}).get("findings") or []:
-        detail = f.get("detail") or {}
-        keys = {str(k).lower() for k in detail}
-        if detail.get("kind") == "drift" or any("drift" in k for k in keys) or \
-                keys & {"added", "removed", "reshaped", "changed", "previous_version", "promoted_version"}:
-            out.append(f)
-    return out
-
-
 # -- the reader --------------------------------------------------------------------------------------
 class DashboardData:
     """Read-side of the dashboard over one ``Registry``; safe to share between request threads."""
@@ -440,23 +413,25 @@ class DashboardData:
 
     def _drift(self, model: str, version: str, promoted: str | None,
                report: dict[str, Any] | None) -> dict[str, Any] | None:
-        findings = drift_findings(report)
-        layers = ((report or {}).get("model_info") or {}).get("layers")
+        """The drift view: the report's drift findings (``drift.findings_of``), the layer diff against the
+        alias holder (``drift.diff_layers``), and the weight changes the report recorded."""
+        findings = drift.findings_of(report)
+        weights = next((f.get("detail") for f in findings if (f.get("detail") or {}).get("kind") == drift.WEIGHTS
+                        and f.get("code") is None), None)
+        empty: dict[str, list] = {"added": [], "removed": [], "changed": []}
         if not promoted or promoted == version:
-            return {"against": None, "findings": findings, "added": [], "removed": [], "changed": []} \
-                if findings else None
+            return {"against": None, "findings": findings, **empty, "weights": weights} if findings else None
         prev_layers = None
         with contextlib.suppress(Exception):
             prev = self.registry.get(VersionRef(model, promoted))
             run_id = prev.tags.get(RUN_ID)
             prev_report = self.reports.get(run_id, lambda: self.registry.report_of(run_id)) if run_id else None
             prev_layers = ((prev_report or {}).get("model_info") or {}).get("layers")
+        layers = ((report or {}).get("model_info") or {}).get("layers")
         if not findings and not (layers and prev_layers):
             return None
-        out: dict[str, Any] = {"against": promoted, "findings": findings, "added": [], "removed": [], "changed": []}
-        if layers and prev_layers:
-            out.update(layer_drift(prev_layers, layers))
-        return out
+        diff = drift.diff_layers(prev_layers, layers) if layers and prev_layers else empty
+        return {"against": promoted, "findings": findings, **diff, "weights": weights}
 
     # stats -----------------------------------------------------------------------------------------
     def reason_stats(self, *, days: int = 14, model: str | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,15 +120,59 @@ def metas(state: Mapping[str, Any]) -> dict[str, Meta]:
     return {k: Meta(tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def layers_info(state: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], int]:
-    """``({name: {"shape": [...], "dtype": "float32"}}, element count)`` for drift and the report."""
+def layers_info(state: Mapping[str, Any], norms: Mapping[str, float] | None = None,
+                ) -> tuple[dict[str, dict[str, Any]], int]:
+    """``({name: {"shape": [...], "dtype": "float32"}}, element count)`` for drift and the report.
+
+    With ``norms`` (from ``nonfinite``), each floating tensor also gets its parameter fingerprint for
+    value drift (``ckpt_stage.drift``): ``norm``, its exact L2 norm, and ``sample``, the float32 values at
+    the first positions of a fixed sequence (``sample_positions``) as base64, so two versions' reports
+    compare tensor by tensor without either version's files being read again."""
     layers: dict[str, dict[str, Any]] = {}
     count = 0
-    for k, v in state.items():
-        if isinstance(v, torch.Tensor):
-            layers[k] = {"shape": [int(d) for d in v.shape], "dtype": dtype_name(v.dtype)}
-            count += v.numel()
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    fingerprinted = [k for k in tensors if norms is not None and k in norms]
+    per_tensor = min(SAMPLE_MAX, SAMPLE_BUDGET // max(1, len(fingerprinted)))
+    for k, v in tensors.items():
+        layers[k] = {"shape": [int(d) for d in v.shape], "dtype": dtype_name(v.dtype)}
+        count += v.numel()
+        if norms is not None and k in norms:
+            layers[k]["norm"] = norms[k]
+            if per_tensor >= SAMPLE_MIN:
+                layers[k]["sample"] = sample_values(v, per_tensor)
     return layers, count
+
+
+#: Values sampled per tensor for value drift, at most and at least (fewer than this many: none), and per
+#: report: 65,536 float32 values are ~350 KB of report.json whatever the number of tensors.
+SAMPLE_MAX = 256
+SAMPLE_MIN = 16
+SAMPLE_BUDGET = 1 << 16
+#: A prime: ``j * _STRIDE % n`` visits distinct positions for ``j < n`` (n is never a multiple of it in
+#: practice: 2.6 billion elements in one tensor), spread over the whole tensor, and the first ``m`` of the
+#: sequence are the same whatever ``m`` is, so two reports with different budgets still compare.
+_STRIDE = 2_654_435_761
+
+
+def sample_positions(n: int, m: int) -> list[int]:
+    """The first ``min(m, n)`` positions of the fixed sample sequence of a tensor of ``n`` elements (all of
+    them, in another order, when ``n <= m``: drift over a small tensor is then exact)."""
+    return [(j * _STRIDE) % n for j in range(min(m, n))] if n > 0 else []
+
+
+def sample_values(t: torch.Tensor, m: int) -> str:
+    """Base64 of little-endian float32 values of ``t`` at ``sample_positions(t.numel(), m)``."""
+    import base64
+
+    positions = sample_positions(t.numel(), m)
+    if not positions:
+        return ""
+    with torch.no_grad():
+        flat = t.reshape(-1)
+        if flat.is_complex():
+            flat = flat.abs()
+        vals = flat[torch.tensor(positions, dtype=torch.long)].to(torch.float32).contiguous()
+    return base64.b64encode(vals.numpy().astype("<f4").tobytes()).decode("ascii")
 
 
 def _strip(keys: Iterable[str], prefix: str) -> dict[str, str]:
@@ -277,6 +322,30 @@ def _all_finite(t: torch.Tensor) -> bool:
     return True
 
 
+def _piece_norm(piece: torch.Tensor) -> float:
+    wide = torch.complex128 if piece.is_complex() else torch.float64
+    try:
+        return float(torch.linalg.vector_norm(piece, dtype=wide))
+    except (RuntimeError, NotImplementedError):  # float8: no promotion to float64
+        return float(torch.linalg.vector_norm(piece.to(torch.float32), dtype=torch.float64))
+
+
+def finite_and_norm(t: torch.Tensor) -> tuple[bool, float | None]:
+    """``(every value is finite, the L2 norm)`` in one bounded pass over ``t``.
+
+    The sum of squares is taken in float64, where no float32/16 value can overflow: it is finite exactly
+    when every value is, so one reduction answers both (and costs less than ``isfinite``, which builds
+    masks). Only a float64 tensor with values above ~1e154 overflows with finite values: then ``isfinite``
+    decides and the norm is unknown (None)."""
+    total = 0.0
+    for piece in _pieces(t):
+        n = _piece_norm(piece)
+        total += n * n
+    if math.isfinite(total):
+        return True, math.sqrt(total)
+    return _all_finite(t), None
+
+
 def _count(t: torch.Tensor, fn) -> int:
     total = 0
     for piece in _pieces(t):
@@ -287,9 +356,11 @@ def _count(t: torch.Tensor, fn) -> int:
     return total
 
 
-def nonfinite(state: Mapping[str, Any], *, file: str | None) -> Finding | None:
+def nonfinite(state: Mapping[str, Any], *, file: str | None,
+              norms: dict[str, float] | None = None) -> Finding | None:
     """NaN/Inf in any floating tensor, checked a bounded piece at a time (no copy of a tensor, let alone
-    of the whole dict)."""
+    of the whole dict). ``norms``, when given, receives each finite floating tensor's L2 norm (the same
+    pass computes it; ``layers_info`` records it for drift)."""
     bad: list[dict[str, Any]] = []
     for name, t in state.items():
         if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.layout != torch.strided:
@@ -297,7 +368,10 @@ def nonfinite(state: Mapping[str, Any], *, file: str | None) -> Finding | None:
         if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
             continue
         with torch.no_grad():
-            if _all_finite(t):
+            finite, norm = finite_and_norm(t)
+            if finite:
+                if norms is not None and norm is not None:
+                    norms[name] = norm
                 continue
             bad.append({"key": name, "nan": _count(t, torch.isnan), "inf": _count(t, torch.isinf),
                         "numel": int(t.numel())})

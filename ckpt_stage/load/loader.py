@@ -587,8 +587,7 @@ def _check_bare(run: _Run, ckpts: list[tuple[str, FileFormat]], files: list[tupl
         _finish_module(run, modules[0], state, file, kind="pickled-module")
         _no_example(run, file, "a pickled module file carries no input example")
         return
-    run.extend(checks.nonfinite(state, file=file))
-    _record_layers(run, state)
+    _check_values(run, state, file)
     run.info["model_kind"] = "state_dict"
     config = None if run.job.arch else _hf_config(run, files, used)
     if config is not None:
@@ -697,8 +696,11 @@ def _check_hf(run: _Run, state: dict[str, torch.Tensor], file: str | None, confi
     _check_smoke_output(run, out, file or config_rel, f"a synthetic input ({described})")
 
 
-def _record_layers(run: _Run, state: dict[str, torch.Tensor]) -> None:
-    layers, count = checks.layers_info(state)
+def _check_values(run: _Run, state: dict[str, Any], file: str | None) -> None:
+    """Finite values, then the layer table with each tensor's fingerprint for drift (one pass for both)."""
+    norms: dict[str, float] = {}
+    run.extend(checks.nonfinite(state, file=file, norms=norms))
+    layers, count = checks.layers_info(state, norms)
     run.info["layers"] = layers
     run.info["param_count"] = count
 
@@ -744,8 +746,7 @@ def _build_arch(run: _Run, state: dict[str, torch.Tensor], file: str | None) -> 
 def _finish_module(run: _Run, module: torch.nn.Module, state: dict[str, Any], file: str | None,
                    *, kind: str) -> None:
     run.info["model_kind"] = kind
-    run.extend(checks.nonfinite(state, file=file))
-    _record_layers(run, state)
+    _check_values(run, state, file)
 
 
 def _no_example(run: _Run, file: str | None, why: str) -> None:

@@ -24,7 +24,6 @@ from ckpt_stage.integrity import recheck_promoted, verify_download
 from ckpt_stage.pipeline import validate_version
 from ckpt_stage.registry import Registry
 from ckpt_stage.storage import S3Location, S3Storage
-from tests.faults import FaultProxy
 
 pytestmark = pytest.mark.integration
 
@@ -166,15 +165,6 @@ def test_every_file_removed_takes_the_alias_away_entirely(stack, stage_env, tmp_
     [r] = recheck_promoted(settings=Settings.from_env(), model=name)
     assert r.outcome == "quarantined" and [d.kind for d in r.differences] == ["removed"]
     assert _alias(name) is None
-
-
-@pytest.fixture
-def counting_s3(stack, monkeypatch):
-    """Every S3 request of the stage and of the MLflow client goes through a counting proxy."""
-    with FaultProxy(stack.s3.url) as p:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)
-        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", p.url)
-        yield p
 
 
 def test_unchanged_version_is_untouched_and_costs_no_download(stack, stage_env, tmp_path, counting_s3):

@@ -39,8 +39,10 @@ DETAIL = {
          "links": {}},
     ],
     "drift": {"against": "2", "findings": [REPORT["findings"][1]], "added": [{"name": "extra", "shape": [1],
-              "dtype": "float32"}], "removed": [], "changed": [{"name": "weight", "before": {"shape": [2, 4]},
-                                                                 "after": {"shape": [3, 4]}}]},
+              "dtype": "float32"}], "removed": [], "changed": [{"name": "weight", "previous": {"shape": [2, 4]},
+                                                                 "current": {"shape": [3, 4]}}],
+              "weights": {"tensors": [{"name": "bias", "rel_l2": 0.125, "exact": True},
+                                      {"name": "big", "rel_l2": 0.03, "exact": False}]}},
     "links": {"mlflow_version": "http://mlflow/#/models/clf/versions/3"},
 }
 
@@ -51,7 +53,8 @@ def test_render_prints_state_attempts_report_and_drift():
     out = console.export_text()
     for text in ("clf v3", "quarantined", "@validated", "v2", "run2", "run1", "fix arch_kwargs", "torch-zip",
                  "2.0 KiB", "2.12.1", "2.13.0", "1.80 s", "isolation: seccomp", "extra", "weight",
-                 "http://mlflow/#/models/clf/versions/3", "Architecture drift vs promoted v2"):
+                 "http://mlflow/#/models/clf/versions/3", "Architecture drift vs promoted v2", "Weight drift",
+                 "12.50%", "≈3.00%"):
         assert text in out, text
 
 

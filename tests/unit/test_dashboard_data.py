@@ -8,13 +8,12 @@ import time
 import pytest
 
 from ckpt_stage.config import Settings
+from ckpt_stage import drift
 from ckpt_stage.dashboard.data import (
     DashboardData,
     TTLCache,
-    drift_findings,
     human_age,
     human_bytes,
-    layer_drift,
 )
 from ckpt_stage.domain import VersionRef
 from tests.unit.dashboard_fakes import FakeRegistry, fake_run
@@ -157,8 +156,8 @@ def test_detail_has_attempts_reports_and_drift_against_the_promoted_version():
     assert d["drift"]["against"] == "1"
     assert [x["name"] for x in d["drift"]["added"]] == ["new"]
     assert [x["name"] for x in d["drift"]["removed"]] == ["gone"]
-    assert d["drift"]["changed"] == [{"name": "w", "before": {"shape": [2, 4], "dtype": "float32"},
-                                      "after": {"shape": [3, 4], "dtype": "float32"}}]
+    assert d["drift"]["changed"] == [{"name": "w", "previous": {"shape": [2, 4], "dtype": "float32"},
+                                      "current": {"shape": [3, 4], "dtype": "float32"}}]
     assert [f["message"] for f in d["drift"]["findings"]] == ["architecture changed"]
     assert d["links"]["mlflow_version"] == "http://mlflow.example/#/models/a/versions/2"
     assert d["attempts"][0]["links"]["mlflow_run"] == "http://mlflow.example/#/experiments/7/runs/r2"
@@ -178,12 +177,14 @@ def test_airflow_log_link_needs_the_task_that_ran_the_attempt():
     assert DashboardData(Settings(), FakeRegistry()).airflow_log_url(tags, None) is None
 
 
-def test_layer_drift_and_drift_findings():
-    assert layer_drift(None, None) == {"added": [], "removed": [], "changed": []}
-    d = layer_drift({"x": {"shape": [1], "dtype": "float32"}}, {"x": {"shape": [1], "dtype": "bfloat16"}})
-    assert [c["name"] for c in d["changed"]] == ["x"]
-    assert drift_findings({"findings": [{"detail": {"added": []}}, {"detail": {"traceback": "x"}}, {}]}) == \
-        [{"detail": {"added": []}}]
+def test_drift_view_uses_the_one_layer_diff_and_finding_filter():
+    assert drift.diff_layers(None, None) == {"added": [], "removed": [], "changed": []}
+    d = drift.diff_layers({"x": {"shape": [1], "dtype": "float32"}}, {"x": {"shape": [1], "dtype": "bfloat16"}})
+    assert d["changed"] == [{"name": "x", "previous": {"shape": [1], "dtype": "float32"},
+                             "current": {"shape": [1], "dtype": "bfloat16"}}]
+    assert drift.findings_of({"findings": [{"detail": {"kind": "drift"}}, {"detail": {"kind": "weight_drift"}},
+                                           {"detail": {"traceback": "x"}}, {}]}) == \
+        [{"detail": {"kind": "drift"}}, {"detail": {"kind": "weight_drift"}}]
 
 
 def test_reason_stats_count_versions_per_day_and_skip_repeats():

@@ -100,8 +100,11 @@ def test_state_dict_pass_reports_layers_and_no_example_warning(dirs):
     torch.save(torch.nn.Linear(4, 2).state_dict(), path)
     result, settings = _run(Built([path], arch=LINEAR, arch_kwargs=LINEAR_KW))
     assert result.info["param_count"] == 10
-    assert result.info["layers"] == {"weight": {"shape": [2, 4], "dtype": "float32"},
-                                     "bias": {"shape": [2], "dtype": "float32"}}
+    layers = result.info["layers"]
+    assert {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in layers.items()} == \
+        {"weight": {"shape": [2, 4], "dtype": "float32"}, "bias": {"shape": [2], "dtype": "float32"}}
+    # and each tensor's fingerprint for drift: its L2 norm and (8 and 2 elements) every value
+    assert layers["weight"]["norm"] > 0 and len(layers["weight"]["sample"]) == len("A" * 44)
     warn = [f for f in result.findings if f.detail.get("kind") == NO_INPUT_EXAMPLE]
     assert warn and warn[0].severity is Severity.WARNING
     assert decide(result.findings, settings).verdict is Verdict.PASS
@@ -372,7 +375,7 @@ def test_drift_compare():
             "old.weight": {"shape": [3], "dtype": "float32"}}
     cur = {"fc.weight": {"shape": [2, 4], "dtype": "float32"}, "fc.bias": {"shape": [2], "dtype": "float16"},
            "head.weight": {"shape": [2, 2], "dtype": "float32"}}
-    f = drift.compare(prev, cur, "3")
+    [f] = drift.compare(prev, cur, "3")  # no fingerprints: the architecture finding alone
     assert isinstance(f, Finding) and f.code is None and f.severity is Severity.INFO
     assert "version 3" in f.message
     assert "53 → 14 (-39)" in f.message
@@ -387,7 +390,7 @@ def test_drift_compare():
 
 def test_drift_none_when_same_or_unknown():
     layers = {"w": {"shape": [2], "dtype": "float32"}}
-    assert drift.compare(layers, dict(layers), "1") is None
-    assert drift.compare({}, layers, "1") is None
-    retyped = drift.compare(layers, {"w": {"shape": [2], "dtype": "bfloat16"}}, "1")
-    assert retyped is not None and "changed dtype" in retyped.message
+    assert drift.compare(layers, dict(layers), "1") == []
+    assert drift.compare({}, layers, "1") == []
+    [retyped] = drift.compare(layers, {"w": {"shape": [2], "dtype": "bfloat16"}}, "1")
+    assert "changed dtype" in retyped.message
