@@ -184,8 +184,8 @@ def render(detail: dict[str, Any], *, full: int = 1, console: Any = None) -> Non
             console.print(t)
         weights = drift.get("weights") or {}
         if weights.get("tensors"):
-            console.rule("Weight drift (largest relative L2 change first; ≈ estimated from sampled values)")
-            t = Table("tensor", "relative L2 change")
+            console.rule(f"Weight drift vs v{weights.get('previous_version', '?')}")
+            t = Table("tensor (largest change first)", "relative L2 change (≈ sampled)")
             for w in weights["tensors"]:
                 rel = w.get("rel_l2")
                 t.add_row(w.get("name", ""), "from zero" if rel is None else
