@@ -193,6 +193,10 @@ class Settings:
     allow_model_code: tuple[str, ...] = ()
     """Module prefixes whose code a version may carry (MLflow ``code_paths``, Hugging Face ``auto_map``):
     ``CKPT_STAGE_ALLOW_MODEL_CODE``. Such code is imported only inside the isolated worker."""
+    allow_package_indexes: tuple[str, ...] = ()
+    """``CKPT_STAGE_ALLOW_PACKAGE_INDEXES``: package index URLs (pip ``--index-url``/``--extra-index-url``,
+    ``uv.lock`` registries) and conda channels, beside PyPI and the public channels, that a model's
+    environment may install from on serving hosts (``scan/envspec.py``); anything else is UNSAFE_CODE."""
     require_input_example: bool = False
     drift_max_change: float = 0.0
     """``CKPT_STAGE_DRIFT_MAX_CHANGE``: a tensor whose relative L2 change against the alias holder exceeds
@@ -281,6 +285,7 @@ class Settings:
             allow_pickled_models=_bool(env, "ALLOW_PICKLED_MODELS", d.allow_pickled_models),
             allow_loader_modules=tuple(dict.fromkeys(DEFAULT_LOADER_MODULES + _list(env, "ALLOW_LOADER_MODULES"))),
             allow_model_code=_list(env, "ALLOW_MODEL_CODE"),
+            allow_package_indexes=_list(env, "ALLOW_PACKAGE_INDEXES"),
             require_input_example=_bool(env, "REQUIRE_INPUT_EXAMPLE", d.require_input_example),
             drift_max_change=_float(env, "DRIFT_MAX_CHANGE", d.drift_max_change),
             other_flavors=_choice(env, "OTHER_FLAVORS", OTHER_FLAVOR_CHOICES, d.other_flavors),

@@ -86,6 +86,18 @@ def _option(line: str) -> tuple[str, str]:
     return (m.group(1), m.group(2).strip()) if m else (line, "")
 
 
+#: pip options that name a package index (allowed for the indexes the operator trusts).
+_INDEX_OPTIONS = frozenset({"-i", "--index-url", "--extra-index-url"})
+INDEX_SETTING = "CKPT_STAGE_ALLOW_PACKAGE_INDEXES"
+
+
+def trusted(url: str, indexes: tuple[str, ...]) -> bool:
+    """``url`` is one of the operator's trusted indexes or channels, or below one (``https://pkgs.corp/simple``
+    under ``https://pkgs.corp``); compared without trailing slashes, never by substring."""
+    url = url.strip().rstrip("/")
+    return bool(url) and any(url == t or url.startswith(t + "/") for t in (i.strip().rstrip("/") for i in indexes) if t)
+
+
 def _public_spec(spec: str) -> str:
     """``conda-forge::numpy`` → ``numpy`` (a public channel); any other ``channel::`` stays and fails."""
     channel, sep, rest = spec.partition("::")
@@ -96,9 +108,12 @@ class EnvCheck:
     """Judges the environment files of one MLflow model folder ``mdir`` (relative to the version root)."""
 
     def __init__(self, root: Path, mdir: str, here: set[str], report: Report,
-                 read: Callable[[Path, int], bytes | None], rel_inside: Callable[[str, Any], str | None]):
+                 read: Callable[[Path, int], bytes | None], rel_inside: Callable[[str, Any], str | None],
+                 indexes: tuple[str, ...] = ()):
         self.root, self.mdir, self.here, self.report = root, mdir, here, report
         self.read, self.rel_inside = read, rel_inside
+        self.indexes = indexes
+        """Package indexes and conda channels the operator trusts (``CKPT_STAGE_ALLOW_PACKAGE_INDEXES``)."""
         self.seen: set[str] = set()
 
     def full(self, rel: str) -> str:
@@ -120,10 +135,14 @@ class EnvCheck:
             opt, value = _option(line)
             if opt in ("-r", "--requirement", "-c", "--constraint"):
                 self.include(where, value, depth)
+            elif opt in _INDEX_OPTIONS and trusted(value, self.indexes):
+                pass
             elif opt not in _HARMLESS_PIP_OPTIONS:
                 self.report(where, f"has the pip option {line[:120]!r}",
                             "it makes pip install from somewhere other than the package index (an editable "
-                            "checkout, another index or a download page) or change how packages are built")
+                            "checkout, another index or a download page) or change how packages are built"
+                            + (f" (an operator trusts an index with {INDEX_SETTING})" if opt in _INDEX_OPTIONS
+                               else ""))
             return
         spec, _, options = line.partition(" --")
         if options and not all(o.startswith("hash") for o in (" --" + options).split(" --")[1:]):
@@ -246,10 +265,11 @@ class EnvCheck:
         channels = doc.get("channels") or []
         if not isinstance(channels, list):
             channels = [channels]
-        odd = [str(c) for c in channels if str(c) not in PUBLIC_CHANNELS]
+        odd = [str(c) for c in channels if str(c) not in PUBLIC_CHANNELS and not trusted(str(c), self.indexes)]
         if odd:
             self.report(where, f"installs from the conda channel(s) {', '.join(odd)[:160]}",
-                        f"conda packages run install scripts; only {', '.join(sorted(PUBLIC_CHANNELS))} are public")
+                        f"conda packages run install scripts; only {', '.join(sorted(PUBLIC_CHANNELS))} are public "
+                        f"(an operator trusts another channel with {INDEX_SETTING})")
         deps = doc.get("dependencies") or []
         if not isinstance(deps, list):
             self.report(where, "has dependencies that are not a list", "re-log the model with mlflow")
@@ -298,10 +318,12 @@ class EnvCheck:
                 continue
             kind = next(iter(source), "")
             value = source.get(kind)
-            if kind == "virtual" or (kind == "registry" and str(value).rstrip("/") == PYPI_SIMPLE):
+            if kind == "virtual" or (kind == "registry" and (str(value).rstrip("/") == PYPI_SIMPLE
+                                                             or trusted(str(value), self.indexes))):
                 continue
             self.report(self.full(rel), f"locks {str(pkg.get('name'))[:60]!r} from {kind} {str(value)[:120]!r}, "
-                        "not from PyPI", "uv sync installs (and builds) it as locked on every serving host")
+                        "not from PyPI", "uv sync installs (and builds) it as locked on every serving host"
+                        + (f" (an operator trusts an index with {INDEX_SETTING})" if kind == "registry" else ""))
 
     def run(self, pyfunc: dict[str, Any] | None) -> None:
         conda, venv = self.env_paths(pyfunc.get("env") if pyfunc is not None else None)
@@ -317,7 +339,8 @@ class EnvCheck:
 
 
 def check_environment(root: Path, mdir: str, pyfunc: dict[str, Any] | None, here: set[str], add: Callable[..., None],
-                      read: Callable[[Path, int], bytes | None], rel_inside: Callable[[str, Any], str | None]) -> None:
+                      read: Callable[[Path, int], bytes | None], rel_inside: Callable[[str, Any], str | None],
+                      indexes: tuple[str, ...] = ()) -> None:
     """Report (``add(code, message, hint, file)``) every entry of the model's environment files that
     would install code from outside the package index on a serving host."""
     def report(where: str, what: str, why: str) -> None:
@@ -325,4 +348,4 @@ def check_environment(root: Path, mdir: str, pyfunc: dict[str, Any] | None, here
         add(ReasonCode.UNSAFE_CODE, f"{where} {what}; mlflow models serve and build-docker install the model's "
             f"environment on the serving host, and {why}", HINT, file)
 
-    EnvCheck(root, mdir, here, report, read, rel_inside).run(pyfunc)
+    EnvCheck(root, mdir, here, report, read, rel_inside, indexes).run(pyfunc)

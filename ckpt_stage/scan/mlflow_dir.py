@@ -305,7 +305,7 @@ def _scan_mlmodel(root: Path, mlmodel: str, paths: Sequence[str], settings: Sett
             out.model_code[folder] = sorted(modules)
     out.own_modules[mdir] = own
 
-    check_environment(root, mdir, pyfunc, here, out.add, _read_small, _rel_inside)
+    check_environment(root, mdir, pyfunc, here, out.add, _read_small, _rel_inside, settings.allow_package_indexes)
     if pyfunc is not None:
         _check_pyfunc(mdir, mlmodel, pyfunc, pytorch, names, here, root, settings, out)
     elif pytorch is None and names:

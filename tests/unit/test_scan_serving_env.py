@@ -42,3 +42,26 @@ def test_case(case, tmp_path):
 def test_requirements_lines_are_read_as_pip_reads_them():
     text = "a==1 # note\n#only a comment\nb \\\n  >=2\n\nhttps://x#egg=c\n"
     assert list(_logical_lines(text)) == [(1, "a==1"), (3, "b   >=2"), (6, "https://x#egg=c")]
+
+
+@pytest.mark.parametrize(("name", "trusted", "blocked"), [
+    ("env_req_extra_index", "https://evil.example/simple", False),
+    ("env_req_extra_index", "https://evil.example", False),  # an index below a trusted prefix
+    ("env_req_extra_index", "https://evil.example/sim", True),  # a prefix of a path segment is not trusted
+    ("env_req_extra_index", "https://evil.example.attacker.net", True),
+    ("env_conda_channel_url", "https://evil.example/conda", False),
+    ("env_req_extra_index", "", True),
+])
+def test_an_operator_trusts_its_own_package_indexes(tmp_path, name, trusted, blocked):
+    """CKPT_STAGE_ALLOW_PACKAGE_INDEXES: a private index or conda channel the operator runs is not code the
+    version brings; every other index still is, and the refusal names the setting."""
+    case = next(c for c in CASES if c.name == name)
+    work, canary = tmp_path / "work", tmp_path / "canary"
+    work.mkdir()
+    canary.mkdir()
+    d = case.build(work, canary).paths[0]
+    settings = Settings.from_env({"CKPT_STAGE_ALLOW_PACKAGE_INDEXES": trusted})
+    blocking = [f for f in scan_version(d, _files(d), settings).findings if f.blocking]
+    assert bool(blocking) is blocked, [f.message for f in blocking]
+    if blocked:
+        assert all("CKPT_STAGE_ALLOW_PACKAGE_INDEXES" in f.message for f in blocking)
