@@ -487,7 +487,7 @@ def ls_cmd(status: str | None, model: str | None, reason: str | None, as_json: b
     """List versions and their verdicts."""
 
     def body() -> int:
-        from ckpt_stage.registry import Registry
+        from ckpt_stage.registry import RUN_ID, VALIDATED_AT, Registry
 
         registry = Registry(Settings.from_env())
         with _stdout_to_stderr() as real:
@@ -499,9 +499,9 @@ def ls_cmd(status: str | None, model: str | None, reason: str | None, as_json: b
                 "model": s.ref.name, "version": s.ref.version,
                 "status": s.status.value if s.status else None,
                 "reasons": list(s.reasons), "attempt": s.attempt,
-                "summary": s.tags.get("ckpt_stage.summary", ""),
-                "validated_at": s.tags.get("ckpt_stage.validated_at"),
-                "run_id": s.tags.get("ckpt_stage.run_id"),
+                "summary": s.summary,
+                "validated_at": s.tags.get(VALIDATED_AT),
+                "run_id": s.tags.get(RUN_ID),
             } for s in sorted(states, key=lambda s: (s.ref.name, _int(s.ref.version)))]
             if as_json:
                 _emit_json(real, rows)

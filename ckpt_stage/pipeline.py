@@ -43,7 +43,7 @@ from ckpt_stage.errors import (
     UsageError,
 )
 from ckpt_stage.policy import decide, summarize
-from ckpt_stage.registry import ARCH, ARCH_KWARGS, LEASE_OWNER, Registry, VersionState, default_owner, now_utc
+from ckpt_stage.registry import ARCH, ARCH_KWARGS, LEASE_OWNER, RUN_ID, Registry, VersionState, default_owner, now_utc
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
 from ckpt_stage.scan import ScanResult, scan_version
 from ckpt_stage.scan.estimate import oversized_files
@@ -715,7 +715,7 @@ def _drift(registry: Registry, ref: VersionRef, checked: Checked) -> list[Findin
         if promoted is None or promoted == ref.version:
             return []
         prev_state = registry.get(VersionRef(ref.name, promoted))
-        run_id = prev_state.tags.get("ckpt_stage.run_id")
+        run_id = prev_state.tags.get(RUN_ID)
         prev = registry.report_of(run_id) if run_id else None
         layers = ((prev or {}).get("model_info") or {}).get("layers")
         if not layers:

@@ -30,12 +30,15 @@ from ckpt_stage.config import Settings, format_size
 from ckpt_stage.domain import ReasonCode, Status, VersionRef
 from ckpt_stage.errors import UsageError
 from ckpt_stage.registry import (
+    ATTEMPT,
     LEASE_OWNER,
     LEASE_UNTIL,
+    REASONS,
     RUN_ID,
     SUMMARY,
     TAG,
     VALIDATED_AT,
+    VERDICT,
     Registry,
     VersionState,
     parse_iso,
@@ -392,12 +395,12 @@ class DashboardData:
             tags = run.get("tags") or {}
             report = reports.get(run["run_id"])
             attempts.append({
-                "attempt": _int(tags.get("ckpt_stage.attempt")) or (report or {}).get("attempt"),
+                "attempt": _int(tags.get(ATTEMPT)) or (report or {}).get("attempt"),
                 "run_id": run["run_id"],
                 "started_at": iso_ms(run.get("start_time")),
-                "verdict": tags.get("ckpt_stage.verdict") or (report or {}).get("verdict"),
-                "reasons": [c for c in (tags.get("ckpt_stage.reasons") or "").split(",") if c],
-                "summary": tags.get("ckpt_stage.summary") or (report or {}).get("summary", ""),
+                "verdict": tags.get(VERDICT) or (report or {}).get("verdict"),
+                "reasons": [c for c in (tags.get(REASONS) or "").split(",") if c],
+                "summary": tags.get(SUMMARY) or (report or {}).get("summary", ""),
                 "metrics": run.get("metrics") or {},
                 "report": report,
                 "links": {"mlflow_run": self.mlflow_run_url(run["run_id"], exp_id),
@@ -562,7 +565,7 @@ class DashboardData:
             return None
         info = dict((report or {}).get("airflow") or {})
         for key, tag in AIRFLOW_RUN_TAGS.items():
-            for name in (f"ckpt_stage.{tag}", tag):
+            for name in (TAG + tag, tag):
                 if run_tags.get(name) and not info.get(key):
                     info[key] = run_tags[name]
         if not (info.get("dag_id") and info.get("run_id") and info.get("task_id")):
