@@ -31,7 +31,7 @@ from typing import Any
 
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import ReasonCode, Status, VersionRef
-from ckpt_stage.errors import ArtifactMissing, CkptStageError, ConfigError, UsageError
+from ckpt_stage.errors import ArtifactMissing, CkptStageError, ConfigError, ManifestUnavailable, UsageError
 from ckpt_stage.registry import MANIFEST_SHA256, RUN_ID, SHA256, VALIDATED_AT, Registry, VersionState
 from ckpt_stage.storage import (
     RemoteFile,
@@ -44,12 +44,6 @@ from ckpt_stage.storage import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ManifestUnavailable(CkptStageError):
-    """The version has no readable manifest (no run, no report.json, or a report without files)."""
-
-    code = ReasonCode.REGISTRY_UNAVAILABLE
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 from ckpt_stage.config import PREFIX, Settings, WorkerClass
 from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, Status, Verdict, VersionRef
-from ckpt_stage.errors import CkptStageError, UsageError
+from ckpt_stage.errors import CkptStageError, UsageError, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -224,14 +224,6 @@ def plan_versions(refs: Sequence[VersionRef], settings: Settings | None = None) 
 
 
 # -- one version ----------------------------------------------------------------------------------------
-class ValidationFailed(Exception):
-    """The task must fail. ``retry``: Airflow should try again (infrastructure); else it needs a person."""
-
-    def __init__(self, message: str, *, retry: bool):
-        super().__init__(message)
-        self.retry = retry
-
-
 def judge(outcome: Any) -> dict[str, Any]:
     """A validation outcome → the task's result, or ``ValidationFailed``.
 

@@ -23,17 +23,12 @@ from typing import Any
 from ckpt_stage.config import Settings
 from ckpt_stage.dashboard.data import RERUN_DAG, DashboardData
 from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, VersionRef
+from ckpt_stage.errors import RerunError
 
 log = logging.getLogger(__name__)
 
 MAX_VERSIONS = 1000
 """One request re-runs at most this many versions in-process (a DAG run batches them itself)."""
-
-
-class RerunError(Exception):
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
 
 
 @dataclass(frozen=True)
