@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_stage.domain import ReasonCode
+from ckpt_stage.domain import Finding, ReasonCode
 
 
 class CkptStageError(Exception):
@@ -134,6 +134,31 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, TransientError)
 
 
+TRANSIENT_CODES = frozenset({ReasonCode.STORAGE_UNAVAILABLE, ReasonCode.REGISTRY_UNAVAILABLE, ReasonCode.WORKER_LOST})
+"""Reason codes where another try may succeed: those of the ``TransientError`` classes, and a lost worker.
+The others (``STORAGE_MISCONFIGURED``, ``INTERNAL_ERROR``, every model problem) need a person first."""
+
+RETRYABLE_DETAIL = "retryable"
+"""A finding made from an error whose class disagrees with its code's default (``RegistryError`` carries
+``REGISTRY_UNAVAILABLE`` but is permanent) records the class's answer under this ``detail`` key."""
+
+
+def retry_detail(exc: BaseException, code: ReasonCode | None) -> dict[str, Any]:
+    """What a finding made from ``exc`` must carry so that ``is_retryable_finding`` answers as
+    ``is_retryable(exc)`` does: nothing when the code already says it."""
+    retryable = is_retryable(exc)
+    return {} if retryable == (code in TRANSIENT_CODES) else {RETRYABLE_DETAIL: retryable}
+
+
+def is_retryable_finding(finding: Finding) -> bool:
+    """Retryability of a recorded ``error`` finding: the error class's answer when it was recorded
+    (``retry_detail``), else its reason code's (``TRANSIENT_CODES``)."""
+    recorded = finding.detail.get(RETRYABLE_DETAIL)
+    if isinstance(recorded, bool):
+        return recorded
+    return finding.code in TRANSIENT_CODES
+
+
 # -- inside the worker (load/): each becomes a finding of the loader -----------------------------
 
 
@@ -194,7 +219,7 @@ class ServerStartError(Exception):
 
 class ValidationFailed(Exception):
     """The task must fail. ``retry``: Airflow should try again (infrastructure: every reason code is
-    retryable); else it needs a person (``INTERNAL_ERROR``,
+    retryable, see ``is_retryable_code``); else it needs a person (``INTERNAL_ERROR``,
     ``STORAGE_MISCONFIGURED``, ...). Raised by ``orchestrate.judge``; the verdict is already recorded."""
 
     def __init__(self, message: str, *, retry: bool):

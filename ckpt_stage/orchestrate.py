@@ -24,7 +24,7 @@ from typing import Any
 
 from ckpt_stage.config import PREFIX, Settings, WorkerClass
 from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, Status, Verdict, VersionRef
-from ckpt_stage.errors import CkptStageError, UsageError, ValidationFailed
+from ckpt_stage.errors import TRANSIENT_CODES, CkptStageError, UsageError, ValidationFailed, is_retryable_finding
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,8 @@ REGISTRATIONS_ASSET_URI = "x-ckpt-stage://mlflow/model-version-created"
 # batch is worked off by the following sweeps.
 MAX_BATCH = 500
 
-# Infrastructure codes where another try may succeed; the others (STORAGE_MISCONFIGURED, INTERNAL_ERROR)
-# need a person first, so retrying the task only burns time.
-RETRYABLE_CODES = frozenset({ReasonCode.STORAGE_UNAVAILABLE, ReasonCode.REGISTRY_UNAVAILABLE, ReasonCode.WORKER_LOST})
+# Infrastructure codes where another try may succeed (the error taxonomy's, ``errors.TRANSIENT_CODES``).
+RETRYABLE_CODES = TRANSIENT_CODES
 
 RERUN_STATUSES = RERUNNABLE_STATUSES
 
@@ -228,7 +227,8 @@ def judge(outcome: Any) -> dict[str, Any]:
     """A validation outcome → the task's result, or ``ValidationFailed``.
 
     pass / quarantine: success (a model problem is a result, not a task failure). error: retryable when
-    every code is a transient infrastructure code, otherwise a failure without retries (INTERNAL_ERROR is
+    every reason is a transient infrastructure failure (``errors.is_retryable_finding``: a permanent
+    MLflow error, ``RegistryError``, is not, although its code is ``REGISTRY_UNAVAILABLE``), otherwise a failure without retries (INTERNAL_ERROR is
     a bug; STORAGE_MISCONFIGURED is the stage's setup). Either way the verdict is already recorded.
     """
     if outcome.report is None:
@@ -248,7 +248,8 @@ def judge(outcome: Any) -> dict[str, Any]:
     what = f"{report.model} ended in error ({', '.join(result['reasons'])}): {report.summary}"
     if ReasonCode.INTERNAL_ERROR in codes:
         raise ValidationFailed(f"ckpt-stage bug: {what}", retry=False)
-    if codes and all(c in RETRYABLE_CODES for c in codes):
+    blocking = [f for f in report.reasons if f.code is not None]
+    if blocking and all(is_retryable_finding(f) for f in blocking):
         raise ValidationFailed(what, retry=True)
     raise ValidationFailed(what, retry=False)
 

@@ -41,6 +41,7 @@ from ckpt_stage.errors import (
     StorageMisconfigured,
     StorageUnavailable,
     UsageError,
+    retry_detail,
 )
 from ckpt_stage.policy import decide, summarize
 from ckpt_stage.registry import ARCH, ARCH_KWARGS, LEASE_OWNER, RUN_ID, Registry, VersionState, default_owner, now_utc
@@ -282,7 +283,7 @@ def _internal(exc: BaseException) -> Finding:
 
 
 def _finding_from_error(exc: CkptStageError) -> Finding:
-    return Finding(exc.code, exc.message, exc.hint, file=exc.fields.get("file"))
+    return Finding(exc.code, exc.message, exc.hint, file=exc.fields.get("file"), detail=retry_detail(exc, exc.code))
 
 
 # -- inspect ---------------------------------------------------------------------------------------
@@ -659,7 +660,8 @@ def _unrecorded(ref: VersionRef, exc: BaseException, *, attempt: int, what: str)
     """An ``error`` outcome for a version whose verdict could not be recorded."""
     err = _classified(exc)
     finding = Finding(err.code, f"{what} failed: {err.message}",
-                      err.hint or "the version stays eligible: the next sweep or a re-run picks it up again")
+                      err.hint or "the version stays eligible: the next sweep or a re-run picks it up again",
+                      detail=retry_detail(err, err.code))
     decision = decide([finding])
     report = build_report(None, decision, model=ref, attempt=attempt, findings=[finding], timings={})
     return Outcome(report, recorded=False)
