@@ -453,17 +453,18 @@ def rerun(model: str | None, version: str | None, status: str | None, reason: st
         from ckpt_stage import pipeline
         from ckpt_stage.registry import Registry
 
+        from ckpt_stage.orchestrate import RerunSelection
+
         if version and not model:
             raise UsageError("--version needs --model")
         if bool(version) == bool(status):
             raise UsageError(f"give either --model NAME --version N, or --status {'|'.join(RERUNNABLE_STATUSES)}")
-        if reason and reason not in ReasonCode.__members__:
-            raise UsageError(f"--reason {reason!r} is not a reason code; known: {', '.join(ReasonCode.__members__)}")
+        selection = RerunSelection.parse({"model": model, "versions": [version] if version else [],
+                                          "status": status, "reason": reason})
         settings = Settings.from_env()
         registry = Registry(settings)
         with _stdout_to_stderr() as real:
-            refs = [VersionRef(str(model), str(version))] if version else [
-                s.ref for s in registry.iter_versions(model=model, status=status, reason=reason)]
+            refs = selection.matching(registry)
             outcomes = []
             line = _line_per_version(as_json)
             for i, ref in enumerate(refs, 1):

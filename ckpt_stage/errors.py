@@ -88,6 +88,11 @@ class UsageError(PermanentError):
     """The caller asked for something that does not exist or makes no sense."""
 
 
+class RerunTooLarge(UsageError):
+    """A re-run selection matches more versions than one re-run takes (``orchestrate.MAX_RERUN``); narrow it
+    by model or reason. No reason code: nothing is recorded. The dashboard answers 413."""
+
+
 class ObjectChanged(StorageUnavailable):
     """An object changed (or vanished) between listing and download: the listing is stale, so the whole
     version is listed and downloaded again; never a verdict on a mix of old and new bytes. Retrying the

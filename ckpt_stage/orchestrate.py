@@ -20,11 +20,12 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from ckpt_stage.config import PREFIX, Settings, WorkerClass
 from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, Status, Verdict, VersionRef
-from ckpt_stage.errors import TRANSIENT_CODES, CkptStageError, UsageError, ValidationFailed, is_retryable_finding
+from ckpt_stage.errors import TRANSIENT_CODES, CkptStageError, RerunTooLarge, UsageError, ValidationFailed, is_retryable_finding
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ MAX_BATCH = 500
 RETRYABLE_CODES = TRANSIENT_CODES
 
 RERUN_STATUSES = RERUNNABLE_STATUSES
+
+MAX_RERUN = MAX_BATCH
+"""One re-run selects at most this many versions, from any entry point (the DAG maps one task per version)."""
 
 
 def sweep_interval_s(env: Mapping[str, str] | None = None) -> float:
@@ -106,48 +110,102 @@ def discover(registry: Any, event_refs: Sequence[VersionRef] = (), *, limit: int
 
 
 # -- selection for re-runs ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RerunSelection:
+    """What one re-run asks for, whichever entry point it came from (CLI ``rerun``, the ``ckpt_stage_rerun``
+    DAG form, the dashboard's ``POST /api/rerun``): either ``model`` + ``versions``, or ``status``
+    (``RERUN_STATUSES``) with optional ``reason`` and ``model``. ``parse`` is the one set of rules; every
+    entry point matches at most ``MAX_RERUN`` versions."""
+
+    model: str | None = None
+    versions: tuple[str, ...] = ()
+    status: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def parse(cls, params: Any) -> RerunSelection:
+        """Check a selection (cross-field rules JSON schema cannot express); raises ``UsageError``."""
+        if not isinstance(params, Mapping):
+            raise UsageError("the re-run selection must be a JSON object")
+        model, status, reason = (_text_field(params, key) for key in ("model", "status", "reason"))
+        raw_versions = params.get("versions") or []
+        if isinstance(raw_versions, str | int):
+            raw_versions = [raw_versions]
+        if not isinstance(raw_versions, list | tuple):
+            raise UsageError("versions must be a list of version numbers")
+        versions = [str(v).strip() for v in raw_versions if str(v).strip()]
+        if versions and status:
+            raise UsageError("give either versions (with a model) or a status, not both")
+        if versions and not model:
+            raise UsageError("versions need a model name")
+        if not versions and not status:
+            raise UsageError(f"give a model and versions, or a status ({', '.join(RERUN_STATUSES)})")
+        if status and status not in RERUN_STATUSES:
+            raise UsageError(f"status must be one of {', '.join(RERUN_STATUSES)}, not {status!r}")
+        if reason and not status:
+            raise UsageError("a reason code filters a status selection; give a status too")
+        if reason and reason not in ReasonCode.__members__:
+            raise UsageError(f"{reason!r} is not a reason code; known: {', '.join(ReasonCode.__members__)}")
+        bad = [v for v in versions if not v.isdigit()]
+        if bad:
+            raise UsageError(f"model versions are numbers, got {', '.join(map(repr, bad))}")
+        if len(set(versions)) > MAX_RERUN:
+            raise RerunTooLarge(f"{len(set(versions))} versions given; one re-run takes at most {MAX_RERUN}")
+        return cls(model=model, versions=tuple(dict.fromkeys(versions)), status=status, reason=reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "versions": list(self.versions), "status": self.status, "reason": self.reason}
+
+    def conf(self) -> dict[str, Any]:
+        """The ``ckpt_stage_rerun`` DAG's params."""
+        if self.versions:
+            return {"model": self.model, "versions": list(self.versions)}
+        return {"status": self.status, "reason": self.reason, "model": self.model}
+
+    def describe(self) -> str:
+        if self.versions:
+            return f"{self.model} version{'s' if len(self.versions) > 1 else ''} {', '.join(self.versions)}"
+        parts = [f"every {self.status} version"]
+        if self.model:
+            parts.append(f"of {self.model}")
+        if self.reason:
+            parts.append(f"with {self.reason}")
+        return " ".join(parts)
+
+    def matching(self, registry: Any, *, limit: int = MAX_RERUN) -> list[VersionRef]:
+        """The versions selected, in order (by model and number for a status selection); more than ``limit``
+        raises ``RerunTooLarge``. Named versions are not looked up here (``select_for_rerun`` does)."""
+        if self.versions:
+            assert self.model is not None
+            return [VersionRef(self.model, v) for v in self.versions]
+        refs = [s.ref for s in registry.iter_versions(model=self.model, status=self.status, reason=self.reason)]
+        refs.sort(key=lambda r: (r.name, int(r.version) if r.version.isdigit() else 0))
+        if len(refs) > limit:
+            raise RerunTooLarge(f"{len(refs)} versions match; one re-run takes at most {limit}: "
+                                "narrow it by model or reason")
+        return refs
+
+
+def _text_field(params: Mapping[str, Any], key: str) -> str | None:
+    value = params.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"{key} must be a string")
+    return (value or "").strip() or None
+
+
 def rerun_selection(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Check the re-run form (cross-field rules JSON schema cannot express); returns it normalised.
-
-    Either ``model`` + ``versions``, or ``status`` (``quarantined``/``error``/``promoted``) with optional
-    ``reason`` and ``model``.
-    """
-    model = (params.get("model") or "").strip() or None
-    raw_versions = params.get("versions") or []
-    if isinstance(raw_versions, str | int):
-        raw_versions = [raw_versions]
-    versions = [str(v).strip() for v in raw_versions if str(v).strip()]
-    status = (params.get("status") or "").strip() or None
-    reason = (params.get("reason") or "").strip() or None
-    if versions and status:
-        raise UsageError("give either versions (with a model) or a status, not both")
-    if versions and not model:
-        raise UsageError("versions need a model name")
-    if not versions and not status:
-        raise UsageError(f"give a model and versions, or a status ({', '.join(RERUN_STATUSES)})")
-    if status and status not in RERUN_STATUSES:
-        raise UsageError(f"status must be one of {', '.join(RERUN_STATUSES)}, not {status!r}")
-    if reason and not status:
-        raise UsageError("a reason code filters a status selection; give a status too")
-    if reason and reason not in ReasonCode.__members__:
-        raise UsageError(f"{reason!r} is not a reason code; known: {', '.join(ReasonCode.__members__)}")
-    bad = [v for v in versions if not v.isdigit()]
-    if bad:
-        raise UsageError(f"model versions are numbers, got {', '.join(map(repr, bad))}")
-    return {"model": model, "versions": versions, "status": status, "reason": reason}
+    """``RerunSelection.parse(params)`` as the DAG form's normalised dict."""
+    return RerunSelection.parse(params).to_dict()
 
 
-def select_for_rerun(registry: Any, params: Mapping[str, Any], *, limit: int = MAX_BATCH) -> list[VersionRef]:
-    sel = rerun_selection(params)
-    if sel["versions"]:
-        refs = [VersionRef(sel["model"], v) for v in sel["versions"]]
+def select_for_rerun(registry: Any, params: Mapping[str, Any], *, limit: int = MAX_RERUN) -> list[VersionRef]:
+    """The DAG's selection: ``RerunSelection.matching``, each named version looked up first (``UsageError``
+    naming the version when it does not exist)."""
+    sel = RerunSelection.parse(params)
+    refs = sel.matching(registry, limit=limit)
+    if sel.versions:
         for ref in refs:
-            registry.get(ref)  # UsageError naming the version when it does not exist
-        return dedupe(refs)
-    refs = [s.ref for s in registry.iter_versions(model=sel["model"], status=sel["status"], reason=sel["reason"])]
-    refs.sort(key=lambda r: (r.name, int(r.version) if r.version.isdigit() else 0))
-    if len(refs) > limit:
-        raise UsageError(f"{len(refs)} versions match; one re-run takes at most {limit}: narrow it by model or reason")
+            registry.get(ref)
     return refs
 
 
@@ -416,8 +474,8 @@ def pool_definitions(settings: Settings, *, host_memory_bytes: int | None = None
 
 
 __all__ = [
-    "PREFIX", "RERUN_DAG_ID", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
-    "ValidationFailed", "build_validation_tasks", "class_settings", "control_queue", "discover", "estimate_bytes", "in_class", "judge",
+    "MAX_RERUN", "PREFIX", "RERUN_DAG_ID", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
+    "RerunSelection", "ValidationFailed", "build_validation_tasks", "class_settings", "control_queue", "discover", "estimate_bytes", "in_class", "judge",
     "plan", "plan_versions", "planned_memory", "pool_definitions", "refs_from_extras", "rerun_selection", "route",
     "select_for_rerun", "sweep_interval_s", "task_owner", "validate_one",
 ]

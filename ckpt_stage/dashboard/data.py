@@ -29,6 +29,7 @@ from urllib.parse import quote
 from ckpt_stage.config import Settings, format_size
 from ckpt_stage.domain import ReasonCode, Status, VersionRef
 from ckpt_stage.errors import UsageError
+from ckpt_stage.orchestrate import VALIDATE_DAG_ID
 from ckpt_stage.registry import (
     ATTEMPT,
     LEASE_OWNER,
@@ -45,9 +46,6 @@ from ckpt_stage.registry import (
 )
 
 log = logging.getLogger(__name__)
-
-RERUN_DAG = "ckpt_stage_rerun"
-VALIDATE_DAG = "ckpt_stage_validate"
 
 # Problems first: what a person has to act on sits at the top of the home page.
 STATUS_ORDER: dict[str | None, int] = {
@@ -422,7 +420,7 @@ class DashboardData:
                 "mlflow_version": self.mlflow_version_url(model, version),
                 "mlflow_source_run": self.mlflow_run_url(state.run_id) if state.run_id else None,
                 "mlflow_validation_run": self.mlflow_run_url(row["run_id"], exp_id) if row["run_id"] else None,
-                "airflow": self.airflow_dag_url(VALIDATE_DAG),
+                "airflow": self.airflow_dag_url(VALIDATE_DAG_ID),
             },
         }
 
