@@ -50,7 +50,8 @@ MAX_RERUN = MAX_BATCH
 
 
 def sweep_interval_s(env: Mapping[str, str] | None = None) -> float:
-    """``CKPT_STAGE_SWEEP_INTERVAL_S`` (default 300): how often ``ckpt_stage_validate`` sweeps."""
+    """``CKPT_STAGE_SWEEP_INTERVAL_S`` of ``env`` (default 300): how often ``ckpt_stage_validate`` sweeps.
+    The DAG files read it from their ``Settings``."""
     return Settings.from_env(env).sweep_interval_s
 
 
@@ -268,11 +269,10 @@ def in_class(planned: Iterable[Mapping[str, Any]], worker_class: str) -> list[di
     return [dict(item) for item in planned if item.get("worker_class") == worker_class]
 
 
-def plan_versions(refs: Sequence[VersionRef], settings: Settings | None = None) -> list[dict[str, Any]]:
+def plan_versions(refs: Sequence[VersionRef], settings: Settings) -> list[dict[str, Any]]:
     from ckpt_stage.registry import Registry
     from ckpt_stage.storage import S3Storage
 
-    settings = settings or Settings.from_env()
     registry = Registry(settings)
     # Sizing must not stall the run: few quick tries; the validation has the full retry budget.
     storage = S3Storage(settings.replace(s3_attempts=min(2, settings.s3_attempts),
@@ -312,7 +312,7 @@ def judge(outcome: Any) -> dict[str, Any]:
     raise ValidationFailed(what, retry=False)
 
 
-def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings | None = None,
+def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings,
                  registry: Any = None, owner: str | None = None,
                  airflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Body of a mapped task. Without ``force``, a version that got a verdict meanwhile is skipped.
@@ -327,7 +327,6 @@ def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings | No
     from ckpt_stage.pipeline import validate_version
     from ckpt_stage.registry import LEASE_OWNER, Registry
 
-    settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
     vref = VersionRef(str(ref["name"]), str(ref["version"]))
     if not force:
@@ -371,7 +370,7 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
 
     @task(task_id="plan", queue=control_queue(settings))
     def plan_classes(found: list[dict[str, str]]) -> list[dict[str, Any]]:
-        planned = plan_versions([VersionRef(r["name"], r["version"]) for r in found])
+        planned = plan_versions([VersionRef(r["name"], r["version"]) for r in found], settings)
         for item in planned:
             log.info("%s v%s: %s bytes in S3, ~%s bytes to load → worker class %s, queue %s%s", item["name"],
                      item["version"], item["s3_bytes"], item["estimated_bytes"], item["worker_class"],
@@ -390,7 +389,7 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
         try:
             context = get_current_context()
             return validate_one(ref, force=force, owner=task_owner(context), airflow=task_identity(context),
-                                settings=class_settings(Settings.from_env(), worker_class))
+                                settings=class_settings(settings, worker_class))
         except ValidationFailed as exc:
             if exc.retry:
                 raise
@@ -411,11 +410,11 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
             task_id=task_id_for(wc, verb),
             pool=wc.pool,
             queue=wc.queue,
-            retries=3,
-            retry_delay=dt.timedelta(seconds=30),
+            retries=settings.task_retries,
+            retry_delay=dt.timedelta(seconds=settings.task_retry_delay_s),
             # A multiplier in Airflow 3.3 (delay * 2.0 ** (try - 1)): True would mean 1.0, a constant delay.
             retry_exponential_backoff=2.0,
-            max_retry_delay=dt.timedelta(minutes=10),
+            max_retry_delay=dt.timedelta(seconds=settings.task_max_retry_delay_s),
             # The attempt renews its lease while it runs (heartbeat), so the task's limit is the attempt's
             # own budget: downloads (each bounded by the S3 deadline), the worker's timeout, recording.
             execution_timeout=dt.timedelta(seconds=settings.worker_timeout_s + 2 * settings.s3_deadline_s + 300),

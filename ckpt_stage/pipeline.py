@@ -465,7 +465,7 @@ def inspect_paths(
     *,
     arch: str | None = None,
     arch_kwargs: dict | None = None,
-    settings: Settings | None = None,
+    settings: Settings,
 ) -> Report:
     """Validate local files offline: no registry, no S3, nothing recorded, nothing of the user's changed.
 
@@ -473,7 +473,6 @@ def inspect_paths(
     it loads, and the runner grants that by adding read bits to the job's folder, which must never be
     the user's own (``inspect ~/model.pt`` would otherwise open up the whole home directory).
     """
-    settings = settings or Settings.from_env()
     src_root, rels = collect_paths(paths)
     t0 = time.perf_counter()
     staging = settings.cache_dir / "inspect" / uuid.uuid4().hex[:12]
@@ -522,7 +521,7 @@ def _arch_from_tags(state: VersionState) -> tuple[str | None, dict, list[Finding
 def validate_version(
     ref: VersionRef,
     *,
-    settings: Settings | None = None,
+    settings: Settings,
     registry: Registry | None = None,
     storage: S3Storage | None = None,
     force: bool = False,
@@ -540,7 +539,6 @@ def validate_version(
     raises. ``origin`` says who ran the attempt (``{"airflow": {dag_id, run_id, task_id, map_index,
     try_number}}``); it goes into the report and the attempt's run tags.
     """
-    settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
     storage = storage or S3Storage(settings)
     owner = owner or settings.owner or default_owner()
@@ -731,7 +729,7 @@ def _drift(registry: Registry, ref: VersionRef, checked: Checked) -> list[Findin
 
 def sweep(
     *,
-    settings: Settings | None = None,
+    settings: Settings,
     registry: Registry | None = None,
     storage: S3Storage | None = None,
     on_result: Callable[[VersionRef, Outcome], None] | None = None,
@@ -742,7 +740,6 @@ def sweep(
     One version's failure never ends the sweep: each one's outcome is classified on its own. Only the
     initial listing can fail the whole sweep (MLflow unreachable), as the stage's ``TransientError``.
     """
-    settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
     storage = storage or S3Storage(settings)
     owner = owner or settings.owner or default_owner()

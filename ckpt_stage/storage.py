@@ -221,7 +221,7 @@ class S3Storage:
         with self._lock:
             client = self._clients.get(read)
             if client is None:
-                endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+                endpoint = self.settings.s3_endpoint_url or None
                 cfg = Config(
                     retries={"total_max_attempts": 1, "mode": "standard"},  # tenacity retries; never both
                     connect_timeout=connect,

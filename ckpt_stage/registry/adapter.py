@@ -48,9 +48,6 @@ from ckpt_stage.registry.tags import (
     now_utc,
 )
 
-# The client prints "🏃 View run … at: …" on stdout when a run ends; stdout belongs to --json.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
 log = logging.getLogger(__name__)
 
 PAGE = 200
@@ -73,9 +70,11 @@ def configure_client(settings: Settings, env: Any = None) -> dict[str, str]:
     rate limiting; under a flaky connection each reset then waits out the backoff, and a hung server
     holds a call for two minutes. The client is the only retry loop around MLflow calls (the stage adds
     none, see docs/architecture.md), so its budget is the stage's: a few quick retries, a bounded timeout.
-    Returns what it set.
+    Returns what it set of those (it also switches MLflow's "View run" print off, as a default).
     """
     env = os.environ if env is None else env
+    # The client prints "🏃 View run … at: …" on stdout when a run ends; stdout belongs to --json.
+    env.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     out = {}
     for var, attr in _CLIENT_ENV.items():
         if not env.get(var):
@@ -395,7 +394,7 @@ class Registry:
         run_id = self._run_for_attempt(attempt_id, tags, what=what)
         try:
             # No stdout redirect here (it would swap sys.stdout under other threads): the "View run" print
-            # is switched off by MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set when this module is imported.
+            # is switched off by MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by ``configure_client``.
             with translate(what):
                 self.client.log_batch(run_id, metrics=metrics, params=params,
                                       tags=[RunTag(SUMMARY, report.summary[:500])])
