@@ -37,7 +37,8 @@ RECHECK_DAG_ID = "ckpt_stage_recheck"
     doc_md=__doc__,
 )
 def ckpt_stage_recheck():
-    @task(retries=SETTINGS.task_retries, retry_delay=dt.timedelta(seconds=SETTINGS.task_retry_delay_s),
+    # Fewer retries than a validation (the next sweep re-checks anyway); the delays are the settings'.
+    @task(retries=min(2, SETTINGS.task_retries), retry_delay=dt.timedelta(seconds=SETTINGS.task_retry_delay_s),
           retry_exponential_backoff=2.0, max_retry_delay=dt.timedelta(seconds=SETTINGS.task_max_retry_delay_s))
     def recheck() -> dict[str, int]:
         from ckpt_stage.integrity import recheck_promoted
