@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ckpt_stage import devstack
+from ckpt_stage.dev import devstack
 from ckpt_stage.registry.tags import ARCH, ARCH_KWARGS
 
 _NAIVE = r"""

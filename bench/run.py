@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ckpt_stage import devstack
+from ckpt_stage.dev import devstack
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import VersionRef
 from ckpt_stage.pipeline import validate_version

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ckpt_stage import devstack, samples
+from ckpt_stage.dev import devstack, samples
 from ckpt_stage.registry.tags import ATTEMPT
 
 

@@ -565,7 +565,7 @@ def dashboard(host: str, port: int) -> None:
 @click.option("--keep-running", is_flag=True, help="Leave the servers up until Ctrl-C to browse the results.")
 def demo(workdir: Path, keep_running: bool) -> None:
     """Run the whole stage on the embedded defaults with sample model versions."""
-    from ckpt_stage.demo import run_demo
+    from ckpt_stage.dev.demo import run_demo
 
     sys.exit(run_demo(workdir.resolve(), keep_running=keep_running))
 
@@ -574,7 +574,7 @@ def _add_optional_commands() -> None:
     """Commands that live beside their feature (``webhook`` with the receiver, ``show`` with the dashboard)."""
     import importlib
 
-    for mod, attr in (("ckpt_stage.cli_webhook", "webhook"), ("ckpt_stage.cli_show", "show")):
+    for mod, attr in (("ckpt_stage.cli.webhook", "webhook"), ("ckpt_stage.cli.show", "show")):
         try:
             main.add_command(getattr(importlib.import_module(mod), attr))
         except ModuleNotFoundError as exc:
