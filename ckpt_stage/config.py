@@ -172,7 +172,8 @@ def _list(env: Mapping[str, str], key: str) -> tuple[str, ...]:
 
 def _default_s3_endpoint() -> str:
     # boto3's own variable for S3, then MLflow's: the stage's S3 client goes where MLflow's artifact client goes.
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or ""
+    env = os.environ
+    return env.get(PREFIX + "S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("MLFLOW_S3_ENDPOINT_URL") or ""
 
 
 SECRET_FIELDS = frozenset({"airflow_password", "airflow_token", "webhook_secret", "dashboard_token"})
@@ -246,7 +247,8 @@ class Settings:
     s3_read_timeout_s: float = 30.0
     """Socket timeouts of one S3 call; each attempt also gets no more than what is left of ``s3_deadline_s``."""
     s3_endpoint_url: str = field(default_factory=_default_s3_endpoint)
-    """The S3 API's URL (``AWS_ENDPOINT_URL_S3``, else ``MLFLOW_S3_ENDPOINT_URL``); "" is AWS itself."""
+    """The S3 API's URL (``CKPT_STAGE_S3_ENDPOINT_URL``, else boto3's ``AWS_ENDPOINT_URL_S3``, else MLflow's
+    ``MLFLOW_S3_ENDPOINT_URL``); "" is AWS itself."""
     mlflow_max_retries: int = 3
     mlflow_backoff_factor: int = 1
     mlflow_timeout_s: int = 30
@@ -332,7 +334,8 @@ class Settings:
             s3_max_concurrency=max(1, _int(env, "S3_MAX_CONCURRENCY", d.s3_max_concurrency)),
             s3_connect_timeout_s=_float(env, "S3_CONNECT_TIMEOUT_S", d.s3_connect_timeout_s) or d.s3_connect_timeout_s,
             s3_read_timeout_s=_float(env, "S3_READ_TIMEOUT_S", d.s3_read_timeout_s) or d.s3_read_timeout_s,
-            s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("MLFLOW_S3_ENDPOINT_URL") or "",
+            s3_endpoint_url=(env.get(PREFIX + "S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3")
+                             or env.get("MLFLOW_S3_ENDPOINT_URL") or ""),
             mlflow_max_retries=_int(env, "MLFLOW_MAX_RETRIES", d.mlflow_max_retries),
             mlflow_backoff_factor=_int(env, "MLFLOW_BACKOFF_FACTOR", d.mlflow_backoff_factor),
             mlflow_timeout_s=max(1, _int(env, "MLFLOW_TIMEOUT_S", d.mlflow_timeout_s)),
