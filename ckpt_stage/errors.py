@@ -134,7 +134,7 @@ def is_retryable(exc: BaseException) -> bool:
 
     Only the stage's ``TransientError`` is retried; anything else (a ``PermanentError``, or an exception
     that was never classified, which is a bug) is not. Adapters classify library exceptions into the
-    taxonomy at their edge (``storage.classify``, ``registry.translate``) before anyone asks.
+    taxonomy at their edge (``storage.classify_s3_error``, ``registry.translate``) before anyone asks.
     """
     return isinstance(exc, TransientError)
 
@@ -225,7 +225,7 @@ class ServerStartError(Exception):
 class ValidationFailed(Exception):
     """The task must fail. ``retry``: Airflow should try again (infrastructure: every reason code is
     retryable, see ``is_retryable_code``); else it needs a person (``INTERNAL_ERROR``,
-    ``STORAGE_MISCONFIGURED``, ...). Raised by ``orchestrate.judge``; the verdict is already recorded."""
+    ``STORAGE_MISCONFIGURED``, ...). Raised by ``orchestrate.task_result``; the verdict is already recorded."""
 
     def __init__(self, message: str, *, retry: bool):
         super().__init__(message)

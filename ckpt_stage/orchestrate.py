@@ -281,7 +281,7 @@ def plan_versions(refs: Sequence[VersionRef], settings: Settings) -> list[dict[s
 
 
 # -- one version ----------------------------------------------------------------------------------------
-def judge(outcome: Any) -> dict[str, Any]:
+def task_result(outcome: Any) -> dict[str, Any]:
     """A validation outcome → the task's result, or ``ValidationFailed``.
 
     pass / quarantine: success (a model problem is a result, not a task failure). error: retryable when
@@ -312,7 +312,7 @@ def judge(outcome: Any) -> dict[str, Any]:
     raise ValidationFailed(what, retry=False)
 
 
-def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings,
+def validation_task(ref: Mapping[str, Any], *, force: bool, settings: Settings,
                  registry: Any = None, owner: str | None = None,
                  airflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Body of a mapped task. Without ``force``, a version that got a verdict meanwhile is skipped.
@@ -320,7 +320,7 @@ def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings,
     ``owner`` names the lease holder; the task passes one that is the same on each of its retries, so a
     retry takes over the lease its failed try left behind instead of waiting for it to expire.
 
-    Raises ``ValidationFailed`` (see ``judge``): "retry" to the task wrapper unless ``retry=False``. A
+    Raises ``ValidationFailed`` (see ``task_result``): "retry" to the task wrapper unless ``retry=False``. A
     verdict that could not be recorded (MLflow or S3 down while recording) is an ``error`` outcome with
     that infrastructure code, so it is retried like any other transient failure.
     """
@@ -337,7 +337,7 @@ def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings,
         ours = owner is not None and state.status is Status.VALIDATING and state.tags.get(LEASE_OWNER) == owner
         if not state.needs_validation() and not ours:
             return {**vref.to_dict(), "skipped": f"already {state.status.value if state.status else '-'}"}
-    return judge(validate_version(vref, settings=settings, registry=registry, force=force, owner=owner,
+    return task_result(validate_version(vref, settings=settings, registry=registry, force=force, owner=owner,
                                   origin={"airflow": dict(airflow)} if airflow else None))
 
 
@@ -388,7 +388,7 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
 
         try:
             context = get_current_context()
-            return validate_one(ref, force=force, owner=task_owner(context), airflow=task_identity(context),
+            return validation_task(ref, force=force, owner=task_owner(context), airflow=task_identity(context),
                                 settings=class_settings(settings, worker_class))
         except ValidationFailed as exc:
             if exc.retry:
@@ -474,7 +474,7 @@ def pool_definitions(settings: Settings, *, host_memory_bytes: int | None = None
 
 __all__ = [
     "MAX_RERUN", "PREFIX", "RERUN_DAG_ID", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
-    "RerunSelection", "ValidationFailed", "build_validation_tasks", "class_settings", "control_queue", "discover", "estimate_bytes", "in_class", "judge",
+    "RerunSelection", "ValidationFailed", "build_validation_tasks", "class_settings", "control_queue", "discover", "estimate_bytes", "in_class", "task_result",
     "plan", "plan_versions", "planned_memory", "pool_definitions", "refs_from_extras", "rerun_selection", "route",
-    "select_for_rerun", "sweep_interval_s", "task_owner", "validate_one",
+    "select_for_rerun", "sweep_interval_s", "task_owner", "validation_task",
 ]

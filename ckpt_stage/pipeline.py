@@ -644,10 +644,10 @@ def _classified(exc: BaseException) -> CkptStageError:
     what reaches here unclassified is a bug: INTERNAL_ERROR)."""
     if isinstance(exc, CkptStageError):
         return exc
-    from ckpt_stage.storage import classify, is_storage_error
+    from ckpt_stage.storage import classify_s3_error, is_storage_error
 
     if is_storage_error(exc):
-        err = classify(exc, what="S3")
+        err = classify_s3_error(exc, what="S3")
         if isinstance(err, CkptStageError):
             return err
     return CkptStageError(f"the stage failed: {type(exc).__name__}: {exc}", code=ReasonCode.INTERNAL_ERROR,
@@ -763,7 +763,7 @@ def run_many(
     on_result: Callable[[VersionRef, Outcome], None] | None = None,
     **kwargs: Any,
 ) -> list[Outcome]:
-    """``validate_one_safely`` for each of ``refs``, ``settings.sweep_concurrency`` at a time, outcomes
+    """``validate_version_safely`` for each of ``refs``, ``settings.sweep_concurrency`` at a time, outcomes
     in the order of ``refs``. The threads share the registry and storage clients (thread-safe) and the
     one fork server (``runner.run_job`` is thread-safe); ``on_result`` is called under a lock, in the
     order the verdicts come."""
@@ -772,7 +772,7 @@ def run_many(
     lock = threading.Lock()
 
     def one(ref: VersionRef) -> Outcome:
-        outcome = validate_one_safely(ref, settings=settings, batch=True, **kwargs)
+        outcome = validate_version_safely(ref, settings=settings, batch=True, **kwargs)
         if on_result:
             with lock:
                 on_result(ref, outcome)
@@ -785,7 +785,7 @@ def run_many(
         return list(pool.map(one, refs))
 
 
-def validate_one_safely(ref: VersionRef, *, batch: bool = False, **kwargs) -> Outcome:
+def validate_version_safely(ref: VersionRef, *, batch: bool = False, **kwargs) -> Outcome:
     """``validate_version`` for callers that want an outcome in any case. Bad input (an unknown version, a
     broken setting) still raises for the caller to report as such, except in a ``batch`` (a sweep, a
     re-run of many), where it becomes that version's outcome and the batch goes on."""
@@ -806,4 +806,4 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
 
 
-__all__ = ["Outcome", "check_local", "inspect_paths", "sweep", "validate_version", "validate_one_safely"]
+__all__ = ["Outcome", "check_local", "inspect_paths", "sweep", "validate_version", "validate_version_safely"]

@@ -54,7 +54,7 @@ CHUNK = 8 * 2**20
 # Socket timeouts a client can have (seconds): one client per step, chosen to fit the time left.
 _TIMEOUT_STEPS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
-# Everything boto3, botocore and urllib3 raise for a failed call; ``classify`` sorts them.
+# Everything boto3, botocore and urllib3 raise for a failed call; ``classify_s3_error`` sorts them.
 _BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
                 boto3.exceptions.Boto3Error, ConnectionError, TimeoutError)
 
@@ -143,7 +143,7 @@ def is_storage_error(exc: BaseException) -> bool:
                       | boto3.exceptions.Boto3Error)
 
 
-def classify(exc: BaseException, *, what: str) -> Exception:
+def classify_s3_error(exc: BaseException, *, what: str) -> Exception:
     """botocore/urllib3 exception → TransientError or PermanentError naming ``what``."""
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
@@ -267,7 +267,7 @@ class S3Storage:
             try:
                 return fn(self._client_for(deadline - time.monotonic()), deadline)
             except _BOTO_ERRORS as exc:
-                raise classify(exc, what=what) from exc
+                raise classify_s3_error(exc, what=what) from exc
 
         return retrying(call)
 

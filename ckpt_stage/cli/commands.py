@@ -129,12 +129,12 @@ def validate(model: str, version: str, as_json: bool) -> None:
     def body() -> int:
         settings = Settings.from_env()
         _start_worker_early(settings)
-        from ckpt_stage.pipeline import validate_one_safely
+        from ckpt_stage.pipeline import validate_version_safely
 
         with _stdout_to_stderr() as real:
             ref = VersionRef(model, str(version))
             with _progress_bar(as_json, str(ref)) as progress:
-                outcome = validate_one_safely(ref, settings=settings, progress=progress)
+                outcome = validate_version_safely(ref, settings=settings, progress=progress)
             if outcome.report is None:
                 raise CkptStageError(outcome.skipped, code=ReasonCode.INTERNAL_ERROR,
                                      hint=f"a decided version gets a new attempt with `ckpt-stage rerun --model "
@@ -469,7 +469,7 @@ def rerun(model: str | None, version: str | None, status: str | None, reason: st
             line = _line_per_version(as_json)
             for i, ref in enumerate(refs, 1):
                 with _progress_bar(as_json, f"[{i}/{len(refs)}] {ref}") as progress:
-                    outcome = pipeline.validate_one_safely(ref, settings=settings, registry=registry, force=True,
+                    outcome = pipeline.validate_version_safely(ref, settings=settings, registry=registry, force=True,
                                                            progress=progress, batch=len(refs) > 1)
                 line(ref, outcome)
                 outcomes.append(outcome)

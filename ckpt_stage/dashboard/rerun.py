@@ -3,7 +3,7 @@
 With ``CKPT_STAGE_AIRFLOW_URL`` set, the request becomes a run of DAG ``ckpt_stage_rerun`` (conf
 ``{"model", "versions"}`` or ``{"status", "reason", "model"}``, the DAG's params) through Airflow's
 REST API, so it runs where validations always run, with the same pools and logs. Without Airflow the
-dashboard validates in a background thread (``pipeline.validate_one_safely(ref, force=True)``) and
+dashboard validates in a background thread (``pipeline.validate_version_safely(ref, force=True)``) and
 the request returns at once; one worker thread, because each validation already uses a whole
 isolated worker process and the MLflow write order must not interleave for one version.
 """
@@ -157,9 +157,9 @@ class Rerunner:
 
     def _run(self, job: Job) -> None:
         if self._validate is None:
-            from ckpt_stage.pipeline import validate_one_safely
+            from ckpt_stage.pipeline import validate_version_safely
 
-            validate = validate_one_safely
+            validate = validate_version_safely
         else:
             validate = self._validate
         job.state = "running"

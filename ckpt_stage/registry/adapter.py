@@ -99,7 +99,7 @@ def translate(what: str) -> Iterator[None]:
     """
     from mlflow.exceptions import MlflowException, RestException
 
-    from ckpt_stage.storage import classify as classify_storage, is_storage_error
+    from ckpt_stage.storage import classify_s3_error as classify_storage, is_storage_error
 
     try:
         yield

@@ -2,7 +2,7 @@
 
 Each row is one error as the stage raises it: whether it is retried where it is raised
 (``errors.is_retryable``, what tenacity asks in storage), and whether the Airflow task of a version that
-ended in that error is retried (``orchestrate.judge`` on the finding ``pipeline`` records from it).
+ended in that error is retried (``orchestrate.task_result`` on the finding ``pipeline`` records from it).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_one_answer_for_an_error_where_it_is_raised_and_for_its_task(error, retr
         assert is_retryable_finding(finding) is retried
         report = Report(Verdict.ERROR, (finding,), ref, (), {}, {}, {}, {}, attempt=1, summary="s")
         with pytest.raises(orchestrate.ValidationFailed) as info:
-            orchestrate.judge(Outcome(report, run_id="r1"))
+            orchestrate.task_result(Outcome(report, run_id="r1"))
         assert info.value.retry is retried
 
 
