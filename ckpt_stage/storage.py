@@ -280,17 +280,13 @@ class S3Storage:
 
         def pages(client: Any, deadline: float) -> list[RemoteFile]:
             out: list[RemoteFile] = []
-            kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
-            while True:
-                resp = client.list_objects_v2(**kwargs)
+            for resp in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
                 for obj in resp.get("Contents", []):
                     key = obj["Key"]
                     if key.endswith("/"):
                         continue
                     out.append(RemoteFile(key, key[len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"')))
-                if not resp.get("IsTruncated"):
-                    return out
-                kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+            return out
 
         with self._lock:
             versioned = self._versioned.get(loc.bucket)
@@ -344,20 +340,15 @@ class S3Storage:
     def _list_current_versions(self, client: Any, bucket: str, prefix: str) -> list[RemoteFile]:
         """The current version of every object under ``prefix`` (no delete markers, no older versions)."""
         out: list[RemoteFile] = []
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
-        while True:
-            resp = client.list_object_versions(**kwargs)
+        for resp in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
             for obj in resp.get("Versions", []):
                 key = obj["Key"]
                 if not obj.get("IsLatest") or key.endswith("/"):
                     continue
                 out.append(RemoteFile(key, key[len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"'),
                                       obj.get("VersionId")))
-            # A key whose latest entry is a delete marker is gone: it has no IsLatest version above.
-            if not resp.get("IsTruncated"):
-                return out
-            kwargs["KeyMarker"] = resp.get("NextKeyMarker")
-            kwargs["VersionIdMarker"] = resp.get("NextVersionIdMarker")
+        # A key whose latest entry is a delete marker is gone: it has no IsLatest version above.
+        return out
 
     def _head_or_none(self, bucket: str, key: str) -> dict | None:
         try:

@@ -575,11 +575,7 @@ def _add_optional_commands() -> None:
     import importlib
 
     for mod, attr in (("ckpt_stage.cli.webhook", "webhook"), ("ckpt_stage.cli.show", "show")):
-        try:
-            main.add_command(getattr(importlib.import_module(mod), attr))
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+        main.add_command(getattr(importlib.import_module(mod), attr))
 
 
 _add_optional_commands()

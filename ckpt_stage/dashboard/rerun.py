@@ -67,16 +67,6 @@ class Job:
         }
 
 
-def _airflow_client_class() -> Any:
-    """``ckpt_stage.airflow_client.AirflowClient`` when it is installed (written beside the DAGs)."""
-    try:
-        from ckpt_stage.airflow_client import AirflowClient
-    except ImportError as exc:
-        log.warning("ckpt_stage.airflow_client is unavailable (%s); re-runs run in-process", exc)
-        return None
-    return AirflowClient
-
-
 class Rerunner:
     def __init__(self, settings: Settings, data: DashboardData, *,
                  validate: Callable[..., Any] | None = None, airflow_client: Callable[[Settings], Any] | None = None):
@@ -99,8 +89,10 @@ class Rerunner:
     def _client(self) -> Any:
         # One client for the app's lifetime: it caches Airflow's JWT and is thread-safe.
         if self._airflow is None and self.settings.airflow_url:
-            cls = self._airflow_client or _airflow_client_class()
-            self._airflow = cls(self.settings) if cls is not None else None
+            from ckpt_stage.airflow_client import AirflowClient
+
+            cls = self._airflow_client or AirflowClient
+            self._airflow = cls(self.settings)
         return self._airflow
 
     def submit(self, req: RerunRequest, requested_by: str) -> dict[str, Any]:
