@@ -21,11 +21,15 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ckpt_stage.config import PREFIX, Settings, WorkerClass
 from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, Status, Verdict, VersionRef
 from ckpt_stage.errors import TRANSIENT_CODES, CkptStageError, RerunTooLarge, UsageError, ValidationFailed, is_retryable_finding
+
+if TYPE_CHECKING:
+    from ckpt_stage.pipeline import Outcome
+    from ckpt_stage.registry import Registry, VersionState
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,28 @@ def dedupe(refs: Iterable[VersionRef]) -> list[VersionRef]:
     return list(dict.fromkeys(refs))
 
 
-def discover(registry: Any, event_refs: Sequence[VersionRef] = (), *, limit: int = MAX_BATCH) -> list[VersionRef]:
+class VersionLister(Protocol):
+    """What a re-run selection reads from the registry (``Registry`` is one; the tests' fakes are others)."""
+
+    def iter_versions(self, *, model: str | None = None, status: str | None = None,
+                      reason: str | None = None) -> Iterable[VersionState]: ...
+
+
+class VersionReader(VersionLister, Protocol):
+    """What discovery and the re-run DAG's selection read from the registry."""
+
+    def get(self, ref: VersionRef) -> VersionState: ...
+
+    def sweepable(self) -> list[VersionState]: ...
+
+
+class SourceResolver(Protocol):
+    """Where a version's files are (``Registry.download_uri``)."""
+
+    def download_uri(self, ref: VersionRef) -> str: ...
+
+
+def discover(registry: VersionReader, event_refs: Sequence[VersionRef] = (), *, limit: int = MAX_BATCH) -> list[VersionRef]:
     """Versions the run should validate: the events' versions that still need it, then the sweep's.
 
     An event's version that already has a verdict (the sweep got there first) is left alone, so that a
@@ -173,7 +198,7 @@ class RerunSelection:
             parts.append(f"with {self.reason}")
         return " ".join(parts)
 
-    def matching(self, registry: Any, *, limit: int = MAX_RERUN) -> list[VersionRef]:
+    def matching(self, registry: VersionLister, *, limit: int = MAX_RERUN) -> list[VersionRef]:
         """The versions selected, in order (by model and number for a status selection); more than ``limit``
         raises ``RerunTooLarge``. Named versions are not looked up here (``select_for_rerun`` does)."""
         if self.versions:
@@ -199,7 +224,7 @@ def rerun_selection(params: Mapping[str, Any]) -> dict[str, Any]:
     return RerunSelection.parse(params).to_dict()
 
 
-def select_for_rerun(registry: Any, params: Mapping[str, Any], *, limit: int = MAX_RERUN) -> list[VersionRef]:
+def select_for_rerun(registry: VersionReader, params: Mapping[str, Any], *, limit: int = MAX_RERUN) -> list[VersionRef]:
     """The DAG's selection: ``RerunSelection.matching``, each named version looked up first (``UsageError``
     naming the version when it does not exist)."""
     sel = RerunSelection.parse(params)
@@ -211,7 +236,7 @@ def select_for_rerun(registry: Any, params: Mapping[str, Any], *, limit: int = M
 
 
 # -- sizing -------------------------------------------------------------------------------------------
-def estimate_bytes(ref: VersionRef, *, settings: Settings, registry: Any, storage: Any) -> int | None:
+def estimate_bytes(ref: VersionRef, *, settings: Settings, registry: SourceResolver, storage: Any) -> int | None:
     """The cheapest estimate before a download: the sum of the version's S3 object sizes (None: unknown)."""
     from ckpt_stage.storage import resolve_artifact_uri
 
@@ -281,7 +306,7 @@ def plan_versions(refs: Sequence[VersionRef], settings: Settings) -> list[dict[s
 
 
 # -- one version ----------------------------------------------------------------------------------------
-def task_result(outcome: Any) -> dict[str, Any]:
+def task_result(outcome: Outcome) -> dict[str, Any]:
     """A validation outcome → the task's result, or ``ValidationFailed``.
 
     pass / quarantine: success (a model problem is a result, not a task failure). error: retryable when
@@ -303,7 +328,7 @@ def task_result(outcome: Any) -> dict[str, Any]:
     }
     if report.verdict is not Verdict.ERROR:
         return result
-    what = f"{report.model} ended in error ({', '.join(result['reasons'])}): {report.summary}"
+    what = f"{report.model} ended in error ({', '.join(c.value for c in codes)}): {report.summary}"
     if ReasonCode.INTERNAL_ERROR in codes:
         raise ValidationFailed(f"ckpt-stage bug: {what}", retry=False)
     blocking = [f for f in report.reasons if f.code is not None]
@@ -313,8 +338,8 @@ def task_result(outcome: Any) -> dict[str, Any]:
 
 
 def validation_task(ref: Mapping[str, Any], *, force: bool, settings: Settings,
-                 registry: Any = None, owner: str | None = None,
-                 airflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    registry: Registry | None = None, owner: str | None = None,
+                    airflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Body of a mapped task. Without ``force``, a version that got a verdict meanwhile is skipped.
 
     ``owner`` names the lease holder; the task passes one that is the same on each of its retries, so a
