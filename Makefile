@@ -22,7 +22,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check ckpt_stage dags tests bench
-	$(BIN)/mypy ckpt_stage
+	$(BIN)/mypy ckpt_stage tests/typecheck
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
 test-unit: venv
@@ -33,7 +33,7 @@ test-integration: venv
 
 lint: venv
 	$(BIN)/ruff check ckpt_stage dags tests bench
-	$(BIN)/mypy ckpt_stage
+	$(BIN)/mypy ckpt_stage tests/typecheck
 
 BENCH_ARGS ?= --sizes 16M,64M --repeat 1
 

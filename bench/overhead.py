@@ -37,7 +37,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ckpt_stage import devstack
+from ckpt_stage.dev import devstack
+from ckpt_stage.registry.tags import ARCH, ARCH_KWARGS
 
 _NAIVE = r"""
 import sys, threading, time
@@ -77,8 +78,8 @@ def make_checkpoint(folder: Path, size: int) -> tuple[int, dict[str, str]]:
     side = max(2, int((size / 4) ** 0.5))
     torch.manual_seed(0)
     torch.save(torch.nn.Linear(side, side, bias=True).state_dict(), folder / "model.pt")
-    return side, {"ckpt_stage.arch": "torch.nn:Linear",
-                  "ckpt_stage.arch_kwargs": json.dumps({"in_features": side, "out_features": side})}
+    return side, {ARCH: "torch.nn:Linear",
+                  ARCH_KWARGS: json.dumps({"in_features": side, "out_features": side})}
 
 
 class Bench:

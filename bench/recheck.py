@@ -21,7 +21,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from ckpt_stage import devstack
+from ckpt_stage.dev import devstack
 from ckpt_stage.config import Settings
 from ckpt_stage.integrity import recheck_promoted
 from ckpt_stage.registry import RUN_ID, SHA256, STATUS, VALIDATED_AT, Registry, iso, now_utc

@@ -21,10 +21,11 @@ import time
 import uuid
 from pathlib import Path
 
-from ckpt_stage import devstack
+from ckpt_stage.dev import devstack
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import VersionRef
 from ckpt_stage.pipeline import validate_version
+from ckpt_stage.registry.tags import ARCH, ARCH_KWARGS
 from ckpt_stage.storage import CHUNK, S3Location, S3Storage
 
 _RAW_LOAD = r"""
@@ -48,8 +49,8 @@ def make_checkpoint(folder: Path, mib: int) -> dict[str, str]:
     side = int((mib * 2**20 / 4) ** 0.5)
     torch.manual_seed(0)
     torch.save(torch.nn.Linear(side, side, bias=True).state_dict(), folder / "model.pt")
-    return {"ckpt_stage.arch": "torch.nn:Linear",
-            "ckpt_stage.arch_kwargs": json.dumps({"in_features": side, "out_features": side})}
+    return {ARCH: "torch.nn:Linear",
+            ARCH_KWARGS: json.dumps({"in_features": side, "out_features": side})}
 
 
 def baseline(bucket: str, key: str, tmp: Path) -> dict[str, float]:

@@ -21,31 +21,17 @@ from urllib.parse import quote
 import httpx
 
 from ckpt_stage.config import PREFIX, Settings
-from ckpt_stage.errors import ConfigError, PermanentError, TransientError
+from ckpt_stage.errors import (
+    AirflowAuthError,
+    AirflowRequestError,
+    AirflowUnavailable,
+    AssetNotFound,
+    ConfigError,
+)
 
 log = logging.getLogger(__name__)
 
 API = "/api/v2"
-
-
-class AirflowUnavailable(TransientError):
-    """Airflow's API server could not be reached or answered 5xx."""
-
-
-class AirflowAuthError(PermanentError):
-    """Airflow refused the configured credentials (401) or their permissions (403)."""
-
-
-class AirflowRequestError(PermanentError):
-    """Airflow answered, but refused the request (unknown DAG, invalid conf, ...)."""
-
-    def __init__(self, message: str, *, status_code: int = 0, **kwargs: Any):
-        super().__init__(message, status_code=status_code, **kwargs)
-        self.status_code = status_code
-
-
-class AssetNotFound(TransientError):
-    """The asset is not registered yet (its DAG has not been parsed); worth retrying later."""
 
 
 class AirflowClient:

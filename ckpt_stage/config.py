@@ -175,6 +175,32 @@ def _list(env: Mapping[str, str], key: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in raw.split(",") if p.strip())
 
 
+def _default_s3_endpoint() -> str:
+    # boto3's own variable for S3, then MLflow's: the stage's S3 client goes where MLflow's artifact client goes.
+    env = os.environ
+    return env.get(PREFIX + "S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("MLFLOW_S3_ENDPOINT_URL") or ""
+
+
+SECRET_FIELDS = frozenset({"airflow_password", "airflow_token", "webhook_secret", "dashboard_token"})
+"""Settings that are secrets: ``repr(settings)`` shows only whether they are set."""
+URL_FIELDS = frozenset({"airflow_url", "mlflow_ui_url", "s3_endpoint_url", "artifacts_destination"})
+"""Settings that are URLs: ``repr(settings)`` shows them without credentials (``user:password@``, query)."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the credentials it may carry (userinfo and query string)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    if netloc != parts.netloc:
+        netloc = "***@" + netloc
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
 def _default_cache() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "ckpt-stage"
@@ -235,6 +261,9 @@ class Settings:
     s3_connect_timeout_s: float = 5.0
     s3_read_timeout_s: float = 30.0
     """Socket timeouts of one S3 call; each attempt also gets no more than what is left of ``s3_deadline_s``."""
+    s3_endpoint_url: str = field(default_factory=_default_s3_endpoint)
+    """The S3 API's URL (``CKPT_STAGE_S3_ENDPOINT_URL``, else boto3's ``AWS_ENDPOINT_URL_S3``, else MLflow's
+    ``MLFLOW_S3_ENDPOINT_URL``); "" is AWS itself."""
     mlflow_max_retries: int = 3
     mlflow_backoff_factor: int = 1
     mlflow_timeout_s: int = 30
@@ -255,6 +284,23 @@ class Settings:
     webhook_secret: str = ""
     dashboard_token: str = ""
     mlflow_ui_url: str = ""
+    task_retries: int = 3
+    task_retry_delay_s: float = 30.0
+    task_max_retry_delay_s: float = 600.0
+    """Airflow's retry policy for a validation task that ended in a transient error
+    (``CKPT_STAGE_TASK_RETRIES``, ``_RETRY_DELAY_S``, ``_MAX_RETRY_DELAY_S``): the delay doubles per try."""
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS:
+                shown.append(f"{f.name}={'***' if value else ''!r}")
+            elif f.name in URL_FIELDS and value:
+                shown.append(f"{f.name}={redact_url(str(value))!r}")
+            else:
+                shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     @property
     def largest_class(self) -> WorkerClass:
@@ -306,6 +352,8 @@ class Settings:
             s3_max_concurrency=max(1, _int(env, "S3_MAX_CONCURRENCY", d.s3_max_concurrency)),
             s3_connect_timeout_s=_float(env, "S3_CONNECT_TIMEOUT_S", d.s3_connect_timeout_s) or d.s3_connect_timeout_s,
             s3_read_timeout_s=_float(env, "S3_READ_TIMEOUT_S", d.s3_read_timeout_s) or d.s3_read_timeout_s,
+            s3_endpoint_url=(env.get(PREFIX + "S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3")
+                             or env.get("MLFLOW_S3_ENDPOINT_URL") or ""),
             mlflow_max_retries=_int(env, "MLFLOW_MAX_RETRIES", d.mlflow_max_retries),
             mlflow_backoff_factor=_int(env, "MLFLOW_BACKOFF_FACTOR", d.mlflow_backoff_factor),
             mlflow_timeout_s=max(1, _int(env, "MLFLOW_TIMEOUT_S", d.mlflow_timeout_s)),
@@ -321,6 +369,9 @@ class Settings:
             webhook_secret=env.get(PREFIX + "WEBHOOK_SECRET", ""),
             dashboard_token=env.get(PREFIX + "DASHBOARD_TOKEN", ""),
             mlflow_ui_url=env.get(PREFIX + "MLFLOW_UI_URL", ""),
+            task_retries=max(0, _int(env, "TASK_RETRIES", d.task_retries)),
+            task_retry_delay_s=max(1.0, _float(env, "TASK_RETRY_DELAY_S", d.task_retry_delay_s)),
+            task_max_retry_delay_s=max(1.0, _float(env, "TASK_MAX_RETRY_DELAY_S", d.task_max_retry_delay_s)),
         )
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import ReasonCode, Status, VersionRef
-from ckpt_stage.errors import ArtifactMissing, CkptStageError, ConfigError, UsageError
+from ckpt_stage.errors import ArtifactMissing, CkptStageError, ConfigError, ManifestUnavailable, UsageError
 from ckpt_stage.registry import MANIFEST_SHA256, RUN_ID, SHA256, VALIDATED_AT, Registry, VersionState
 from ckpt_stage.storage import (
     RemoteFile,
@@ -44,12 +44,6 @@ from ckpt_stage.storage import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ManifestUnavailable(CkptStageError):
-    """The version has no readable manifest (no run, no report.json, or a report without files)."""
-
-    code = ReasonCode.REGISTRY_UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -232,7 +226,7 @@ def recheck_version(state: VersionState, *, settings: Settings, registry: Regist
 
 def recheck_promoted(
     *,
-    settings: Settings | None = None,
+    settings: Settings,
     registry: Registry | None = None,
     storage: S3Storage | None = None,
     model: str | None = None,
@@ -243,7 +237,6 @@ def recheck_promoted(
     A version that cannot be checked now (S3 or MLflow unavailable, no readable manifest) is left as it
     is and reported as ``error``; the next pass checks it again. Never downloads a model file.
     """
-    settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
     storage = storage or S3Storage(settings)
     out: list[RecheckResult] = []
@@ -333,7 +326,7 @@ def verify_download(
     *,
     version: str | int | None = None,
     alias: str | None = None,
-    settings: Settings | None = None,
+    settings: Settings,
     registry: Registry | None = None,
 ) -> VerifyResult:
     """Check a downloaded model folder against the files its verdict recorded, before loading it.
@@ -350,7 +343,6 @@ def verify_download(
     root = Path(path)
     if not root.exists():
         raise UsageError(f"no such file or directory: {root}")
-    settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
     if alias is not None:
         found = registry.alias_version(model, alias)

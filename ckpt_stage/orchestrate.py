@@ -20,11 +20,16 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ckpt_stage.config import PREFIX, Settings, WorkerClass
 from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, Status, Verdict, VersionRef
-from ckpt_stage.errors import CkptStageError, UsageError
+from ckpt_stage.errors import TRANSIENT_CODES, CkptStageError, RerunTooLarge, UsageError, ValidationFailed, is_retryable_finding
+
+if TYPE_CHECKING:
+    from ckpt_stage.pipeline import Outcome
+    from ckpt_stage.registry import Registry, VersionState
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +44,18 @@ REGISTRATIONS_ASSET_URI = "x-ckpt-stage://mlflow/model-version-created"
 # batch is worked off by the following sweeps.
 MAX_BATCH = 500
 
-# Infrastructure codes where another try may succeed; the others (STORAGE_MISCONFIGURED, INTERNAL_ERROR)
-# need a person first, so retrying the task only burns time.
-RETRYABLE_CODES = frozenset({ReasonCode.STORAGE_UNAVAILABLE, ReasonCode.REGISTRY_UNAVAILABLE, ReasonCode.WORKER_LOST})
+# Infrastructure codes where another try may succeed (the error taxonomy's, ``errors.TRANSIENT_CODES``).
+RETRYABLE_CODES = TRANSIENT_CODES
 
 RERUN_STATUSES = RERUNNABLE_STATUSES
 
+MAX_RERUN = MAX_BATCH
+"""One re-run selects at most this many versions, from any entry point (the DAG maps one task per version)."""
+
 
 def sweep_interval_s(env: Mapping[str, str] | None = None) -> float:
-    """``CKPT_STAGE_SWEEP_INTERVAL_S`` (default 300): how often ``ckpt_stage_validate`` sweeps."""
+    """``CKPT_STAGE_SWEEP_INTERVAL_S`` of ``env`` (default 300): how often ``ckpt_stage_validate`` sweeps.
+    The DAG files read it from their ``Settings``."""
     return Settings.from_env(env).sweep_interval_s
 
 
@@ -82,7 +90,28 @@ def dedupe(refs: Iterable[VersionRef]) -> list[VersionRef]:
     return list(dict.fromkeys(refs))
 
 
-def discover(registry: Any, event_refs: Sequence[VersionRef] = (), *, limit: int = MAX_BATCH) -> list[VersionRef]:
+class VersionLister(Protocol):
+    """What a re-run selection reads from the registry (``Registry`` is one; the tests' fakes are others)."""
+
+    def iter_versions(self, *, model: str | None = None, status: str | None = None,
+                      reason: str | None = None) -> Iterable[VersionState]: ...
+
+
+class VersionReader(VersionLister, Protocol):
+    """What discovery and the re-run DAG's selection read from the registry."""
+
+    def get(self, ref: VersionRef) -> VersionState: ...
+
+    def sweepable(self) -> list[VersionState]: ...
+
+
+class SourceResolver(Protocol):
+    """Where a version's files are (``Registry.download_uri``)."""
+
+    def download_uri(self, ref: VersionRef) -> str: ...
+
+
+def discover(registry: VersionReader, event_refs: Sequence[VersionRef] = (), *, limit: int = MAX_BATCH) -> list[VersionRef]:
     """Versions the run should validate: the events' versions that still need it, then the sweep's.
 
     An event's version that already has a verdict (the sweep got there first) is left alone, so that a
@@ -107,53 +136,107 @@ def discover(registry: Any, event_refs: Sequence[VersionRef] = (), *, limit: int
 
 
 # -- selection for re-runs ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RerunSelection:
+    """What one re-run asks for, whichever entry point it came from (CLI ``rerun``, the ``ckpt_stage_rerun``
+    DAG form, the dashboard's ``POST /api/rerun``): either ``model`` + ``versions``, or ``status``
+    (``RERUN_STATUSES``) with optional ``reason`` and ``model``. ``parse`` is the one set of rules; every
+    entry point matches at most ``MAX_RERUN`` versions."""
+
+    model: str | None = None
+    versions: tuple[str, ...] = ()
+    status: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def parse(cls, params: Any) -> RerunSelection:
+        """Check a selection (cross-field rules JSON schema cannot express); raises ``UsageError``."""
+        if not isinstance(params, Mapping):
+            raise UsageError("the re-run selection must be a JSON object")
+        model, status, reason = (_text_field(params, key) for key in ("model", "status", "reason"))
+        raw_versions = params.get("versions") or []
+        if isinstance(raw_versions, str | int):
+            raw_versions = [raw_versions]
+        if not isinstance(raw_versions, list | tuple):
+            raise UsageError("versions must be a list of version numbers")
+        versions = [str(v).strip() for v in raw_versions if str(v).strip()]
+        if versions and status:
+            raise UsageError("give either versions (with a model) or a status, not both")
+        if versions and not model:
+            raise UsageError("versions need a model name")
+        if not versions and not status:
+            raise UsageError(f"give a model and versions, or a status ({', '.join(RERUN_STATUSES)})")
+        if status and status not in RERUN_STATUSES:
+            raise UsageError(f"status must be one of {', '.join(RERUN_STATUSES)}, not {status!r}")
+        if reason and not status:
+            raise UsageError("a reason code filters a status selection; give a status too")
+        if reason and reason not in ReasonCode.__members__:
+            raise UsageError(f"{reason!r} is not a reason code; known: {', '.join(ReasonCode.__members__)}")
+        bad = [v for v in versions if not v.isdigit()]
+        if bad:
+            raise UsageError(f"model versions are numbers, got {', '.join(map(repr, bad))}")
+        if len(set(versions)) > MAX_RERUN:
+            raise RerunTooLarge(f"{len(set(versions))} versions given; one re-run takes at most {MAX_RERUN}")
+        return cls(model=model, versions=tuple(dict.fromkeys(versions)), status=status, reason=reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "versions": list(self.versions), "status": self.status, "reason": self.reason}
+
+    def conf(self) -> dict[str, Any]:
+        """The ``ckpt_stage_rerun`` DAG's params."""
+        if self.versions:
+            return {"model": self.model, "versions": list(self.versions)}
+        return {"status": self.status, "reason": self.reason, "model": self.model}
+
+    def describe(self) -> str:
+        if self.versions:
+            return f"{self.model} version{'s' if len(self.versions) > 1 else ''} {', '.join(self.versions)}"
+        parts = [f"every {self.status} version"]
+        if self.model:
+            parts.append(f"of {self.model}")
+        if self.reason:
+            parts.append(f"with {self.reason}")
+        return " ".join(parts)
+
+    def matching(self, registry: VersionLister, *, limit: int = MAX_RERUN) -> list[VersionRef]:
+        """The versions selected, in order (by model and number for a status selection); more than ``limit``
+        raises ``RerunTooLarge``. Named versions are not looked up here (``select_for_rerun`` does)."""
+        if self.versions:
+            assert self.model is not None
+            return [VersionRef(self.model, v) for v in self.versions]
+        refs = [s.ref for s in registry.iter_versions(model=self.model, status=self.status, reason=self.reason)]
+        refs.sort(key=lambda r: (r.name, int(r.version) if r.version.isdigit() else 0))
+        if len(refs) > limit:
+            raise RerunTooLarge(f"{len(refs)} versions match; one re-run takes at most {limit}: "
+                                "narrow it by model or reason")
+        return refs
+
+
+def _text_field(params: Mapping[str, Any], key: str) -> str | None:
+    value = params.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"{key} must be a string")
+    return (value or "").strip() or None
+
+
 def rerun_selection(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Check the re-run form (cross-field rules JSON schema cannot express); returns it normalised.
-
-    Either ``model`` + ``versions``, or ``status`` (``quarantined``/``error``/``promoted``) with optional
-    ``reason`` and ``model``.
-    """
-    model = (params.get("model") or "").strip() or None
-    raw_versions = params.get("versions") or []
-    if isinstance(raw_versions, str | int):
-        raw_versions = [raw_versions]
-    versions = [str(v).strip() for v in raw_versions if str(v).strip()]
-    status = (params.get("status") or "").strip() or None
-    reason = (params.get("reason") or "").strip() or None
-    if versions and status:
-        raise UsageError("give either versions (with a model) or a status, not both")
-    if versions and not model:
-        raise UsageError("versions need a model name")
-    if not versions and not status:
-        raise UsageError(f"give a model and versions, or a status ({', '.join(RERUN_STATUSES)})")
-    if status and status not in RERUN_STATUSES:
-        raise UsageError(f"status must be one of {', '.join(RERUN_STATUSES)}, not {status!r}")
-    if reason and not status:
-        raise UsageError("a reason code filters a status selection; give a status too")
-    if reason and reason not in ReasonCode.__members__:
-        raise UsageError(f"{reason!r} is not a reason code; known: {', '.join(ReasonCode.__members__)}")
-    bad = [v for v in versions if not v.isdigit()]
-    if bad:
-        raise UsageError(f"model versions are numbers, got {', '.join(map(repr, bad))}")
-    return {"model": model, "versions": versions, "status": status, "reason": reason}
+    """``RerunSelection.parse(params)`` as the DAG form's normalised dict."""
+    return RerunSelection.parse(params).to_dict()
 
 
-def select_for_rerun(registry: Any, params: Mapping[str, Any], *, limit: int = MAX_BATCH) -> list[VersionRef]:
-    sel = rerun_selection(params)
-    if sel["versions"]:
-        refs = [VersionRef(sel["model"], v) for v in sel["versions"]]
+def select_for_rerun(registry: VersionReader, params: Mapping[str, Any], *, limit: int = MAX_RERUN) -> list[VersionRef]:
+    """The DAG's selection: ``RerunSelection.matching``, each named version looked up first (``UsageError``
+    naming the version when it does not exist)."""
+    sel = RerunSelection.parse(params)
+    refs = sel.matching(registry, limit=limit)
+    if sel.versions:
         for ref in refs:
-            registry.get(ref)  # UsageError naming the version when it does not exist
-        return dedupe(refs)
-    refs = [s.ref for s in registry.iter_versions(model=sel["model"], status=sel["status"], reason=sel["reason"])]
-    refs.sort(key=lambda r: (r.name, int(r.version) if r.version.isdigit() else 0))
-    if len(refs) > limit:
-        raise UsageError(f"{len(refs)} versions match; one re-run takes at most {limit}: narrow it by model or reason")
+            registry.get(ref)
     return refs
 
 
 # -- sizing -------------------------------------------------------------------------------------------
-def estimate_bytes(ref: VersionRef, *, settings: Settings, registry: Any, storage: Any) -> int | None:
+def estimate_bytes(ref: VersionRef, *, settings: Settings, registry: SourceResolver, storage: Any) -> int | None:
     """The cheapest estimate before a download: the sum of the version's S3 object sizes (None: unknown)."""
     from ckpt_stage.storage import resolve_artifact_uri
 
@@ -211,11 +294,10 @@ def in_class(planned: Iterable[Mapping[str, Any]], worker_class: str) -> list[di
     return [dict(item) for item in planned if item.get("worker_class") == worker_class]
 
 
-def plan_versions(refs: Sequence[VersionRef], settings: Settings | None = None) -> list[dict[str, Any]]:
+def plan_versions(refs: Sequence[VersionRef], settings: Settings) -> list[dict[str, Any]]:
     from ckpt_stage.registry import Registry
     from ckpt_stage.storage import S3Storage
 
-    settings = settings or Settings.from_env()
     registry = Registry(settings)
     # Sizing must not stall the run: few quick tries; the validation has the full retry budget.
     storage = S3Storage(settings.replace(s3_attempts=min(2, settings.s3_attempts),
@@ -224,19 +306,12 @@ def plan_versions(refs: Sequence[VersionRef], settings: Settings | None = None) 
 
 
 # -- one version ----------------------------------------------------------------------------------------
-class ValidationFailed(Exception):
-    """The task must fail. ``retry``: Airflow should try again (infrastructure); else it needs a person."""
-
-    def __init__(self, message: str, *, retry: bool):
-        super().__init__(message)
-        self.retry = retry
-
-
-def judge(outcome: Any) -> dict[str, Any]:
+def task_result(outcome: Outcome) -> dict[str, Any]:
     """A validation outcome → the task's result, or ``ValidationFailed``.
 
     pass / quarantine: success (a model problem is a result, not a task failure). error: retryable when
-    every code is a transient infrastructure code, otherwise a failure without retries (INTERNAL_ERROR is
+    every reason is a transient infrastructure failure (``errors.is_retryable_finding``: a permanent
+    MLflow error, ``RegistryError``, is not, although its code is ``REGISTRY_UNAVAILABLE``), otherwise a failure without retries (INTERNAL_ERROR is
     a bug; STORAGE_MISCONFIGURED is the stage's setup). Either way the verdict is already recorded.
     """
     if outcome.report is None:
@@ -253,30 +328,30 @@ def judge(outcome: Any) -> dict[str, Any]:
     }
     if report.verdict is not Verdict.ERROR:
         return result
-    what = f"{report.model} ended in error ({', '.join(result['reasons'])}): {report.summary}"
+    what = f"{report.model} ended in error ({', '.join(c.value for c in codes)}): {report.summary}"
     if ReasonCode.INTERNAL_ERROR in codes:
         raise ValidationFailed(f"ckpt-stage bug: {what}", retry=False)
-    if codes and all(c in RETRYABLE_CODES for c in codes):
+    blocking = [f for f in report.reasons if f.code is not None]
+    if blocking and all(is_retryable_finding(f) for f in blocking):
         raise ValidationFailed(what, retry=True)
     raise ValidationFailed(what, retry=False)
 
 
-def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings | None = None,
-                 registry: Any = None, owner: str | None = None,
-                 airflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def validation_task(ref: Mapping[str, Any], *, force: bool, settings: Settings,
+                    registry: Registry | None = None, owner: str | None = None,
+                    airflow: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Body of a mapped task. Without ``force``, a version that got a verdict meanwhile is skipped.
 
     ``owner`` names the lease holder; the task passes one that is the same on each of its retries, so a
     retry takes over the lease its failed try left behind instead of waiting for it to expire.
 
-    Raises ``ValidationFailed`` (see ``judge``): "retry" to the task wrapper unless ``retry=False``. A
+    Raises ``ValidationFailed`` (see ``task_result``): "retry" to the task wrapper unless ``retry=False``. A
     verdict that could not be recorded (MLflow or S3 down while recording) is an ``error`` outcome with
     that infrastructure code, so it is retried like any other transient failure.
     """
     from ckpt_stage.pipeline import validate_version
     from ckpt_stage.registry import LEASE_OWNER, Registry
 
-    settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
     vref = VersionRef(str(ref["name"]), str(ref["version"]))
     if not force:
@@ -287,7 +362,7 @@ def validate_one(ref: Mapping[str, Any], *, force: bool, settings: Settings | No
         ours = owner is not None and state.status is Status.VALIDATING and state.tags.get(LEASE_OWNER) == owner
         if not state.needs_validation() and not ours:
             return {**vref.to_dict(), "skipped": f"already {state.status.value if state.status else '-'}"}
-    return judge(validate_version(vref, settings=settings, registry=registry, force=force, owner=owner,
+    return task_result(validate_version(vref, settings=settings, registry=registry, force=force, owner=owner,
                                   origin={"airflow": dict(airflow)} if airflow else None))
 
 
@@ -320,7 +395,7 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
 
     @task(task_id="plan", queue=control_queue(settings))
     def plan_classes(found: list[dict[str, str]]) -> list[dict[str, Any]]:
-        planned = plan_versions([VersionRef(r["name"], r["version"]) for r in found])
+        planned = plan_versions([VersionRef(r["name"], r["version"]) for r in found], settings)
         for item in planned:
             log.info("%s v%s: %s bytes in S3, ~%s bytes to load → worker class %s, queue %s%s", item["name"],
                      item["version"], item["s3_bytes"], item["estimated_bytes"], item["worker_class"],
@@ -338,8 +413,8 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
 
         try:
             context = get_current_context()
-            return validate_one(ref, force=force, owner=task_owner(context), airflow=task_identity(context),
-                                settings=class_settings(Settings.from_env(), worker_class))
+            return validation_task(ref, force=force, owner=task_owner(context), airflow=task_identity(context),
+                                settings=class_settings(settings, worker_class))
         except ValidationFailed as exc:
             if exc.retry:
                 raise
@@ -360,11 +435,11 @@ def build_validation_tasks(refs: Any, *, force: bool, settings: Settings, verb: 
             task_id=task_id_for(wc, verb),
             pool=wc.pool,
             queue=wc.queue,
-            retries=3,
-            retry_delay=dt.timedelta(seconds=30),
+            retries=settings.task_retries,
+            retry_delay=dt.timedelta(seconds=settings.task_retry_delay_s),
             # A multiplier in Airflow 3.3 (delay * 2.0 ** (try - 1)): True would mean 1.0, a constant delay.
             retry_exponential_backoff=2.0,
-            max_retry_delay=dt.timedelta(minutes=10),
+            max_retry_delay=dt.timedelta(seconds=settings.task_max_retry_delay_s),
             # The attempt renews its lease while it runs (heartbeat), so the task's limit is the attempt's
             # own budget: downloads (each bounded by the S3 deadline), the worker's timeout, recording.
             execution_timeout=dt.timedelta(seconds=settings.worker_timeout_s + 2 * settings.s3_deadline_s + 300),
@@ -423,8 +498,8 @@ def pool_definitions(settings: Settings, *, host_memory_bytes: int | None = None
 
 
 __all__ = [
-    "PREFIX", "RERUN_DAG_ID", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
-    "ValidationFailed", "build_validation_tasks", "class_settings", "control_queue", "discover", "estimate_bytes", "in_class", "judge",
+    "MAX_RERUN", "PREFIX", "RERUN_DAG_ID", "REGISTRATIONS_ASSET_NAME", "REGISTRATIONS_ASSET_URI", "VALIDATE_DAG_ID",
+    "RerunSelection", "ValidationFailed", "build_validation_tasks", "class_settings", "control_queue", "discover", "estimate_bytes", "in_class", "task_result",
     "plan", "plan_versions", "planned_memory", "pool_definitions", "refs_from_extras", "rerun_selection", "route",
-    "select_for_rerun", "sweep_interval_s", "task_owner", "validate_one",
+    "select_for_rerun", "sweep_interval_s", "task_owner", "validation_task",
 ]

@@ -41,6 +41,7 @@ from ckpt_stage.errors import (
     StorageMisconfigured,
     StorageUnavailable,
     UsageError,
+    retry_detail,
 )
 from ckpt_stage.policy import decide, summarize
 from ckpt_stage.registry import ARCH, ARCH_KWARGS, LEASE_OWNER, RUN_ID, Registry, VersionState, default_owner, now_utc
@@ -282,7 +283,7 @@ def _internal(exc: BaseException) -> Finding:
 
 
 def _finding_from_error(exc: CkptStageError) -> Finding:
-    return Finding(exc.code, exc.message, exc.hint, file=exc.fields.get("file"))
+    return Finding(exc.code, exc.message, exc.hint, file=exc.fields.get("file"), detail=retry_detail(exc, exc.code))
 
 
 # -- inspect ---------------------------------------------------------------------------------------
@@ -464,7 +465,7 @@ def inspect_paths(
     *,
     arch: str | None = None,
     arch_kwargs: dict | None = None,
-    settings: Settings | None = None,
+    settings: Settings,
 ) -> Report:
     """Validate local files offline: no registry, no S3, nothing recorded, nothing of the user's changed.
 
@@ -472,7 +473,6 @@ def inspect_paths(
     it loads, and the runner grants that by adding read bits to the job's folder, which must never be
     the user's own (``inspect ~/model.pt`` would otherwise open up the whole home directory).
     """
-    settings = settings or Settings.from_env()
     src_root, rels = collect_paths(paths)
     t0 = time.perf_counter()
     staging = settings.cache_dir / "inspect" / uuid.uuid4().hex[:12]
@@ -521,7 +521,7 @@ def _arch_from_tags(state: VersionState) -> tuple[str | None, dict, list[Finding
 def validate_version(
     ref: VersionRef,
     *,
-    settings: Settings | None = None,
+    settings: Settings,
     registry: Registry | None = None,
     storage: S3Storage | None = None,
     force: bool = False,
@@ -539,7 +539,6 @@ def validate_version(
     raises. ``origin`` says who ran the attempt (``{"airflow": {dag_id, run_id, task_id, map_index,
     try_number}}``); it goes into the report and the attempt's run tags.
     """
-    settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
     storage = storage or S3Storage(settings)
     owner = owner or settings.owner or default_owner()
@@ -645,10 +644,10 @@ def _classified(exc: BaseException) -> CkptStageError:
     what reaches here unclassified is a bug: INTERNAL_ERROR)."""
     if isinstance(exc, CkptStageError):
         return exc
-    from ckpt_stage.storage import classify, is_storage_error
+    from ckpt_stage.storage import classify_s3_error, is_storage_error
 
     if is_storage_error(exc):
-        err = classify(exc, what="S3")
+        err = classify_s3_error(exc, what="S3")
         if isinstance(err, CkptStageError):
             return err
     return CkptStageError(f"the stage failed: {type(exc).__name__}: {exc}", code=ReasonCode.INTERNAL_ERROR,
@@ -659,7 +658,8 @@ def _unrecorded(ref: VersionRef, exc: BaseException, *, attempt: int, what: str)
     """An ``error`` outcome for a version whose verdict could not be recorded."""
     err = _classified(exc)
     finding = Finding(err.code, f"{what} failed: {err.message}",
-                      err.hint or "the version stays eligible: the next sweep or a re-run picks it up again")
+                      err.hint or "the version stays eligible: the next sweep or a re-run picks it up again",
+                      detail=retry_detail(err, err.code))
     decision = decide([finding])
     report = build_report(None, decision, model=ref, attempt=attempt, findings=[finding], timings={})
     return Outcome(report, recorded=False)
@@ -727,7 +727,7 @@ def _drift(registry: Registry, ref: VersionRef, checked: Checked, settings: Sett
 
 def sweep(
     *,
-    settings: Settings | None = None,
+    settings: Settings,
     registry: Registry | None = None,
     storage: S3Storage | None = None,
     on_result: Callable[[VersionRef, Outcome], None] | None = None,
@@ -738,7 +738,6 @@ def sweep(
     One version's failure never ends the sweep: each one's outcome is classified on its own. Only the
     initial listing can fail the whole sweep (MLflow unreachable), as the stage's ``TransientError``.
     """
-    settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
     storage = storage or S3Storage(settings)
     owner = owner or settings.owner or default_owner()
@@ -762,7 +761,7 @@ def run_many(
     on_result: Callable[[VersionRef, Outcome], None] | None = None,
     **kwargs: Any,
 ) -> list[Outcome]:
-    """``validate_one_safely`` for each of ``refs``, ``settings.sweep_concurrency`` at a time, outcomes
+    """``validate_version_safely`` for each of ``refs``, ``settings.sweep_concurrency`` at a time, outcomes
     in the order of ``refs``. The threads share the registry and storage clients (thread-safe) and the
     one fork server (``runner.run_job`` is thread-safe); ``on_result`` is called under a lock, in the
     order the verdicts come."""
@@ -771,7 +770,7 @@ def run_many(
     lock = threading.Lock()
 
     def one(ref: VersionRef) -> Outcome:
-        outcome = validate_one_safely(ref, settings=settings, batch=True, **kwargs)
+        outcome = validate_version_safely(ref, settings=settings, batch=True, **kwargs)
         if on_result:
             with lock:
                 on_result(ref, outcome)
@@ -784,7 +783,7 @@ def run_many(
         return list(pool.map(one, refs))
 
 
-def validate_one_safely(ref: VersionRef, *, batch: bool = False, **kwargs) -> Outcome:
+def validate_version_safely(ref: VersionRef, *, batch: bool = False, **kwargs) -> Outcome:
     """``validate_version`` for callers that want an outcome in any case. Bad input (an unknown version, a
     broken setting) still raises for the caller to report as such, except in a ``batch`` (a sweep, a
     re-run of many), where it becomes that version's outcome and the batch goes on."""
@@ -805,4 +804,4 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
 
 
-__all__ = ["Outcome", "check_local", "inspect_paths", "sweep", "validate_version", "validate_one_safely"]
+__all__ = ["Outcome", "check_local", "inspect_paths", "sweep", "validate_version", "validate_version_safely"]

@@ -56,7 +56,7 @@ CHUNK = 8 * 2**20
 # Socket timeouts a client can have (seconds): one client per step, chosen to fit the time left.
 _TIMEOUT_STEPS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
-# Everything boto3, botocore and urllib3 raise for a failed call; ``classify`` sorts them.
+# Everything boto3, botocore and urllib3 raise for a failed call; ``classify_s3_error`` sorts them.
 _BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
                 boto3.exceptions.Boto3Error, ConnectionError, TimeoutError)
 
@@ -145,7 +145,7 @@ def is_storage_error(exc: BaseException) -> bool:
                       | boto3.exceptions.Boto3Error)
 
 
-def classify(exc: BaseException, *, what: str) -> Exception:
+def classify_s3_error(exc: BaseException, *, what: str) -> Exception:
     """botocore/urllib3 exception → TransientError or PermanentError naming ``what``."""
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
@@ -224,7 +224,7 @@ class S3Storage:
         with self._lock:
             client = self._clients.get(read)
             if client is None:
-                endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+                endpoint = self.settings.s3_endpoint_url or None
                 cfg = Config(
                     retries={"total_max_attempts": 1, "mode": "standard"},  # tenacity retries; never both
                     connect_timeout=connect,
@@ -270,7 +270,7 @@ class S3Storage:
             try:
                 return fn(self._client_for(deadline - time.monotonic()), deadline)
             except _BOTO_ERRORS as exc:
-                raise classify(exc, what=what) from exc
+                raise classify_s3_error(exc, what=what) from exc
 
         return retrying(call)
 
@@ -283,17 +283,13 @@ class S3Storage:
 
         def pages(client: Any, deadline: float) -> list[RemoteFile]:
             out: list[RemoteFile] = []
-            kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
-            while True:
-                resp = client.list_objects_v2(**kwargs)
+            for resp in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
                 for obj in resp.get("Contents", []):
                     key = obj["Key"]
                     if key.endswith("/"):
                         continue
                     out.append(RemoteFile(key, key[len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"')))
-                if not resp.get("IsTruncated"):
-                    return out
-                kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+            return out
 
         with self._lock:
             versioned = self._versioned.get(loc.bucket)
@@ -347,20 +343,15 @@ class S3Storage:
     def _list_current_versions(self, client: Any, bucket: str, prefix: str) -> list[RemoteFile]:
         """The current version of every object under ``prefix`` (no delete markers, no older versions)."""
         out: list[RemoteFile] = []
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
-        while True:
-            resp = client.list_object_versions(**kwargs)
+        for resp in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
             for obj in resp.get("Versions", []):
                 key = obj["Key"]
                 if not obj.get("IsLatest") or key.endswith("/"):
                     continue
                 out.append(RemoteFile(key, key[len(prefix):], int(obj["Size"]), obj.get("ETag", "").strip('"'),
                                       obj.get("VersionId")))
-            # A key whose latest entry is a delete marker is gone: it has no IsLatest version above.
-            if not resp.get("IsTruncated"):
-                return out
-            kwargs["KeyMarker"] = resp.get("NextKeyMarker")
-            kwargs["VersionIdMarker"] = resp.get("NextVersionIdMarker")
+        # A key whose latest entry is a delete marker is gone: it has no IsLatest version above.
+        return out
 
     def _head_or_none(self, bucket: str, key: str) -> dict | None:
         try:

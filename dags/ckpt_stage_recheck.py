@@ -19,7 +19,6 @@ import logging
 
 from airflow.sdk import DeltaTriggerTimetable, dag, task
 
-from ckpt_stage import orchestrate
 from ckpt_stage.config import Settings
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,7 @@ RECHECK_DAG_ID = "ckpt_stage_recheck"
 
 @dag(
     dag_id=RECHECK_DAG_ID,
-    schedule=DeltaTriggerTimetable(dt.timedelta(seconds=orchestrate.sweep_interval_s())),
+    schedule=DeltaTriggerTimetable(dt.timedelta(seconds=SETTINGS.sweep_interval_s)),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
@@ -38,7 +37,9 @@ RECHECK_DAG_ID = "ckpt_stage_recheck"
     doc_md=__doc__,
 )
 def ckpt_stage_recheck():
-    @task(retries=2, retry_delay=dt.timedelta(seconds=30), retry_exponential_backoff=2.0)
+    # Fewer retries than a validation (the next sweep re-checks anyway); the delays are the settings'.
+    @task(retries=min(2, SETTINGS.task_retries), retry_delay=dt.timedelta(seconds=SETTINGS.task_retry_delay_s),
+          retry_exponential_backoff=2.0, max_retry_delay=dt.timedelta(seconds=SETTINGS.task_max_retry_delay_s))
     def recheck() -> dict[str, int]:
         from ckpt_stage.integrity import recheck_promoted
 

@@ -46,7 +46,7 @@ MODEL_VERSION_CREATED = Asset(name=orchestrate.REGISTRATIONS_ASSET_NAME, uri=orc
 @dag(
     dag_id=orchestrate.VALIDATE_DAG_ID,
     schedule=AssetOrTimeSchedule(
-        timetable=DeltaTriggerTimetable(dt.timedelta(seconds=orchestrate.sweep_interval_s())),
+        timetable=DeltaTriggerTimetable(dt.timedelta(seconds=SETTINGS.sweep_interval_s)),
         assets=[MODEL_VERSION_CREATED],
     ),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_stage import devstack
+from ckpt_stage.dev import devstack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def stage_env(stack, monkeypatch, tmp_path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def sample_dirs(tmp_path_factory) -> dict[str, Path]:
-    """Each sample of ckpt_stage.samples built once per session (MLflow models take seconds)."""
+    """Each sample of ckpt_stage.dev.samples built once per session (MLflow models take seconds)."""
     return {}
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from ckpt_stage.dashboard.data import RERUN_DAG
+from ckpt_stage.orchestrate import RERUN_DAG_ID
 
 TOKEN_ENV = "CKPT_STAGE_DASHBOARD_TOKEN"
 SESSION_COOKIE = "ckpt_stage_session"
@@ -154,7 +154,7 @@ class AirflowAuth:
     login_form = False
     enabled = True
 
-    def __init__(self, auth_manager: Callable[[], Any] | None = None, *, dag_id: str = RERUN_DAG):
+    def __init__(self, auth_manager: Callable[[], Any] | None = None, *, dag_id: str = RERUN_DAG_ID):
         self._auth_manager = auth_manager
         self.dag_id = dag_id
 

@@ -30,22 +30,23 @@ from ckpt_stage import drift
 from ckpt_stage.config import Settings, format_size
 from ckpt_stage.domain import ReasonCode, Status, VersionRef
 from ckpt_stage.errors import UsageError
+from ckpt_stage.orchestrate import VALIDATE_DAG_ID
 from ckpt_stage.registry import (
+    ATTEMPT,
     LEASE_OWNER,
     LEASE_UNTIL,
+    REASONS,
     RUN_ID,
     SUMMARY,
     TAG,
     VALIDATED_AT,
+    VERDICT,
     Registry,
     VersionState,
     parse_iso,
 )
 
 log = logging.getLogger(__name__)
-
-RERUN_DAG = "ckpt_stage_rerun"
-VALIDATE_DAG = "ckpt_stage_validate"
 
 # Problems first: what a person has to act on sits at the top of the home page.
 STATUS_ORDER: dict[str | None, int] = {
@@ -365,12 +366,12 @@ class DashboardData:
             tags = run.get("tags") or {}
             report = reports.get(run["run_id"])
             attempts.append({
-                "attempt": _int(tags.get("ckpt_stage.attempt")) or (report or {}).get("attempt"),
+                "attempt": _int(tags.get(ATTEMPT)) or (report or {}).get("attempt"),
                 "run_id": run["run_id"],
                 "started_at": iso_ms(run.get("start_time")),
-                "verdict": tags.get("ckpt_stage.verdict") or (report or {}).get("verdict"),
-                "reasons": [c for c in (tags.get("ckpt_stage.reasons") or "").split(",") if c],
-                "summary": tags.get("ckpt_stage.summary") or (report or {}).get("summary", ""),
+                "verdict": tags.get(VERDICT) or (report or {}).get("verdict"),
+                "reasons": [c for c in (tags.get(REASONS) or "").split(",") if c],
+                "summary": tags.get(SUMMARY) or (report or {}).get("summary", ""),
                 "metrics": run.get("metrics") or {},
                 "report": report,
                 "links": {"mlflow_run": self.mlflow_run_url(run["run_id"], exp_id),
@@ -392,7 +393,7 @@ class DashboardData:
                 "mlflow_version": self.mlflow_version_url(model, version),
                 "mlflow_source_run": self.mlflow_run_url(state.run_id) if state.run_id else None,
                 "mlflow_validation_run": self.mlflow_run_url(row["run_id"], exp_id) if row["run_id"] else None,
-                "airflow": self.airflow_dag_url(VALIDATE_DAG),
+                "airflow": self.airflow_dag_url(VALIDATE_DAG_ID),
             },
         }
 
@@ -537,7 +538,7 @@ class DashboardData:
             return None
         info = dict((report or {}).get("airflow") or {})
         for key, tag in AIRFLOW_RUN_TAGS.items():
-            for name in (f"ckpt_stage.{tag}", tag):
+            for name in (TAG + tag, tag):
                 if run_tags.get(name) and not info.get(key):
                     info[key] = run_tags[name]
         if not (info.get("dag_id") and info.get("run_id") and info.get("task_id")):

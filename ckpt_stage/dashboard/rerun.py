@@ -3,7 +3,7 @@
 With ``CKPT_STAGE_AIRFLOW_URL`` set, the request becomes a run of DAG ``ckpt_stage_rerun`` (conf
 ``{"model", "versions"}`` or ``{"status", "reason", "model"}``, the DAG's params) through Airflow's
 REST API, so it runs where validations always run, with the same pools and logs. Without Airflow the
-dashboard validates in a background thread (``pipeline.validate_one_safely(ref, force=True)``) and
+dashboard validates in a background thread (``pipeline.validate_version_safely(ref, force=True)``) and
 the request returns at once; one worker thread, because each validation already uses a whole
 isolated worker process and the MLflow write order must not interleave for one version.
 """
@@ -21,67 +21,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_stage.config import Settings
-from ckpt_stage.dashboard.data import RERUN_DAG, DashboardData
-from ckpt_stage.domain import RERUNNABLE_STATUSES, ReasonCode, VersionRef
+from ckpt_stage.dashboard.data import DashboardData
+from ckpt_stage.domain import VersionRef
+from ckpt_stage.errors import RerunError, RerunTooLarge, UsageError
+from ckpt_stage.orchestrate import MAX_RERUN, RERUN_DAG_ID, RerunSelection
 
 log = logging.getLogger(__name__)
 
-MAX_VERSIONS = 1000
-"""One request re-runs at most this many versions in-process (a DAG run batches them itself)."""
+MAX_VERSIONS = MAX_RERUN
+"""One request re-runs at most this many versions, in-process or as a DAG run (the library's one limit)."""
 
 
-class RerunError(Exception):
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
-@dataclass(frozen=True)
-class RerunRequest:
-    model: str | None = None
-    versions: tuple[str, ...] = ()
-    status: str | None = None
-    reason: str | None = None
+class RerunRequest(RerunSelection):
+    """The library's ``RerunSelection``; ``parse`` answers a bad body with ``RerunError(422)``."""
 
     @classmethod
     def parse(cls, body: Any) -> RerunRequest:
-        """Validate a JSON body: either model + versions, or status (+ reason, + model)."""
-        if not isinstance(body, dict):
-            raise RerunError(422, "the body must be a JSON object")
-        model, versions, status, reason = body.get("model"), body.get("versions"), body.get("status"), body.get("reason")
-        if model is not None and (not isinstance(model, str) or not model.strip()):
-            raise RerunError(422, "model must be a non-empty string")
-        if versions is not None:
-            if isinstance(versions, str | int):
-                versions = [versions]
-            if not isinstance(versions, list) or not versions or not all(isinstance(v, str | int) for v in versions):
-                raise RerunError(422, "versions must be a non-empty list of version numbers")
-            if not model:
-                raise RerunError(422, "versions need a model")
-            if status or reason:
-                raise RerunError(422, "give either model + versions, or status (+ reason, + model), not both")
-            return cls(model=model, versions=tuple(dict.fromkeys(str(v) for v in versions)))
-        if status not in RERUNNABLE_STATUSES:
-            raise RerunError(422, f"status must be one of {', '.join(RERUNNABLE_STATUSES)} (or give model + versions)")
-        if reason is not None and reason not in ReasonCode.__members__:
-            raise RerunError(422, f"reason {reason!r} is not a reason code")
-        return cls(model=model or None, status=status, reason=reason or None)
-
-    def conf(self) -> dict[str, Any]:
-        """The ``ckpt_stage_rerun`` DAG's params."""
-        if self.versions:
-            return {"model": self.model, "versions": list(self.versions)}
-        return {"status": self.status, "reason": self.reason, "model": self.model}
-
-    def describe(self) -> str:
-        if self.versions:
-            return f"{self.model} version{'s' if len(self.versions) > 1 else ''} {', '.join(self.versions)}"
-        parts = [f"every {self.status} version"]
-        if self.model:
-            parts.append(f"of {self.model}")
-        if self.reason:
-            parts.append(f"with {self.reason}")
-        return " ".join(parts)
+        try:
+            sel = RerunSelection.parse(body)
+        except RerunTooLarge as exc:
+            raise RerunError(413, str(exc)) from exc
+        except UsageError as exc:
+            raise RerunError(422, str(exc)) from exc
+        return cls(model=sel.model, versions=sel.versions, status=sel.status, reason=sel.reason)
 
 
 @dataclass
@@ -103,16 +65,6 @@ class Job:
             "versions": [r.to_dict() for r in self.refs], "done": len(self.results), "results": list(self.results),
             "error": self.error,
         }
-
-
-def _airflow_client_class() -> Any:
-    """``ckpt_stage.airflow_client.AirflowClient`` when it is installed (written beside the DAGs)."""
-    try:
-        from ckpt_stage.airflow_client import AirflowClient
-    except ImportError as exc:
-        log.warning("ckpt_stage.airflow_client is unavailable (%s); re-runs run in-process", exc)
-        return None
-    return AirflowClient
 
 
 class Rerunner:
@@ -137,8 +89,10 @@ class Rerunner:
     def _client(self) -> Any:
         # One client for the app's lifetime: it caches Airflow's JWT and is thread-safe.
         if self._airflow is None and self.settings.airflow_url:
-            cls = self._airflow_client or _airflow_client_class()
-            self._airflow = cls(self.settings) if cls is not None else None
+            from ckpt_stage.airflow_client import AirflowClient
+
+            cls = self._airflow_client or AirflowClient
+            self._airflow = cls(self.settings)
         return self._airflow
 
     def submit(self, req: RerunRequest, requested_by: str) -> dict[str, Any]:
@@ -149,7 +103,7 @@ class Rerunner:
     def _trigger_airflow(self, req: RerunRequest, requested_by: str) -> dict[str, Any]:
         conf = req.conf()
         try:
-            result = self._client().trigger_dag(RERUN_DAG, conf)
+            result = self._client().trigger_dag(RERUN_DAG_ID, conf)
         except Exception as exc:  # noqa: BLE001 - Airflow refused or is down: tell the person, do not guess
             raise RerunError(502, f"Airflow did not accept the re-run of {req.describe()}: {exc}")
         run_id = None
@@ -158,23 +112,17 @@ class Rerunner:
         elif isinstance(result, str):
             run_id = result
         base = self.settings.airflow_url.rstrip("/")
-        link = f"{base}/dags/{RERUN_DAG}/runs/{run_id}" if run_id else f"{base}/dags/{RERUN_DAG}"
+        link = f"{base}/dags/{RERUN_DAG_ID}/runs/{run_id}" if run_id else f"{base}/dags/{RERUN_DAG_ID}"
         log.info("re-run of %s triggered in Airflow by %s: %s", req.describe(), requested_by, run_id)
-        return {"mode": "airflow", "dag_id": RERUN_DAG, "dag_run_id": run_id, "conf": conf, "link": link,
+        return {"mode": "airflow", "dag_id": RERUN_DAG_ID, "dag_run_id": run_id, "conf": conf, "link": link,
                 "requested_by": requested_by, "message": f"Airflow re-runs {req.describe()}"}
 
     def _resolve(self, req: RerunRequest) -> list[VersionRef]:
-        if req.versions:
-            assert req.model is not None
-            return [VersionRef(req.model, v) for v in req.versions]
-        states = self.data.registry.iter_versions(model=req.model, status=req.status, reason=req.reason)
-        refs = []
-        for s in states:
-            refs.append(s.ref)
-            if len(refs) > MAX_VERSIONS:
-                raise RerunError(413, f"{req.describe()} matches more than {MAX_VERSIONS} versions; narrow the "
-                                      "filter or configure Airflow (CKPT_STAGE_AIRFLOW_URL) to run it as a DAG")
-        return refs
+        try:
+            return req.matching(self.data.registry, limit=MAX_VERSIONS)
+        except RerunTooLarge as exc:
+            raise RerunError(413, f"{req.describe()}: {exc}; or configure Airflow (CKPT_STAGE_AIRFLOW_URL) "
+                                  "to run it as a DAG") from exc
 
     def _submit_local(self, req: RerunRequest, requested_by: str) -> dict[str, Any]:
         refs = self._resolve(req)
@@ -201,9 +149,9 @@ class Rerunner:
 
     def _run(self, job: Job) -> None:
         if self._validate is None:
-            from ckpt_stage.pipeline import validate_one_safely
+            from ckpt_stage.pipeline import validate_version_safely
 
-            validate = validate_one_safely
+            validate = validate_version_safely
         else:
             validate = self._validate
         job.state = "running"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ckpt_stage.domain import Finding, ReasonCode, Severity
+from ckpt_stage.errors import ArchError
 
 SHOW = 5
 """How many names a message lists before ``…``."""
@@ -53,13 +54,6 @@ _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 ARCH_SETTING = "CKPT_STAGE_ARCH_MODULES"
 ARCH_TAG_HINT = ("set the version tags ckpt_stage.arch (package.module:Class) and ckpt_stage.arch_kwargs "
                  "(JSON object), or pass --arch/--arch-kwargs to ckpt-stage inspect")
-
-
-class ArchError(Exception):
-    def __init__(self, message: str, hint: str):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
 
 
 def parse_arch(spec: str) -> tuple[str, str]:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ckpt_stage.domain import ReasonCode
+from ckpt_stage.errors import HfError
 
 #: The serving runtime needs transformers for a Hugging Face folder: said in the finding when it is absent.
 HINT_INSTALL = ("install transformers in the serving runtime the stage validates with (the interpreter named by "
@@ -41,15 +42,6 @@ MAX_CONFIG_BYTES = 4 << 20
 #: Synthetic input: batch 1, this many tokens (fewer when the model's positions are fewer).
 SEQ_LEN = 8
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class HfError(Exception):
-    def __init__(self, code: ReasonCode, message: str, hint: str, **detail: Any):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.hint = hint
-        self.detail = detail
 
 
 @dataclass

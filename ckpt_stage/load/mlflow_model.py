@@ -17,17 +17,10 @@ import torch
 import yaml
 
 from ckpt_stage.load.checks import TensorSpec, parse_tensor_specs
+from ckpt_stage.errors import ExampleError, ModelDirError
 from ckpt_stage.scan.mlflow_dir import MAX_MLMODEL_BYTES, REQUIREMENT_PIN_RE, YamlProblem, load_yaml
 
 MAX_EXAMPLE_BYTES = 64 * 2**20
-
-
-class ModelDirError(Exception):
-    """The directory is not a usable MLflow model; ``missing`` marks absent files (ARTIFACT_MISSING)."""
-
-    def __init__(self, message: str, hint: str = "", *, missing: bool = False, file: str | None = None):
-        super().__init__(message)
-        self.message, self.hint, self.missing, self.file = message, hint, missing, file
 
 
 @dataclass
@@ -173,10 +166,6 @@ def model_code_on_path(job_root: str, model_code: dict[str, list[str]]) -> Itera
 
 # --------------------------------------------------------------------------------------------------
 # input example → tensors
-
-
-class ExampleError(Exception):
-    pass
 
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64,

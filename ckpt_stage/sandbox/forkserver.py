@@ -37,6 +37,8 @@ import threading
 import time
 from typing import Any, cast
 
+from ckpt_stage.errors import ServerGone, ServerStartError
+
 READY_TIMEOUT_S = 180.0
 _MAX_FDS = 8
 
@@ -206,14 +208,6 @@ def _shutdown(jobs: dict[int, socket.socket]) -> None:
 
 
 # --- parent side ---------------------------------------------------------------------------------
-
-
-class ServerGone(Exception):
-    """The fork server is dead or died while taking a job (the caller restarts it once)."""
-
-
-class ServerStartError(Exception):
-    """The fork server did not come up; the message carries its log tail."""
 
 
 class ForkServer:

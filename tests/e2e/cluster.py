@@ -27,7 +27,8 @@ from typing import Any
 import httpx
 import pytest
 
-from ckpt_stage import devstack, orchestrate
+from ckpt_stage import orchestrate
+from ckpt_stage.dev import devstack
 from ckpt_stage.config import Settings
 
 

@@ -18,7 +18,8 @@ from urllib.parse import quote
 import pytest
 from mlflow import MlflowClient
 
-from ckpt_stage import devstack, orchestrate, samples
+from ckpt_stage import orchestrate
+from ckpt_stage.dev import devstack, samples
 from ckpt_stage.airflow_client import AirflowClient
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import VersionRef

@@ -23,7 +23,8 @@ from urllib.parse import quote
 import pytest
 from mlflow import MlflowClient
 
-from ckpt_stage import devstack, orchestrate
+from ckpt_stage import orchestrate
+from ckpt_stage.dev import devstack
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import VersionRef
 from ckpt_stage.registry import Registry

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from ckpt_stage import devstack, samples
+from ckpt_stage.dev import devstack, samples
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import Status, Verdict
 from ckpt_stage.pipeline import validate_version

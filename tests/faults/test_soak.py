@@ -19,7 +19,7 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from ckpt_stage import devstack, samples
+from ckpt_stage.dev import devstack, samples
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import Status
 from ckpt_stage.registry import ATTEMPT_ID, LEASE_OWNER, LEASE_UNTIL, Registry, parse_iso

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from ckpt_stage import devstack, samples
+from ckpt_stage.dev import devstack, samples
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import ReasonCode, Verdict, VersionRef
 from ckpt_stage.errors import ArtifactMissing, IntegrityMismatch, StorageMisconfigured, StorageUnavailable

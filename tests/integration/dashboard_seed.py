@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpt_stage import devstack
+from ckpt_stage.dev import devstack
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import (
     Decision,

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from ckpt_stage import devstack
+from ckpt_stage.dev import devstack
 from ckpt_stage.config import Settings
 from ckpt_stage.pipeline import validate_version
 from tests.corpus import all_cases

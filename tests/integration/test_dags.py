@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ckpt_stage import devstack, orchestrate, samples
+from ckpt_stage import orchestrate
+from ckpt_stage.dev import devstack, samples
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import VersionRef
 from ckpt_stage.registry import Registry

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
-from ckpt_stage import devstack  # noqa: E402
+from ckpt_stage.dev import devstack  # noqa: E402
 from ckpt_stage.cli import main  # noqa: E402
 from ckpt_stage.config import Settings  # noqa: E402
 from ckpt_stage.domain import Verdict, VersionRef  # noqa: E402

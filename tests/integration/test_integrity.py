@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ckpt_stage import devstack, samples
+from ckpt_stage.dev import devstack, samples
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import Verdict, VersionRef
 from ckpt_stage.integrity import recheck_promoted, verify_download
@@ -334,7 +334,7 @@ def test_verify_passes_on_a_faithful_download(served):
         doc = json.loads(proc.stdout)
         assert doc["ok"] is True and doc["differences"] == [] and doc["files"] == 2
         assert doc["version"] == ref.version
-    assert verify_download(folder, ref.name, alias="validated").ok
+    assert verify_download(folder, ref.name, alias="validated", settings=Settings.from_env()).ok
 
 
 def _break(folder: Path, how: str) -> tuple[str, str]:
@@ -367,7 +367,7 @@ def test_verify_fails_on_any_difference_and_names_the_file(served, how):
     text = _cli("verify", "--model", ref.name, "--alias", "validated", str(folder))
     assert text.returncode == 1 and text.stdout == ""
     assert f"{kind}: {rel}" in text.stderr and "do not load it" in text.stderr
-    result = verify_download(folder, ref.name, version=ref.version)
+    result = verify_download(folder, ref.name, version=ref.version, settings=Settings.from_env())
     assert not result.ok and [d.path for d in result.differences] == [rel]
 
 

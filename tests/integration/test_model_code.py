@@ -134,7 +134,7 @@ def test_registered_code_paths_model_through_the_registry(stack, stage_env, tmp_
 
     from mlflow import MlflowClient
 
-    from ckpt_stage import devstack
+    from ckpt_stage.dev import devstack
     from ckpt_stage.config import Settings
     from ckpt_stage.domain import Verdict
     from ckpt_stage.pipeline import validate_version

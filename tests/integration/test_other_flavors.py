@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from ckpt_stage import devstack, samples
+from ckpt_stage.dev import devstack, samples
 from ckpt_stage.cli import main
 from ckpt_stage.registry import STATUS
 

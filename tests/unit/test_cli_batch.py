@@ -106,7 +106,7 @@ def fake_rerun(monkeypatch):
         return by_ref[ref]
 
     monkeypatch.setattr(registry, "Registry", lambda settings: reg)
-    monkeypatch.setattr(pipeline, "validate_one_safely", validate)
+    monkeypatch.setattr(pipeline, "validate_version_safely", validate)
     return calls
 
 

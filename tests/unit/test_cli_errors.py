@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from ckpt_stage import devstack
+from ckpt_stage.dev import devstack
 from ckpt_stage.cli import main
 
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from ckpt_stage import cli_show
+from ckpt_stage.cli import show as cli_show
 from ckpt_stage.cli import main
 
 REPORT = {

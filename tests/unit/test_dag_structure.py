@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from ckpt_stage import devstack, orchestrate
+from ckpt_stage import orchestrate
+from ckpt_stage.dev import devstack
 
 PROBE = r"""
 import json, sys

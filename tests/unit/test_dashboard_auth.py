@@ -24,7 +24,7 @@ BODY = {"model": "m", "versions": ["2"]}
 
 
 class Recorder:
-    """Stands in for ``pipeline.validate_one_safely``: records calls, returns no report."""
+    """Stands in for ``pipeline.validate_version_safely``: records calls, returns no report."""
 
     def __init__(self) -> None:
         self.calls: list = []

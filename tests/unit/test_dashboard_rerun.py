@@ -5,11 +5,16 @@ from __future__ import annotations
 import threading
 
 import pytest
+from click.testing import CliRunner
 
+from ckpt_stage import orchestrate
+from ckpt_stage.cli import main
 from ckpt_stage.config import Settings
 from ckpt_stage.dashboard.data import DashboardData
 from ckpt_stage.dashboard.rerun import Rerunner, RerunError, RerunRequest
 from ckpt_stage.domain import VersionRef
+from ckpt_stage.errors import UsageError
+from ckpt_stage.orchestrate import MAX_RERUN
 from tests.unit.dashboard_fakes import FakeRegistry
 
 
@@ -130,3 +135,29 @@ def test_a_failing_version_does_not_stop_the_batch():
             break
         threading.Event().wait(0.02)
     assert [x.get("error") for x in job["results"]] == ["RuntimeError: boom", None]
+
+
+@pytest.mark.parametrize(("params", "status"), [
+    ({"model": "m", "versions": ["latest"]}, 422),
+    ({"model": "m", "versions": [str(v) for v in range(1, MAX_RERUN + 2)]}, 413),
+])
+def test_one_selection_rule_for_the_dag_form_the_dashboard_and_the_cli(params, status):
+    """The DAG form, the dashboard and the CLI refuse the same selections (one ``RerunSelection.parse``)."""
+    with pytest.raises(UsageError):
+        orchestrate.rerun_selection(params)
+    with pytest.raises(RerunError) as err:
+        RerunRequest.parse(params)
+    assert err.value.status == status
+    if len(params["versions"]) == 1:
+        result = CliRunner().invoke(main, ["rerun", "--model", "m", "--version", params["versions"][0]])
+        assert result.exit_code == 2 and "model versions are numbers" in result.stderr
+
+
+def test_a_status_selection_over_the_limit_is_refused_in_process():
+    reg = FakeRegistry()
+    for v in range(1, 5):
+        reg.add("m", v, "quarantined", ["TIMEOUT"])
+    sel = RerunRequest.parse({"status": "quarantined"})
+    assert [r.version for r in sel.matching(reg)] == ["1", "2", "3", "4"]
+    with pytest.raises(UsageError, match="narrow it"):
+        sel.matching(reg, limit=3)

@@ -174,7 +174,7 @@ def test_under_the_kubernetes_executor_each_class_task_carries_its_pod_override(
     import subprocess
     import sys
 
-    from ckpt_stage import devstack
+    from ckpt_stage.dev import devstack
 
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
            "AIRFLOW__CORE__DAGS_FOLDER": str(devstack.dags_folder()), "AIRFLOW__CORE__EXECUTOR": "KubernetesExecutor",

@@ -172,10 +172,10 @@ def _outcome(verdict: Verdict, *codes: ReasonCode) -> Outcome:
 
 
 def test_judge_model_verdicts_succeed():
-    assert orchestrate.judge(_outcome(Verdict.PASS)) == {
+    assert orchestrate.task_result(_outcome(Verdict.PASS)) == {
         "name": "m", "version": "1", "verdict": "pass", "reasons": [], "attempt": 2, "run_id": "r1", "summary": "s"}
-    assert orchestrate.judge(_outcome(Verdict.QUARANTINE, ReasonCode.SHAPE_MISMATCH))["reasons"] == ["SHAPE_MISMATCH"]
-    assert orchestrate.judge(Outcome(None, skipped="lease held")) == {"skipped": "lease held"}
+    assert orchestrate.task_result(_outcome(Verdict.QUARANTINE, ReasonCode.SHAPE_MISMATCH))["reasons"] == ["SHAPE_MISMATCH"]
+    assert orchestrate.task_result(Outcome(None, skipped="lease held")) == {"skipped": "lease held"}
 
 
 @pytest.mark.parametrize(("codes", "retry"), [
@@ -187,7 +187,7 @@ def test_judge_model_verdicts_succeed():
 ])
 def test_judge_errors_fail_the_task_retrying_only_transient_ones(codes, retry):
     with pytest.raises(orchestrate.ValidationFailed) as info:
-        orchestrate.judge(_outcome(Verdict.ERROR, *codes))
+        orchestrate.task_result(_outcome(Verdict.ERROR, *codes))
     assert info.value.retry is retry
     if ReasonCode.INTERNAL_ERROR in codes:
         assert "bug" in str(info.value)
@@ -202,13 +202,13 @@ def test_validate_one_skips_decided_versions_unless_forced(monkeypatch):
         return _outcome(Verdict.PASS)
 
     monkeypatch.setattr("ckpt_stage.pipeline.validate_version", fake_validate)
-    assert orchestrate.validate_one({"name": "m", "version": "1"}, force=False, settings=Settings(),
+    assert orchestrate.validation_task({"name": "m", "version": "1"}, force=False, settings=Settings(),
                                     registry=reg)["skipped"] == "already promoted"
-    assert "no longer registered" in orchestrate.validate_one({"name": "x", "version": "1"}, force=False,
+    assert "no longer registered" in orchestrate.validation_task({"name": "x", "version": "1"}, force=False,
                                                               settings=Settings(), registry=reg)["skipped"]
-    assert orchestrate.validate_one({"name": "m", "version": "2"}, force=False, settings=Settings(),
+    assert orchestrate.validation_task({"name": "m", "version": "2"}, force=False, settings=Settings(),
                                     registry=reg)["verdict"] == "pass"
-    orchestrate.validate_one({"name": "m", "version": "1"}, force=True, settings=Settings(), registry=reg)
+    orchestrate.validation_task({"name": "m", "version": "1"}, force=True, settings=Settings(), registry=reg)
     assert calls == [(R("m", 2), False), (R("m", 1), True)]
 
 
@@ -222,10 +222,10 @@ def test_a_retry_takes_over_the_lease_its_own_failed_try_left(monkeypatch):
         return _outcome(Verdict.PASS)
 
     monkeypatch.setattr("ckpt_stage.pipeline.validate_version", fake_validate)
-    other = orchestrate.validate_one({"name": "m", "version": "1"}, force=False, settings=Settings(), registry=reg,
+    other = orchestrate.validation_task({"name": "m", "version": "1"}, force=False, settings=Settings(), registry=reg,
                                      owner="airflow:d/r2/t/0")
     assert other["skipped"] == "already validating"
-    mine = orchestrate.validate_one({"name": "m", "version": "1"}, force=False, settings=Settings(), registry=reg,
+    mine = orchestrate.validation_task({"name": "m", "version": "1"}, force=False, settings=Settings(), registry=reg,
                                     owner="airflow:d/r/t/0")
     assert mine["verdict"] == "pass" and owners == ["airflow:d/r/t/0"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from ckpt_stage.config import Settings
 from ckpt_stage.errors import ArtifactMissing, ConfigError, StorageMisconfigured, StorageUnavailable
-from ckpt_stage.storage import S3Location, classify, resolve_artifact_uri
+from ckpt_stage.storage import S3Location, classify_s3_error, resolve_artifact_uri
 
 
 def test_s3_uris_resolve_directly():
@@ -50,4 +50,4 @@ def _client_error(code, status):
     (botocore.exceptions.NoCredentialsError(), StorageMisconfigured),
 ])
 def test_classify(exc, kind):
-    assert isinstance(classify(exc, what="s3://b/k"), kind)
+    assert isinstance(classify_s3_error(exc, what="s3://b/k"), kind)

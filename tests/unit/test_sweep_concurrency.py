@@ -28,7 +28,7 @@ def test_run_many_keeps_order_and_bounds_concurrency(monkeypatch, concurrency):
             active[0] -= 1
         return pipeline.Outcome(None, skipped=ref.version)
 
-    monkeypatch.setattr(pipeline, "validate_one_safely", fake)
+    monkeypatch.setattr(pipeline, "validate_version_safely", fake)
     refs = [VersionRef("m", str(i)) for i in range(1, 10)]
     outcomes = pipeline.run_many(refs, settings=Settings(sweep_concurrency=concurrency), owner="me",
                                  on_result=lambda ref, o: seen.append(ref.version))

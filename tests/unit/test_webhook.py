@@ -17,7 +17,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from mlflow.webhooks.delivery import _generate_hmac_signature
 
-from ckpt_stage import devstack
+from ckpt_stage.dev import devstack
 from ckpt_stage.airflow_client import AirflowClient
 from ckpt_stage.config import Settings
 from ckpt_stage.dashboard.webhook import create_webhook_app, sign, verify

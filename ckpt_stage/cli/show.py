@@ -30,7 +30,7 @@ SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "dim"}
 @click.option("--json", "as_json", is_flag=True, help="Print the version, attempts and reports as JSON on stdout.")
 def show(model: str, version: str, full: int, as_json: bool) -> None:
     """Show one version: its status, every attempt, and the full report of the latest ones."""
-    from ckpt_stage import cli
+    from ckpt_stage.cli import commands as cli
 
     def body() -> int:
         from ckpt_stage.dashboard.data import DashboardData

@@ -23,25 +23,32 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import Decision, Report, Status, Verdict, VersionRef
 from ckpt_stage.errors import CkptStageError, RegistryConflict, RegistryError, RegistryUnavailable, UsageError
-
-# The client prints "🏃 View run … at: …" on stdout when a run ends; stdout belongs to --json.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+from ckpt_stage.registry.tags import (
+    ATTEMPT,
+    ATTEMPT_ID,
+    LEASE_OWNER,
+    LEASE_UNTIL,
+    MANIFEST_SHA256,
+    REASONS,
+    RUN_ID,
+    RUN_MODEL,
+    RUN_VERSION,
+    SHA256,
+    STATUS,
+    SUMMARY,
+    VALIDATED_AT,
+    VERDICT,
+    VersionState,
+    iso,
+    now_utc,
+)
 
 log = logging.getLogger(__name__)
-
-TAG = "ckpt_stage."
-STATUS, REASONS, SUMMARY, ATTEMPT = TAG + "status", TAG + "reasons", TAG + "summary", TAG + "attempt"
-VALIDATED_AT, RUN_ID, SHA256 = TAG + "validated_at", TAG + "run_id", TAG + "sha256"
-MANIFEST_SHA256 = TAG + "manifest_sha256"
-LEASE_OWNER, LEASE_UNTIL = TAG + "lease_owner", TAG + "lease_until"
-ATTEMPT_ID = TAG + "attempt_id"  # run tag: which attempt made the run (idempotent run creation)
-ARCH, ARCH_KWARGS = TAG + "arch", TAG + "arch_kwargs"
 
 PAGE = 200
 
@@ -63,9 +70,11 @@ def configure_client(settings: Settings, env: Any = None) -> dict[str, str]:
     rate limiting; under a flaky connection each reset then waits out the backoff, and a hung server
     holds a call for two minutes. The client is the only retry loop around MLflow calls (the stage adds
     none, see docs/architecture.md), so its budget is the stage's: a few quick retries, a bounded timeout.
-    Returns what it set.
+    Returns what it set of those (it also switches MLflow's "View run" print off, as a default).
     """
     env = os.environ if env is None else env
+    # The client prints "🏃 View run … at: …" on stdout when a run ends; stdout belongs to --json.
+    env.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     out = {}
     for var, attr in _CLIENT_ENV.items():
         if not env.get(var):
@@ -73,70 +82,8 @@ def configure_client(settings: Settings, env: Any = None) -> dict[str, str]:
     return out
 
 
-def now_utc() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def parse_iso(text: str) -> dt.datetime | None:
-    try:
-        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except (ValueError, AttributeError):
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
-
-
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-@dataclass(frozen=True)
-class VersionState:
-    """A registered version as the stage sees it."""
-
-    ref: VersionRef
-    tags: dict[str, str] = field(default_factory=dict)
-    source: str = ""
-    run_id: str | None = None
-    created_ms: int = 0
-    aliases: tuple[str, ...] = ()
-
-    @property
-    def status(self) -> Status | None:
-        raw = self.tags.get(STATUS)
-        try:
-            return Status(raw) if raw else None
-        except ValueError:
-            return None
-
-    @property
-    def attempt(self) -> int:
-        try:
-            return int(self.tags.get(ATTEMPT, "0") or 0)
-        except ValueError:
-            return 0
-
-    @property
-    def reasons(self) -> tuple[str, ...]:
-        return tuple(r for r in self.tags.get(REASONS, "").split(",") if r)
-
-    @property
-    def lease_until(self) -> dt.datetime | None:
-        return parse_iso(self.tags.get(LEASE_UNTIL, ""))
-
-    def lease_active(self, at: dt.datetime | None = None) -> bool:
-        until = self.lease_until
-        return self.status is Status.VALIDATING and until is not None and until > (at or now_utc())
-
-    def needs_validation(self, at: dt.datetime | None = None) -> bool:
-        """What ``sweep`` picks: no status, pending, error, or validating with an expired lease."""
-        status = self.status
-        if status in (None, Status.PENDING, Status.ERROR):
-            return True
-        return status is Status.VALIDATING and not self.lease_active(at)
 
 
 _CONFLICT_MARKERS = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry",
@@ -152,7 +99,7 @@ def translate(what: str) -> Iterator[None]:
     """
     from mlflow.exceptions import MlflowException, RestException
 
-    from ckpt_stage.storage import classify as classify_storage, is_storage_error
+    from ckpt_stage.storage import classify_s3_error as classify_storage, is_storage_error
 
     try:
         yield
@@ -427,9 +374,9 @@ class Registry:
         attempt_id = attempt_id or uuid.uuid4().hex
         data = report.to_dict()
         tags = {
-            "ckpt_stage.model": ref.name, "ckpt_stage.version": ref.version,
-            "ckpt_stage.verdict": report.verdict.value, "ckpt_stage.attempt": str(report.attempt),
-            "ckpt_stage.reasons": ",".join(sorted({r.code.value for r in report.reasons if r.code})),
+            RUN_MODEL: ref.name, RUN_VERSION: ref.version,
+            VERDICT: report.verdict.value, ATTEMPT: str(report.attempt),
+            REASONS: ",".join(sorted({r.code.value for r in report.reasons if r.code})),
             ATTEMPT_ID: attempt_id,
             "mlflow.runName": f"{ref.name}-v{ref.version}-attempt{report.attempt}",
         }
@@ -447,10 +394,10 @@ class Registry:
         run_id = self._run_for_attempt(attempt_id, tags, what=what)
         try:
             # No stdout redirect here (it would swap sys.stdout under other threads): the "View run" print
-            # is switched off by MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set when this module is imported.
+            # is switched off by MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by ``configure_client``.
             with translate(what):
                 self.client.log_batch(run_id, metrics=metrics, params=params,
-                                      tags=[RunTag("ckpt_stage.summary", report.summary[:500])])
+                                      tags=[RunTag(SUMMARY, report.summary[:500])])
             with translate(f"uploading report.json of {ref}"), tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "report.json")
                 with open(path, "w") as fh:
@@ -648,7 +595,7 @@ class Registry:
     def attempts(self, ref: VersionRef) -> list[dict[str, Any]]:
         """Every recorded attempt's run (newest first), without the reports."""
         exp = self.experiment_id()
-        flt = f"tags.`ckpt_stage.model` = '{_quote(ref.name)}' and tags.`ckpt_stage.version` = '{_quote(ref.version)}'"
+        flt = f"tags.`{RUN_MODEL}` = '{_quote(ref.name)}' and tags.`{RUN_VERSION}` = '{_quote(ref.version)}'"
         with translate(f"listing attempts of {ref}"):
             runs = self.client.search_runs([exp], filter_string=flt, order_by=["attributes.start_time DESC"],
                                            max_results=100)

@@ -245,7 +245,7 @@ def register_folder(bucket: str, name: str, folder: Path, tags: dict[str, str] |
 # -- Airflow on SQLite for dag.test() --------------------------------------------------------------
 def dags_folder() -> Path:
     configured = os.environ.get("CKPT_STAGE_DAGS_FOLDER")
-    return Path(configured) if configured else Path(__file__).resolve().parents[1] / "dags"
+    return Path(configured) if configured else Path(__file__).resolve().parents[2] / "dags"
 
 
 def airflow_env(airflow_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:

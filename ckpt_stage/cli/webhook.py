@@ -31,7 +31,7 @@ def webhook() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the webhook as JSON on stdout.")
 def register(url: str, secret: str | None, name: str, as_json: bool) -> None:
     """Create or update the MLflow webhook for model_version.created (needs MLflow's SQL backend)."""
-    from ckpt_stage.cli import _run
+    from ckpt_stage.cli.commands import _run
     from ckpt_stage.errors import UsageError
     from ckpt_stage.registry import translate
 

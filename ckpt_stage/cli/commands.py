@@ -129,12 +129,12 @@ def validate(model: str, version: str, as_json: bool) -> None:
     def body() -> int:
         settings = Settings.from_env()
         _start_worker_early(settings)
-        from ckpt_stage.pipeline import validate_one_safely
+        from ckpt_stage.pipeline import validate_version_safely
 
         with _stdout_to_stderr() as real:
             ref = VersionRef(model, str(version))
             with _progress_bar(as_json, str(ref)) as progress:
-                outcome = validate_one_safely(ref, settings=settings, progress=progress)
+                outcome = validate_version_safely(ref, settings=settings, progress=progress)
             if outcome.report is None:
                 raise CkptStageError(outcome.skipped, code=ReasonCode.INTERNAL_ERROR,
                                      hint=f"a decided version gets a new attempt with `ckpt-stage rerun --model "
@@ -453,22 +453,23 @@ def rerun(model: str | None, version: str | None, status: str | None, reason: st
         from ckpt_stage import pipeline
         from ckpt_stage.registry import Registry
 
+        from ckpt_stage.orchestrate import RerunSelection
+
         if version and not model:
             raise UsageError("--version needs --model")
         if bool(version) == bool(status):
             raise UsageError(f"give either --model NAME --version N, or --status {'|'.join(RERUNNABLE_STATUSES)}")
-        if reason and reason not in ReasonCode.__members__:
-            raise UsageError(f"--reason {reason!r} is not a reason code; known: {', '.join(ReasonCode.__members__)}")
+        selection = RerunSelection.parse({"model": model, "versions": [version] if version else [],
+                                          "status": status, "reason": reason})
         settings = Settings.from_env()
         registry = Registry(settings)
         with _stdout_to_stderr() as real:
-            refs = [VersionRef(str(model), str(version))] if version else [
-                s.ref for s in registry.iter_versions(model=model, status=status, reason=reason)]
+            refs = selection.matching(registry)
             outcomes = []
             line = _line_per_version(as_json)
             for i, ref in enumerate(refs, 1):
                 with _progress_bar(as_json, f"[{i}/{len(refs)}] {ref}") as progress:
-                    outcome = pipeline.validate_one_safely(ref, settings=settings, registry=registry, force=True,
+                    outcome = pipeline.validate_version_safely(ref, settings=settings, registry=registry, force=True,
                                                            progress=progress, batch=len(refs) > 1)
                 line(ref, outcome)
                 outcomes.append(outcome)
@@ -487,7 +488,7 @@ def ls_cmd(status: str | None, model: str | None, reason: str | None, as_json: b
     """List versions and their verdicts."""
 
     def body() -> int:
-        from ckpt_stage.registry import Registry
+        from ckpt_stage.registry import RUN_ID, VALIDATED_AT, Registry
 
         registry = Registry(Settings.from_env())
         with _stdout_to_stderr() as real:
@@ -499,9 +500,9 @@ def ls_cmd(status: str | None, model: str | None, reason: str | None, as_json: b
                 "model": s.ref.name, "version": s.ref.version,
                 "status": s.status.value if s.status else None,
                 "reasons": list(s.reasons), "attempt": s.attempt,
-                "summary": s.tags.get("ckpt_stage.summary", ""),
-                "validated_at": s.tags.get("ckpt_stage.validated_at"),
-                "run_id": s.tags.get("ckpt_stage.run_id"),
+                "summary": s.summary,
+                "validated_at": s.tags.get(VALIDATED_AT),
+                "run_id": s.tags.get(RUN_ID),
             } for s in sorted(states, key=lambda s: (s.ref.name, _int(s.ref.version)))]
             if as_json:
                 _emit_json(real, rows)
@@ -564,7 +565,7 @@ def dashboard(host: str, port: int) -> None:
 @click.option("--keep-running", is_flag=True, help="Leave the servers up until Ctrl-C to browse the results.")
 def demo(workdir: Path, keep_running: bool) -> None:
     """Run the whole stage on the embedded defaults with sample model versions."""
-    from ckpt_stage.demo import run_demo
+    from ckpt_stage.dev.demo import run_demo
 
     sys.exit(run_demo(workdir.resolve(), keep_running=keep_running))
 
@@ -573,12 +574,8 @@ def _add_optional_commands() -> None:
     """Commands that live beside their feature (``webhook`` with the receiver, ``show`` with the dashboard)."""
     import importlib
 
-    for mod, attr in (("ckpt_stage.cli_webhook", "webhook"), ("ckpt_stage.cli_show", "show")):
-        try:
-            main.add_command(getattr(importlib.import_module(mod), attr))
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    for mod, attr in (("ckpt_stage.cli.webhook", "webhook"), ("ckpt_stage.cli.show", "show")):
+        main.add_command(getattr(importlib.import_module(mod), attr))
 
 
 _add_optional_commands()

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from ckpt_stage import devstack, samples
+from ckpt_stage.dev import devstack, samples
+from ckpt_stage.registry.tags import ATTEMPT
 
 
 def _say(text: str) -> None:
@@ -72,7 +73,7 @@ def run_demo(workdir: Path, *, keep_running: bool = False) -> int:
             match = status == want and all(c in state.reasons for c in sample.expect_codes)
             ok = ok and match
             table.add_row(ref.name, ref.version, status, ",".join(state.reasons) or "-",
-                          ("✓ " if match else "✗ ") + want, textwrap.shorten(state.tags.get("ckpt_stage.summary", ""), 200, placeholder=" …"))
+                          ("✓ " if match else "✗ ") + want, textwrap.shorten(state.summary, 200, placeholder=" …"))
         Console(file=sys.stdout, width=160).print(table)
         alias = {ref.name: registry.alias_version(ref.name) for ref in expected}
         _say("  alias 'validated': " + ", ".join(f"{k}→v{v}" for k, v in alias.items() if v))
@@ -131,7 +132,7 @@ def _demo_rerun(workdir: Path, env: dict[str, str], registry, expected: dict) ->
     after = registry.get(ref)
     _say(f"    attempt {before.attempt} → {after.attempt}; status {after.status.value if after.status else '-'}, "
          f"reasons {','.join(after.reasons) or '-'}")
-    attempts = sorted(registry.attempts(ref), key=lambda r: int(r["tags"].get("ckpt_stage.attempt", 0)))
+    attempts = sorted(registry.attempts(ref), key=lambda r: int(r["tags"].get(ATTEMPT, 0)))
     for run in attempts:
         tags = run["tags"]
         _say(f"    history: attempt {tags.get('ckpt_stage.attempt')} → {tags.get('ckpt_stage.verdict')} "

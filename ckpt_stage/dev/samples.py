@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt_stage.registry.tags import ARCH, ARCH_KWARGS
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -49,8 +51,8 @@ def mlflow_pickle(folder: Path) -> dict[str, str]:
     return {}
 
 
-LINEAR_TAGS = {"ckpt_stage.arch": "torch.nn:Linear",
-               "ckpt_stage.arch_kwargs": json.dumps({"in_features": 4, "out_features": 2})}
+LINEAR_TAGS = {ARCH: "torch.nn:Linear",
+               ARCH_KWARGS: json.dumps({"in_features": 4, "out_features": 2})}
 
 
 def state_dict(folder: Path) -> dict[str, str]:
