@@ -8,7 +8,7 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from ckpt_stage import devstack, samples
+from ckpt_stage.dev import devstack, samples
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import Verdict
 from ckpt_stage.pipeline import validate_version
