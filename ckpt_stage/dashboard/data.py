@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 from ckpt_stage import drift
 from ckpt_stage.config import Settings, format_size
-from ckpt_stage.domain import ReasonCode, Status, VersionRef
+from ckpt_stage.domain import ReasonCode, Status, Verdict, VersionRef
 from ckpt_stage.errors import UsageError
 from ckpt_stage.orchestrate import VALIDATE_DAG_ID
 from ckpt_stage.registry import (
@@ -37,12 +37,16 @@ from ckpt_stage.registry import (
     LEASE_UNTIL,
     REASONS,
     RUN_ID,
+    RUN_MODEL,
+    RUN_VERSION,
     SUMMARY,
     TAG,
     VALIDATED_AT,
     VERDICT,
     Registry,
     VersionState,
+    iso_ms,
+    now_utc,
     parse_iso,
 )
 
@@ -69,14 +73,7 @@ AIRFLOW_RUN_TAGS = {"dag_id": "airflow.dag_id", "run_id": "airflow.run_id", "tas
 
 
 # -- small helpers -----------------------------------------------------------------------------------
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
-
-def iso_ms(ms: int | float | None) -> str | None:
-    if not ms:
-        return None
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def human_age(seconds: float | None) -> str:
@@ -211,7 +208,7 @@ class LRU:
 # -- rows --------------------------------------------------------------------------------------------
 def row_of(state: VersionState, now: dt.datetime | None = None) -> dict[str, Any]:
     """One version as the list views show it."""
-    now = now or utcnow()
+    now = now or now_utc()
     tags = state.tags
     status = state.status.value if state.status else None
     validated_at = tags.get(VALIDATED_AT) or None
@@ -258,9 +255,9 @@ def _ts(text: str | None) -> float | None:
 class DashboardData:
     """Read-side of the dashboard over one ``Registry``; safe to share between request threads."""
 
-    def __init__(self, settings: Settings | None = None, registry: Registry | None = None, *,
+    def __init__(self, settings: Settings, registry: Registry | None = None, *,
                  ttl_s: float = 5.0, stale_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self.settings = settings or Settings.from_env()
+        self.settings = settings
         self.registry = registry or Registry(self.settings)
         self.cache = TTLCache(ttl_s, stale_s, clock=clock)
         self.detail_cache = TTLCache(min(ttl_s, 2.0), min(ttl_s, 2.0), clock=clock)
@@ -278,7 +275,7 @@ class DashboardData:
         server_status = status if status and status != "none" else None
 
         def load() -> list[dict[str, Any]]:
-            now = utcnow()
+            now = now_utc()
             states = self.registry.iter_versions(model=model, status=server_status, reason=reason)
             rows = [row_of(s, now) for s in states]
             holders = self._safe(self.alias_holders) or {}
@@ -329,19 +326,7 @@ class DashboardData:
         MLflow's ``search_model_versions`` returns every version with ``aliases=[]`` (3.17's SQL store fills
         them in only for ``get_model_version``), so the lists would never show which version holds the
         alias without this; ``search_registered_models`` does carry each model's alias → version map."""
-        def load() -> dict[tuple[str, str], list[str]]:
-            out: dict[tuple[str, str], list[str]] = {}
-            token = None
-            while True:
-                page = self.registry.client.search_registered_models(max_results=1000, page_token=token)
-                for rm in page:
-                    for alias, version in sorted((getattr(rm, "aliases", None) or {}).items()):
-                        out.setdefault((rm.name, str(version)), []).append(alias)
-                token = getattr(page, "token", None)
-                if not token:
-                    return out
-
-        return self.cache.get(("aliases",), load)
+        return self.cache.get(("aliases",), self.registry.alias_holders)
 
     def models(self) -> list[str]:
         return sorted({r["model"] for r in self.rows()})
@@ -445,19 +430,16 @@ class DashboardData:
         return self.cache.get(("reason_stats", days, model or None), lambda: self._reason_stats(days, model))
 
     def _reason_stats(self, days: int, model: str | None) -> dict[str, Any]:
-        today = utcnow().date()
+        today = now_utc().date()
         first = today - dt.timedelta(days=days - 1)
         buckets = [(first + dt.timedelta(days=i)).isoformat() for i in range(days)]
         since_ms = int(dt.datetime.combine(first, dt.time(), dt.UTC).timestamp() * 1000)
-        flt = f"tags.`ckpt_stage.verdict` = 'quarantine' and attributes.start_time >= {since_ms}"
-        if model:
-            flt += f" and tags.`ckpt_stage.model` = '{_quote(model)}'"
         seen: dict[str, dict[str, set]] = {}
-        for run in self._runs(flt):
-            day = dt.datetime.fromtimestamp(run.info.start_time / 1000, dt.UTC).date().isoformat()
-            tags = run.data.tags
-            who = (tags.get("ckpt_stage.model"), tags.get("ckpt_stage.version"))
-            for code in filter(None, (tags.get("ckpt_stage.reasons") or "").split(",")):
+        for run in self.registry.iter_runs(verdict=Verdict.QUARANTINE.value, model=model, since_ms=since_ms):
+            day = dt.datetime.fromtimestamp(run["start_time"] / 1000, dt.UTC).date().isoformat()
+            tags = run["tags"]
+            who = (tags.get(RUN_MODEL), tags.get(RUN_VERSION))
+            for code in filter(None, (tags.get(REASONS) or "").split(",")):
                 seen.setdefault(code, {}).setdefault(day, set()).add(who)
         order = {c.value: i for i, c in enumerate(ReasonCode)}
         series = {code: [len(per_day.get(d, ())) for d in buckets]
@@ -473,46 +455,23 @@ class DashboardData:
         durations: list[float] = []
         total_bytes = 0.0
         verdicts: dict[str, int] = {}
-        for run in self._runs(None):
-            m = run.data.metrics
+        for run in self.registry.iter_runs():
+            m = run["metrics"]
             if "timings_s.total" in m:
                 durations.append(float(m["timings_s.total"]))
             total_bytes += float(m.get("bytes", 0.0) or 0.0)
-            v = run.data.tags.get("ckpt_stage.verdict") or "unknown"
+            v = run["tags"].get(VERDICT) or "unknown"
             verdicts[v] = verdicts.get(v, 0) + 1
         return {"durations": durations, "bytes": total_bytes, "verdicts": verdicts}
 
     def _experiment_id(self) -> str | None:
-        def load() -> str | None:
-            exp = self.registry.client.get_experiment_by_name(self.settings.experiment)
-            return exp.experiment_id if exp is not None else None
-
-        # Looked up, never created: a read-only view must not write to the registry.
-        return self.cache.get(("experiment",), lambda: self._safe(load))
-
-    def _runs(self, filter_string: str | None) -> Iterable[Any]:
-        exp_id = self._experiment_id()
-        if exp_id is None:
-            return
-        token = None
-        while True:
-            page = self.registry.client.search_runs([exp_id], filter_string=filter_string or "",
-                                                    max_results=1000, page_token=token)
-            yield from page
-            token = getattr(page, "token", None)
-            if not token:
-                return
+        return self.cache.get(("experiment",), lambda: self._safe(self.registry.find_experiment_id))
 
     # links -----------------------------------------------------------------------------------------
     def mlflow_base(self) -> str | None:
         if self.settings.mlflow_ui_url:
             return self.settings.mlflow_ui_url.rstrip("/")
-        uri = getattr(self.registry, "_tracking_uri", None)
-        if not uri:
-            with contextlib.suppress(Exception):
-                import mlflow
-
-                uri = mlflow.get_tracking_uri()
+        uri = self._safe(lambda: self.registry.tracking_uri)
         return uri.rstrip("/") if uri and uri.startswith(("http://", "https://")) else None
 
     def mlflow_version_url(self, model: str, version: str) -> str | None:
@@ -566,7 +525,3 @@ def _int(text: Any) -> int | None:
         return int(text)
     except (TypeError, ValueError):
         return None
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("'", "\\'")

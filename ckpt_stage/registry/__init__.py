@@ -34,6 +34,7 @@ from ckpt_stage.registry.tags import (
     VERDICT,
     VersionState,
     iso,
+    iso_ms,
     now_utc,
     parse_iso,
 )
@@ -42,5 +43,5 @@ __all__ = [
     "ARCH", "ARCH_KWARGS", "ATTEMPT", "ATTEMPT_ID", "LEASE_OWNER", "LEASE_UNTIL", "MANIFEST_SHA256", "PAGE",
     "REASONS", "REPORT_CACHE", "RUN_ID", "RUN_MODEL", "RUN_VERSION", "SHA256", "STATUS", "SUMMARY", "TAG",
     "VALIDATED_AT", "VERDICT", "Registry", "VersionState", "_prompt_check_once", "_quote", "configure_client",
-    "default_owner", "iso", "now_utc", "parse_iso", "translate",
+    "default_owner", "iso", "iso_ms", "now_utc", "parse_iso", "translate",
 ]

@@ -592,6 +592,66 @@ class Registry:
             self._reports[run_id] = json.loads(json.dumps(report))
         return report
 
+    # -- reading for the dashboard ----------------------------------------------------------------
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow server this adapter talks to (for links to MLflow's own UI)."""
+        if self._tracking_uri:
+            return self._tracking_uri
+        from mlflow.tracking import get_tracking_uri
+
+        return str(get_tracking_uri())
+
+    def alias_holders(self) -> dict[tuple[str, str], list[str]]:
+        """(model, version) → the aliases it holds, for every registered model in one paginated listing.
+
+        MLflow's ``search_model_versions`` returns every version with ``aliases=[]`` (3.17's SQL store fills
+        them in only for ``get_model_version``); ``search_registered_models`` carries each model's alias map."""
+        out: dict[tuple[str, str], list[str]] = {}
+        token = None
+        with translate("listing the registered models' aliases"):
+            while True:
+                page = self.client.search_registered_models(max_results=1000, page_token=token)
+                for rm in page:
+                    for alias, version in sorted((getattr(rm, "aliases", None) or {}).items()):
+                        out.setdefault((rm.name, str(version)), []).append(alias)
+                token = getattr(page, "token", None)
+                if not token:
+                    return out
+
+    def find_experiment_id(self) -> str | None:
+        """The validations experiment's id, or None while no attempt was ever recorded. Never creates it
+        (``experiment_id`` does): a read-only view must not write to the registry."""
+        if self._experiment_id is not None:
+            return self._experiment_id
+        with translate(f"experiment {self.settings.experiment!r}"):
+            exp = self.client.get_experiment_by_name(self.settings.experiment)
+        return exp.experiment_id if exp is not None else None
+
+    def iter_runs(self, *, verdict: str | None = None, model: str | None = None,
+                  since_ms: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every recorded attempt's run (as ``attempts`` gives them), filtered on the server by verdict,
+        model and start time; nothing when no attempt was ever recorded."""
+        exp = self.find_experiment_id()
+        if exp is None:
+            return
+        parts = []
+        if verdict:
+            parts.append(f"tags.`{VERDICT}` = '{_quote(verdict)}'")
+        if since_ms is not None:
+            parts.append(f"attributes.start_time >= {int(since_ms)}")
+        if model:
+            parts.append(f"tags.`{RUN_MODEL}` = '{_quote(model)}'")
+        token = None
+        while True:
+            with translate("listing validation runs"):
+                page = self.client.search_runs([exp], filter_string=" and ".join(parts), max_results=1000,
+                                               page_token=token)
+            yield from (_run_dict(r) for r in page)
+            token = getattr(page, "token", None)
+            if not token:
+                return
+
     def attempts(self, ref: VersionRef) -> list[dict[str, Any]]:
         """Every recorded attempt's run (newest first), without the reports."""
         exp = self.experiment_id()
@@ -599,8 +659,12 @@ class Registry:
         with translate(f"listing attempts of {ref}"):
             runs = self.client.search_runs([exp], filter_string=flt, order_by=["attributes.start_time DESC"],
                                            max_results=100)
-        return [{"run_id": r.info.run_id, "start_time": r.info.start_time, "tags": dict(r.data.tags),
-                 "metrics": dict(r.data.metrics)} for r in runs]
+        return [_run_dict(r) for r in runs]
+
+
+def _run_dict(run: Any) -> dict[str, Any]:
+    return {"run_id": run.info.run_id, "start_time": run.info.start_time, "tags": dict(run.data.tags),
+            "metrics": dict(run.data.metrics)}
 
 
 def _load_json_artifact(client: Any, run_id: str) -> dict[str, Any] | None:

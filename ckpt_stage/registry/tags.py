@@ -44,6 +44,11 @@ def iso(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def iso_ms(ms: int | float | None) -> str | None:
+    """An MLflow timestamp (milliseconds since the epoch) as ``iso`` writes it; None for none."""
+    return iso(dt.datetime.fromtimestamp(ms / 1000, dt.UTC)) if ms else None
+
+
 def parse_iso(text: str) -> dt.datetime | None:
     try:
         t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -109,3 +109,25 @@ class FakeRegistry:
 
     def alias_version(self, model):
         return self.alias.get(model)
+
+    # what the dashboard reads through the adapter, from the fake client's runs and aliases
+    tracking_uri = ""
+
+    def alias_holders(self):
+        return {(rm.name, str(v)): [a] for rm in self.client.search_registered_models()
+                for a, v in rm.aliases.items()}
+
+    def find_experiment_id(self):
+        exp = self.client.get_experiment_by_name("ckpt-stage-validations")
+        return exp.experiment_id if exp else None
+
+    def iter_runs(self, *, verdict=None, model=None, since_ms=None):
+        if self.find_experiment_id() is None:
+            return
+        flt = f"'{verdict}'" if verdict else ""
+        for r in self.client.search_runs([], filter_string=flt):
+            tags = r.data.tags
+            if (model and tags.get("ckpt_stage.model") != model) or (since_ms and r.info.start_time < since_ms):
+                continue
+            yield {"run_id": r.info.run_id, "start_time": r.info.start_time, "tags": dict(tags),
+                   "metrics": dict(r.data.metrics)}

@@ -231,3 +231,26 @@ def test_lists_mark_the_version_that_holds_the_alias():
     assert not rows["1"]["holds_alias"] and rows["1"]["aliases"] == [] and not rows["3"]["holds_alias"]
     assert data.detail("m", "2")["state"]["holds_alias"] and not data.detail("m", "1")["state"]["holds_alias"]
     assert data.counts(model="m")["skipped"] == 1
+
+
+def test_an_mlflow_outage_reaches_the_dashboard_as_registry_unavailable(monkeypatch):
+    """The dashboard reads MLflow only through the registry adapter, so a down server is the stage's
+    REGISTRY_UNAVAILABLE (shown as such), never a raw client exception."""
+    import socket
+
+    from ckpt_stage.errors import RegistryUnavailable
+    from ckpt_stage.registry import Registry
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connections are refused
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    reg = Registry(Settings(), tracking_uri=f"http://127.0.0.1:{port}")
+    for read in (reg.alias_holders, reg.find_experiment_id, lambda: list(reg.iter_runs(verdict="quarantine"))):
+        with pytest.raises(RegistryUnavailable):
+            read()
+    data = DashboardData(Settings(), reg)
+    assert data.mlflow_base() == f"http://127.0.0.1:{port}"
+    with pytest.raises(RegistryUnavailable):  # the app answers it with its 503 "MLflow is not answering"
+        data.run_stats()
