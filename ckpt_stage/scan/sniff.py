@@ -160,10 +160,6 @@ def _is_text(head: bytes) -> bool:
     return True
 
 
-def is_text(head: bytes) -> bool:
-    return _is_text(head)
-
-
 def extension(path: str) -> str:
     base = posixpath.basename(path).lower()
     if base.endswith(".pth.tar"):
