@@ -3,12 +3,15 @@ the real ``mlflow server``, and real process kills. Each test names the reliabil
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
+import pytest
+
 from tests.faults.proxy import FaultProxy, on
 
-__all__ = ["FaultProxy", "on", "wait_until"]
+__all__ = ["FaultProxy", "on", "one_backend", "wait_until"]
 
 
 def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> Any:
@@ -20,3 +23,11 @@ def wait_until(predicate: Any, timeout: float, step: float = 0.2) -> Any:
             return value
         time.sleep(step)
     return None
+
+
+def one_backend(stack: Any) -> None:
+    """Skip all but the session's first MLflow backend: for a test whose subject is not the backend store
+    (the worker, a dedicated server of its own), once is enough and CI's time is short."""
+    wanted = [b for b in os.environ.get("CKPT_STAGE_TEST_BACKENDS", "sqlite").split(",") if b]
+    if stack.backend != (wanted[0] if wanted else "sqlite"):
+        pytest.skip("not about the backend store: runs on the first backend only")

@@ -22,7 +22,7 @@ from ckpt_stage.config import Settings
 from ckpt_stage.domain import Status
 from ckpt_stage.pipeline import sweep
 from ckpt_stage.registry import ATTEMPT_ID, LEASE_OWNER, LEASE_UNTIL, RUN_ID, Registry
-from tests.faults import FaultProxy, on, wait_until
+from tests.faults import FaultProxy, on, one_backend, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +38,7 @@ def _validating(registry: Registry, ref) -> bool:
 
 
 def test_mlflow_killed_and_restarted_mid_sweep(stack, stage_env, build_sample, tmp_path, monkeypatch):
-    backends = [b for b in os.environ.get("CKPT_STAGE_TEST_BACKENDS", "sqlite").split(",") if b]
-    if stack.backend != backends[0]:
-        pytest.skip("the MLflow server here is this test's own: one backend is enough")
+    one_backend(stack)  # the MLflow server here is this test's own
     workdir = tmp_path / "mlflow"
     backend_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     port = devstack.free_port()

@@ -22,7 +22,7 @@ from ckpt_stage.domain import ReasonCode, Status, Verdict
 from ckpt_stage.pipeline import run_many, validate_version
 from ckpt_stage.registry import Registry
 from ckpt_stage.sandbox import runner
-from tests.faults import archs
+from tests.faults import archs, one_backend
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +39,7 @@ def weights(tmp_path_factory):
 
 @pytest.fixture
 def register(stack, stage_env, weights, monkeypatch):
+    one_backend(stack)  # the subject is the worker, not the registry's store
     monkeypatch.setenv("CKPT_STAGE_ARCH_MODULES", ARCHS)
 
     def reg(arch: str, name: str | None = None, **kwargs):
