@@ -52,7 +52,8 @@ PATH = "/mlflow"
 
 
 class DeliveryLog:
-    """Bounded LRU of delivery ids already handled (per process; a duplicate that slips through is harmless)."""
+    """Bounded LRU of delivery ids and model versions already handled (per process; a duplicate that slips
+    through is harmless)."""
 
     def __init__(self, size: int = 4096):
         self._ids: collections.OrderedDict[str, float] = collections.OrderedDict()
