@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -64,23 +65,35 @@ def test_mlflow_killed_and_restarted_mid_sweep(stack, stage_env, build_sample, t
                 env.pop(var, None)  # the stage's own client defaults, as in production
             proc = subprocess.Popen([sys.executable, "-m", "ckpt_stage.cli", "sweep", "--json"], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            log: list[str] = []
+
+            def read_stderr() -> None:
+                for line in proc.stderr:
+                    log.append(line)
+
+            reader = threading.Thread(target=read_stderr, daemon=True)
+            reader.start()
             try:
                 assert wait_until(lambda: _validating(registry, refs[0]), 120), "the sweep never claimed a version"
                 os.killpg(ml.proc.pid, signal.SIGKILL)  # the server and its workers, for real
                 ml.proc.wait(timeout=10)
                 killed_at = time.monotonic()
-                time.sleep(1.0)
+                # Down until the attempt in flight has failed to record its verdict (past the client's retries).
+                assert wait_until(lambda: any("recording the verdict of" in line for line in log), 120), log[-20:]
                 ml = devstack.start_mlflow(workdir, **start)  # same port, same backend store
                 print(f"MLflow down for {time.monotonic() - killed_at:.1f} s")
-                out, err = proc.communicate(timeout=300)
+                out = proc.stdout.read()
+                proc.wait(timeout=300)
+                reader.join(10)
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(timeout=10)
-        assert proc.returncode in (0, 3), err[-3000:]
+        assert proc.returncode in (0, 3), "".join(log[-40:])
         doc = json.loads(out)  # the sweep printed its JSON through the outage
         rows = [r for r in doc["results"] if r.get("model") == name]
         print("first sweep:", [(r["version"], r["verdict"], r["reasons"]) for r in rows])
+        assert rows[0]["version"] == refs[0].version and rows[0]["verdict"] == "error", rows  # the one in flight
         for row in rows:
             if row["verdict"] == "error":
                 assert row["reasons"] == ["REGISTRY_UNAVAILABLE"], row
@@ -101,6 +114,7 @@ def test_mlflow_killed_and_restarted_mid_sweep(stack, stage_env, build_sample, t
                 assert state.needs_validation(), state.tags
                 assert state.status is not Status.VALIDATING or not state.lease_active()
         print(f"after the first sweep: {undecided} of {len(refs)} versions left for the next sweep")
+        assert undecided >= 1
 
         outcomes = sweep(settings=Settings.from_env(), registry=registry)  # after the restart
         assert all(o.report is not None for o in outcomes)
