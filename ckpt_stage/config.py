@@ -254,6 +254,9 @@ class Settings:
     """Versions one ``sweep`` (or ``rerun`` of many) validates at once, in threads sharing one fork
     server (``CKPT_STAGE_SWEEP_CONCURRENCY``; 1: one after the other). Each holds its download on disk
     and its own worker, so memory is up to this many workers' limits."""
+    worker_lost_limit: int = 3
+    """WORKER_LOST is retried until this many attempts in a row of one version ended in it: that last loss
+    quarantines the version as WORKER_CRASH (``CKPT_STAGE_WORKER_LOST_LIMIT``; 0: retried forever)."""
     owner: str = ""
     s3_attempts: int = 5
     s3_deadline_s: float = 120.0
@@ -346,6 +349,7 @@ class Settings:
             lease_s=max(MIN_LEASE_S, _float(env, "LEASE_S", d.lease_s)),
             sweep_interval_s=max(MIN_SWEEP_INTERVAL_S, _float(env, "SWEEP_INTERVAL_S", d.sweep_interval_s)),
             sweep_concurrency=max(1, _int(env, "SWEEP_CONCURRENCY", d.sweep_concurrency)),
+            worker_lost_limit=_int(env, "WORKER_LOST_LIMIT", d.worker_lost_limit),
             owner=env.get(PREFIX + "OWNER", ""),
             s3_attempts=max(1, _int(env, "S3_ATTEMPTS", d.s3_attempts)),
             s3_deadline_s=_float(env, "S3_DEADLINE_S", d.s3_deadline_s),

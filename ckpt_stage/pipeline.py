@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckpt_stage.config import Settings, parse_arch_kwargs
+from ckpt_stage.config import PREFIX, Settings, parse_arch_kwargs
 from ckpt_stage.domain import (
     Decision,
     FileFormat,
@@ -44,7 +44,18 @@ from ckpt_stage.errors import (
     retry_detail,
 )
 from ckpt_stage.policy import decide, summarize
-from ckpt_stage.registry import ARCH, ARCH_KWARGS, LEASE_OWNER, RUN_ID, Registry, VersionState, default_owner, now_utc
+from ckpt_stage.registry import (
+    ARCH,
+    ARCH_KWARGS,
+    ATTEMPT,
+    LEASE_OWNER,
+    REASONS,
+    RUN_ID,
+    Registry,
+    VersionState,
+    default_owner,
+    now_utc,
+)
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
 from ckpt_stage.scan import ScanResult, scan_version
 from ckpt_stage.scan.estimate import oversized_files
@@ -614,7 +625,11 @@ def validate_version(
         if rival not in ("", owner) and (now.lease_until or now_utc()) > now_utc():
             log.warning("%s: %s took the lease over while this attempt ran; leaving the verdict to it", ref, rival)
             return Outcome(None, skipped=f"{ref}: another worker ({rival}) took the lease over; its verdict stands")
-        attempt = registry.next_attempt(ref, now)
+        runs = registry.attempts(ref)
+        attempt = registry.next_attempt(ref, now, runs=runs)
+        if ReasonCode.WORKER_LOST in decision.codes:
+            findings = worker_lost_in_a_row(findings, runs, settings.worker_lost_limit)
+            decision = decide(findings, settings)
         timings["total"] = time.perf_counter() - t0
         report = build_report(checked, decision, model=ref, attempt=attempt, findings=findings, timings=timings,
                               files=files)
@@ -637,6 +652,39 @@ def validate_version(
                       settings.lease_s)
         return outcome
     return Outcome(report, run_id)
+
+
+def worker_lost_in_a_row(findings: Sequence[Finding], runs: Sequence[dict[str, Any]], limit: int) -> list[Finding]:
+    """WORKER_LOST is retried, but not forever: when this attempt is the ``limit``-th in a row of one version
+    to end in WORKER_LOST alone (``runs``: its recorded attempts), the worker's death is taken for the
+    model's own doing (code that kills its process, which the kernel does not tell apart from an outside
+    kill) and becomes WORKER_CRASH, a quarantine. ``limit`` 0 turns the rule off."""
+    lost = [f for f in findings if f.code is ReasonCode.WORKER_LOST]
+    if not lost or limit <= 0:
+        return list(findings)
+    before = 0
+    for run in sorted(runs, key=lambda r: _int(r["tags"].get(ATTEMPT)), reverse=True):
+        if run["tags"].get(REASONS) != ReasonCode.WORKER_LOST.value:
+            break
+        before += 1
+    if before + 1 < limit:
+        return list(findings)
+    crash = Finding(
+        ReasonCode.WORKER_CRASH,
+        f"the worker was lost in {before + 1} attempts in a row ({lost[0].message}); the stage stops retrying: "
+        "a worker that dies this way every time is taken to be killed by the model's own code",
+        "load the version with the serving runtime to see what kills the process; if the host or an operator "
+        f"killed the workers, re-run it (ckpt-stage rerun); {PREFIX}WORKER_LOST_LIMIT sets how many losses "
+        "in a row quarantine",
+        detail={**lost[0].detail, "worker_lost_in_a_row": before + 1})
+    return [f for f in findings if f.code is not ReasonCode.WORKER_LOST] + [crash]
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
 
 
 def _classified(exc: BaseException) -> CkptStageError:

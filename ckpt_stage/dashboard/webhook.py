@@ -11,8 +11,11 @@ signature, or with a timestamp outside the replay window, is refused with 401 be
 MLflow retries a delivery (same delivery id, same timestamp) up to 3 times on 429/5xx/connection errors
 and then drops it for good: so Airflow being unreachable answers 503 (MLflow retries), and a delivery id
 is remembered only once its asset event was posted (a retry after a 503 must not be mistaken for a
-duplicate). Whatever is lost anyway, the sweep of ``ckpt_stage_validate`` finds; a duplicate that gets
-through is harmless because recording is idempotent.
+duplicate). Another delivery id for a model version already posted (two webhooks, or the event sent
+again) is a duplicate too: one asset event per version and receiver process. Whatever is lost anyway, the
+sweep of ``ckpt_stage_validate`` finds; a duplicate that gets through (another receiver process) or
+arrives late is harmless: the DAG run's ``discover`` and the claim skip a version that is decided or
+held by a live lease, so it makes no second attempt.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ PATH = "/mlflow"
 
 
 class DeliveryLog:
-    """Bounded LRU of delivery ids already handled (per process; a duplicate that slips through is harmless)."""
+    """Bounded LRU of delivery ids and model versions already handled (per process; a duplicate that slips
+    through is harmless)."""
 
     def __init__(self, size: int = 4096):
         self._ids: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -65,10 +69,27 @@ class DeliveryLog:
 
     def add(self, delivery_id: str) -> None:
         with self._lock:
-            self._ids[delivery_id] = time.time()
-            self._ids.move_to_end(delivery_id)
-            while len(self._ids) > self._size:
-                self._ids.popitem(last=False)
+            self._add(delivery_id)
+
+    def _add(self, key: str) -> None:
+        self._ids[key] = time.time()
+        self._ids.move_to_end(key)
+        while len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+
+    def take(self, key: str) -> bool:
+        """Remember ``key`` and return True, or False when it is remembered already (atomic: of two
+        deliveries at once, one takes it)."""
+        with self._lock:
+            if key in self._ids:
+                self._ids.move_to_end(key)
+                return False
+            self._add(key)
+            return True
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self._ids.pop(key, None)
 
 
 def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
@@ -156,15 +177,24 @@ def create_webhook_router(settings: Settings | None = None, *, client: AirflowCl
         name, version = data.get("name"), data.get("version")
         if not isinstance(name, str) or not name or version in (None, ""):
             return JSONResponse({"detail": "model_version.created without name and version"}, status_code=400)
+        # A version is created once: another delivery id for the same version (two webhooks on one
+        # registry, or MLflow sending the event again) is the same event, and makes no second asset event.
+        version_key = f"model_version.created:{name}/{version}"
+        if not deliveries.take(version_key):
+            deliveries.add(delivery_id)
+            return JSONResponse({"status": "duplicate", "delivery_id": delivery_id,
+                                 "model": {"name": name, "version": str(version)}})
         extra = {"name": name, "version": str(version), "delivery_id": delivery_id, "source": "mlflow-webhook"}
         try:
             event = await run_in_threadpool(airflow.post_asset_event, REGISTRATIONS_ASSET_URI, extra)
         except TransientError as exc:
+            deliveries.discard(version_key)  # not delivered: MLflow's retry (or another webhook) may post it
             log.warning("webhook %s for %s v%s: Airflow unavailable, asking MLflow to retry: %s",
                         delivery_id, name, version, exc)
             return JSONResponse({"detail": "Airflow is unavailable; retry later"}, status_code=503,
                                 headers={"Retry-After": "5"})
         except CkptStageError as exc:
+            deliveries.discard(version_key)
             # Bad credentials or configuration: log loudly for the operator; 502 tells MLflow it was not us
             # who accepted it (MLflow retries 502 a few times; the sweep catches the version anyway).
             log.error("webhook %s for %s v%s: cannot post the asset event: %s%s", delivery_id, name, version,

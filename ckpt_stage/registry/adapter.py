@@ -296,11 +296,12 @@ class Registry:
             self._write_retrying_conflicts(ref, {STATUS: Status.VALIDATING.value})
         return state
 
-    def next_attempt(self, ref: VersionRef, state: VersionState) -> int:
+    def next_attempt(self, ref: VersionRef, state: VersionState, *, runs: list[dict[str, Any]] | None = None) -> int:
         """One more than any attempt seen: the version's tag or any recorded run (one whose tags never
-        landed, e.g. ``report.json`` failed to upload), so an attempt number is never used twice."""
+        landed, e.g. ``report.json`` failed to upload), so an attempt number is never used twice.
+        ``runs``: ``attempts(ref)`` when the caller has read them already."""
         seen = [state.attempt]
-        for run in self.attempts(ref):
+        for run in self.attempts(ref) if runs is None else runs:
             with contextlib.suppress(ValueError):
                 seen.append(int(run["tags"].get(ATTEMPT, "0") or 0))
         return max(seen) + 1

@@ -18,21 +18,12 @@ from ckpt_stage.config import Settings
 from ckpt_stage.domain import Status, Verdict
 from ckpt_stage.pipeline import validate_version
 from ckpt_stage.registry import LEASE_UNTIL, Registry, parse_iso
-from tests.faults.proxy import FaultProxy, on
+from tests.faults import FaultProxy, on, wait_until
 
 pytestmark = pytest.mark.integration
 
 LEASE_S = 4.0
 
-
-def _wait(predicate, timeout: float, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None
 
 
 def test_the_default_lease_frees_a_killed_sweeps_versions_within_a_minute():
@@ -51,7 +42,7 @@ def test_a_killed_sweep_frees_its_version_within_the_lease(stack, stage_env, bui
         proc = subprocess.Popen([sys.executable, "-m", "ckpt_stage.cli", "sweep", "--json"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            claimed = _wait(lambda: registry.get(ref).status is Status.VALIDATING, 120)
+            claimed = wait_until(lambda: registry.get(ref).status is Status.VALIDATING, 120)
             assert claimed, "the sweep never claimed the version"
             first = parse_iso(registry.get(ref).tags[LEASE_UNTIL])
             time.sleep(2 * LEASE_S)
@@ -66,7 +57,7 @@ def test_a_killed_sweep_frees_its_version_within_the_lease(stack, stage_env, bui
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        freed = _wait(lambda: registry.get(ref).needs_validation(), 3 * LEASE_S, step=0.1)
+        freed = wait_until(lambda: registry.get(ref).needs_validation(), 3 * LEASE_S, step=0.1)
         waited = time.monotonic() - killed_at
         print(f"killed sweep: version eligible again {waited:.1f} s after the kill (lease {LEASE_S:.0f} s)")
         assert freed and waited <= LEASE_S + 1.5

@@ -161,6 +161,28 @@ def test_duplicate_delivery_is_ignored(receiver, airflow):
     assert len(airflow.events) == 1
 
 
+def test_another_delivery_of_the_same_version_is_a_duplicate(receiver, airflow):
+    """Two webhooks on one registry, or MLflow sending the event again under a new delivery id: one asset
+    event per model version, so one DAG run, one attempt."""
+    body = _payload()
+    assert receiver.post("/mlflow", content=body, headers=_headers(body)).status_code == 202
+    again = receiver.post("/mlflow", content=body, headers=_headers(body))  # a different delivery id
+    assert again.status_code == 200 and again.json()["status"] == "duplicate"
+    other = _payload(version="4")
+    assert receiver.post("/mlflow", content=other, headers=_headers(other)).status_code == 202
+    assert [e["extra"]["version"] for e in airflow.events] == ["3", "4"]
+
+
+def test_a_version_whose_event_was_not_posted_is_not_a_duplicate(receiver, airflow):
+    body = _payload()
+    airflow.down = True
+    assert receiver.post("/mlflow", content=body, headers=_headers(body)).status_code == 503
+    airflow.down = False
+    # The second webhook's delivery of the same version goes through: the first one posted nothing.
+    assert receiver.post("/mlflow", content=body, headers=_headers(body)).status_code == 202
+    assert len(airflow.events) == 1
+
+
 @pytest.mark.parametrize(("entity", "action"), [
     ("model_version", "tag_set"), ("registered_model", "created"), ("model_version_alias", "created"),
 ])
