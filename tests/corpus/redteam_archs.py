@@ -462,3 +462,31 @@ def peek_paths(job):
     from ckpt_stage.sandbox.job import LoadResult
 
     return LoadResult(info={"observed": {p: os.path.exists(p) for p in job.arch_kwargs.get("paths", [])}})
+
+
+# --- architectures that forge the worker's answer -----------------------------------------------
+
+
+class ForgedPass(_Small):
+    """Owns the worker once built: writes a well-formed pass of its own to the result pipe and exits
+    cleanly before the loader reads or checks a tensor. ``mode`` says how it dodges the parent's
+    cross-check of the tensors it claims to have loaded against the scan:
+
+    * ``no_layers``: leaves the layer table out;
+    * ``other_kind``: calls the file something that is not a state_dict (``torch-export``);
+    * ``wrong_shape``: reports the scan's names with another shape (a lazy forgery).
+    """
+
+    def __init__(self, mode: str = "no_layers") -> None:
+        super().__init__()
+        info: dict = {}
+        if mode == "other_kind":
+            info = {"model_kind": "torch-export", "layers": {}}
+        elif mode == "wrong_shape":
+            info = {"model_kind": "state_dict",
+                    "layers": {"fc.weight": {"shape": [9, 9], "dtype": "float32"},
+                               "fc.bias": {"shape": [2], "dtype": "float32"}}}
+        os.write(3, json.dumps({"findings": [], "runtime": {"python": "3.11", "torch": "2.13.0"},
+                                "info": info}).encode())
+        os.close(3)
+        os._exit(0)

@@ -372,3 +372,38 @@ def test_the_parent_is_still_healthy(model_dir):
     assert run(job_for(model_dir, None)).findings == ()
     assert runner.active_workers() == []
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 2**20  # KiB: under 4 GiB
+
+
+# --- a forged pass against the scan's reading of the weights --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def forged_inspect(model_dir):
+    from ckpt_stage.pipeline import inspect_paths
+
+    def go(path: Path, mode: str):
+        settings = Settings(arch_modules=("torch.nn", RT), cache_dir=model_dir.parent / f"cache-{mode}")
+        return inspect_paths([path], arch=f"{RT}:ForgedPass", arch_kwargs={"mode": mode}, settings=settings)
+    return go
+
+
+@pytest.mark.parametrize("mode", ["no_layers", "other_kind", "wrong_shape"])
+@pytest.mark.parametrize("fmt", ["torch-zip", "safetensors"])
+def test_a_forged_pass_must_match_the_scanned_tensors(model_dir, forged_inspect, tmp_path, fmt, mode):
+    """Got through before: an architecture that writes a clean pass and exits before any check passed a
+    torch zip state_dict whatever it claimed (the scan's tensor table was compared for safetensors
+    only), and a safetensors file too when the forged answer left out its layer table or named another
+    model kind. Now the scan reads a torch zip state_dict's names, shapes and dtypes from its data.pkl,
+    and a passing answer must report exactly those."""
+    from safetensors.torch import save_file
+
+    if fmt == "torch-zip":
+        path = model_dir / "model.pt"
+    else:
+        path = tmp_path / "model.safetensors"
+        save_file(isolation_archs.state_dict(), str(path))
+    report = forged_inspect(path, mode)
+    assert report.verdict.value != "pass", report.to_dict()["reasons"]
+    reasons = report.to_dict()["reasons"]
+    assert any(r["code"] == "WORKER_CRASH" and "does not match the static scan" in r["message"] for r in reasons), \
+        reasons

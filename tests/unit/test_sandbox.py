@@ -14,7 +14,7 @@ import pytest
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import ReasonCode
 from ckpt_stage.sandbox import child, isolation, runner
-from ckpt_stage.sandbox.job import LoadJob
+from ckpt_stage.sandbox.job import LoadJob, LoadResult
 
 
 @pytest.mark.parametrize(("name", "value", "kept"), [
@@ -340,3 +340,19 @@ def test_memory_cgroup_v1_counters(tmp_path):
 def test_shutdown_is_idempotent():
     runner.shutdown()
     runner.shutdown()
+
+
+def test_a_pass_without_the_scanned_layer_table_is_refused():
+    """Where the scan read a state_dict's tensors, a passing answer that leaves out the layer table or
+    names another model kind is a worker that skipped (or forged) the load: WORKER_CRASH. An answer that
+    does not pass anyway needs no comparison."""
+    from ckpt_stage.domain import Finding
+
+    job = LoadJob(root="/x", files=(), expected={"tensors": {"w": {"shape": [2], "dtype": "float32"}}})
+    good = {"model_kind": "state_dict", "layers": {"w": {"shape": [2], "dtype": "float32"}}}
+    assert runner.cross_check(job, LoadResult(info=good)) == []
+    for info in ({}, {"model_kind": "torch-export", "layers": good["layers"]}, {"model_kind": "state_dict"}):
+        (f,) = runner.cross_check(job, LoadResult(info=info))
+        assert f.code is ReasonCode.WORKER_CRASH and "does not match the static scan" in f.message, info
+    blocked = LoadResult(findings=(Finding(ReasonCode.NONFINITE_WEIGHTS, "nan"),))
+    assert runner.cross_check(job, blocked) == []
