@@ -565,7 +565,8 @@ class _Run:
             info.setdefault("notes", []).append("the loader's /proc status could not be read before it ran")
         if info["seccomp"]:
             info["seccomp_refused"] = list(isolation.SECCOMP_DENY) + [
-                "clone3 (ENOSYS)", "clone(CLONE_NEW*)", "personality(!=PER_LINUX)"]
+                "clone3 (ENOSYS)", "clone(CLONE_NEW*)", "personality(!=PER_LINUX)",
+                "any syscall outside the allowlist (ENOSYS)"]
         info["env_stripped"] = True
         info["cgroup_memory"] = bool(self.cgroup) and bool(info.get("cgroup_memory"))
         if self.cgroup:
