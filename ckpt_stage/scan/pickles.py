@@ -703,6 +703,10 @@ class _Machine:
                 self.anomaly(pos, f"BUILD sets attributes on the imported global {target.full} "
                              "itself (monkey-patching), not on an instance")
             elif isinstance(target, Call | Box):
+                retype = _retyping_keys(state)
+                if retype:
+                    self.anomaly(pos, f"BUILD sets {', '.join(sorted(set(retype))[:4])} on {_describe(target)} "
+                                 "(retypes the object or swaps its attribute dict; no pickler writes this)")
                 if target.state is None:
                     target.state = state
                 elif isinstance(target, Call):
@@ -780,6 +784,24 @@ class _Machine:
             if ok:
                 g.decision = allowlist.Decision(True, "defaultdict-factory")
             self.record(g, *allowlist.normalize(g.module, g.name))
+
+
+#: Attribute names a BUILD state may never set: with a ``(state, slotstate)`` pair the unpickler
+#: ``setattr``s each slot key, so ``__class__`` retypes the object into another (allowlisted) class and
+#: ``__dict__`` replaces its attributes wholesale: the gadget step of several pickle exploits.
+_RETYPE_KEYS = frozenset({"__class__", "__dict__"})
+
+
+def _retyping_keys(state: Any) -> list[str]:
+    """Keys of a BUILD state that retype an object or set a special attribute: ``__class__``/``__dict__``
+    anywhere, any dunder name in the slot state (set with ``setattr``)."""
+    dicts: list[tuple[Box, bool]] = []
+    if isinstance(state, Box) and state.kind == "dict":
+        dicts.append((state, False))
+    elif isinstance(state, Box) and state.kind == "tuple" and len(state.items) == 2:
+        dicts.extend((b, i == 1) for i, b in enumerate(state.items) if isinstance(b, Box) and b.kind == "dict")
+    return [k for box, slots in dicts for k in box.items[::2]
+            if isinstance(k, str) and (k in _RETYPE_KEYS or (slots and len(k) > 4 and k[:2] == k[-2:] == "__"))]
 
 
 def _ints(v: Any) -> Any:

@@ -74,6 +74,15 @@ ROWS = [
     ("setitem_on_global", P.proto(2) + P.glob("collections", "OrderedDict") + P.bu("a") + P.NONE + P.SETITEM + P.STOP,
      set(), "mutates the imported global", False),
     ("reduce_non_global", P.proto(2) + P.bu("x") + P.EMPTY_TUPLE + P.REDUCE + P.STOP, set(), "not an imported global", False),
+    ("build_retypes_via_slotstate",
+     P.proto(2) + P.glob("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE + P.NONE + b"}" + P.bu("__class__")
+     + P.glob("collections", "Counter") + P.SETITEM + P.TUPLE2 + P.BUILD + P.STOP, set(), "retypes the object", False),
+    ("build_dict_state_with_class",
+     P.proto(2) + P.glob("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE + b"}" + P.bu("__dict__")
+     + b"}" + P.SETITEM + P.BUILD + P.STOP, set(), "swaps its attribute dict", False),
+    ("build_slot_dunder",
+     P.proto(2) + P.glob("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE + P.NONE + b"}" + P.bu("__setstate__")
+     + P.NONE + P.SETITEM + P.TUPLE2 + P.BUILD + P.STOP, set(), "BUILD sets __setstate__", False),
     ("leftover_stack", P.proto(2) + P.NONE + P.NONE + P.STOP, set(), "left on the stack", False),
     ("pop_on_empty_pops_mark", P.proto(2) + P.MARK + P.POP + P.NONE + P.STOP, set(), "POP on an empty stack", False),
     ("persid_text", b"Pfoo\n.", set(), "text PERSID", False),
