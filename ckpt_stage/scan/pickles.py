@@ -920,14 +920,15 @@ def str_items(v: Any) -> list[str] | None:
 MAX_STATE_PICKLE = 16 * 2**20
 
 
-def flat_state_dict(buf: bytes, settings: Settings | None = None) -> dict[str, dict[str, Any]] | None:
+def flat_state_dict(buf: bytes, settings: Settings | None = None, *, start: int = 0
+                    ) -> dict[str, dict[str, Any]] | None:
     """``{name: {"shape": [...], "dtype": "float32"}}`` when the stream in ``buf`` is a plain
     state_dict (a dict or ``OrderedDict()`` whose every key is a str constant and every value a tensor
     or parameter with a concrete shape and a known dtype), else None. What a loader of the same bytes
     must report having read (``runner.cross_check``); anything less clear-cut gives no expectation."""
-    if len(buf) > MAX_STATE_PICKLE:
+    if len(buf) - start > MAX_STATE_PICKLE:
         return None
-    rep = scan_stream(buf, 0, settings or Settings())
+    rep = scan_stream(buf, start, settings or Settings())
     if rep.end is None or rep.hostile or rep.limit:
         return None
     v = rep.result
@@ -966,3 +967,21 @@ def torch_zip_tensors(path: Any, reading: Any) -> dict[str, dict[str, Any]] | No
     except OSError:
         return None
     return flat_state_dict(buf) if len(buf) == member.usize else None
+
+
+def torch_legacy_tensors(path: Any) -> dict[str, dict[str, Any]] | None:
+    """``flat_state_dict`` of a legacy torch file (``_use_new_zipfile_serialization=False``): its fourth
+    pickle stream is the object, after the magic number, protocol version and sys_info."""
+    try:
+        with open(path, "rb") as fh:
+            buf = fh.read(MAX_STATE_PICKLE + 4096)
+    except OSError:
+        return None
+    settings, pos = Settings(), 0
+    for _ in range(3):
+        rep = scan_stream(buf, pos, settings)
+        if rep.end is None or rep.hostile:
+            return None
+        pos = rep.end
+    return flat_state_dict(buf, settings, start=pos)
+

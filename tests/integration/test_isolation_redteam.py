@@ -401,17 +401,20 @@ def forged_inspect(model_dir):
 
 
 @pytest.mark.parametrize("mode", ["no_layers", "other_kind", "wrong_shape"])
-@pytest.mark.parametrize("fmt", ["torch-zip", "safetensors"])
+@pytest.mark.parametrize("fmt", ["torch-zip", "torch-legacy", "safetensors"])
 def test_a_forged_pass_must_match_the_scanned_tensors(model_dir, forged_inspect, tmp_path, fmt, mode):
     """Got through before: an architecture that writes a clean pass and exits before any check passed a
-    torch zip state_dict whatever it claimed (the scan's tensor table was compared for safetensors
-    only), and a safetensors file too when the forged answer left out its layer table or named another
-    model kind. Now the scan reads a torch zip state_dict's names, shapes and dtypes from its data.pkl,
-    and a passing answer must report exactly those."""
+    torch zip or legacy torch state_dict whatever it claimed (the scan's tensor table was compared for
+    safetensors only), and a safetensors file too when the forged answer left out its layer table or
+    named another model kind. Now the scan reads a torch state_dict's names, shapes and dtypes from its
+    pickle, and a passing answer must report exactly those."""
     from safetensors.torch import save_file
 
     if fmt == "torch-zip":
         path = model_dir / "model.pt"
+    elif fmt == "torch-legacy":
+        path = tmp_path / "legacy.pt"
+        torch.save(isolation_archs.state_dict(), path, _use_new_zipfile_serialization=False)
     else:
         path = tmp_path / "model.safetensors"
         save_file(isolation_archs.state_dict(), str(path))

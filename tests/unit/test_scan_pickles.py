@@ -257,3 +257,16 @@ def test_flat_state_dict_of_a_hostile_stream_is_none():
 
     assert flat_state_dict(os_system_pickle("x")) is None
     assert flat_state_dict(P.proto(2) + P.binget(3) + P.STOP) is None
+
+
+def test_torch_legacy_tensors_reads_the_fourth_stream(tmp_path):
+    import torch
+
+    from ckpt_stage.scan.pickles import torch_legacy_tensors
+
+    sd = torch.nn.Linear(3, 2).state_dict()
+    torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert torch_legacy_tensors(tmp_path / "old.pt") == {"weight": {"shape": [2, 3], "dtype": "float32"},
+                                                          "bias": {"shape": [2], "dtype": "float32"}}
+    (tmp_path / "evil.pt").write_bytes(os_system_pickle("x"))
+    assert torch_legacy_tensors(tmp_path / "evil.pt") is None
