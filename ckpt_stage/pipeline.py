@@ -59,6 +59,7 @@ from ckpt_stage.registry import (
 from ckpt_stage.sandbox.job import LoadJob, LoadResult
 from ckpt_stage.scan import ScanResult, scan_version
 from ckpt_stage.scan.estimate import oversized_files
+from ckpt_stage.scan.pickles import torch_legacy_tensors, torch_zip_tensors
 from ckpt_stage.scan.reading import Reading, stamp_of
 from ckpt_stage.storage import (
     LocalFile,
@@ -193,7 +194,16 @@ def expected_facts(root: Path, rels: Sequence[str], scan: ScanResult) -> dict[st
     the runner's cross-check (``runner.cross_check``). Only where it is unambiguous: one safetensors
     file is the whole state_dict, its header names every tensor, shape and dtype."""
     ckpts = [rel for rel in rels if scan.formats.get(rel) in _MODEL_FORMATS]
-    if len(ckpts) != 1 or scan.formats.get(ckpts[0]) is not FileFormat.SAFETENSORS:
+    if len(ckpts) != 1:
+        return {}
+    if scan.formats.get(ckpts[0]) is FileFormat.TORCH_ZIP:
+        # A torch.save'd state_dict: its data.pkl names every tensor, shape and storage type.
+        tensors = torch_zip_tensors(root / ckpts[0], scan.readings.get(ckpts[0]))
+        return {"tensors": tensors} if tensors else {}
+    if scan.formats.get(ckpts[0]) is FileFormat.TORCH_LEGACY:
+        tensors = torch_legacy_tensors(root / ckpts[0])
+        return {"tensors": tensors} if tensors else {}
+    if scan.formats.get(ckpts[0]) is not FileFormat.SAFETENSORS:
         return {}
     try:
         with open(root / ckpts[0], "rb") as fh:

@@ -439,6 +439,55 @@ SECCOMP_DENY = (
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "iopl", "ioperm", "vhangup",
     "sethostname", "setdomainname", "nfsservctl", "uselib",
 )
+SECCOMP_ALLOW = (
+    # files and descriptors (x86_64 and aarch64 names; a name the architecture lacks is skipped)
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+    "open", "openat", "openat2", "creat", "close", "close_range", "lseek", "stat", "fstat", "lstat",
+    "newfstatat", "statx", "statfs", "fstatfs", "access", "faccessat", "faccessat2", "readlink", "readlinkat",
+    "getdents", "getdents64", "dup", "dup2", "dup3", "fcntl", "flock", "fsync", "fdatasync", "sync",
+    "syncfs", "sync_file_range", "ftruncate", "truncate", "fallocate", "fadvise64", "readahead", "mkdir",
+    "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat",
+    "symlink", "symlinkat", "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown",
+    "fchownat", "umask", "utime", "utimes", "utimensat", "futimesat", "getcwd", "chdir", "fchdir",
+    "copy_file_range", "sendfile", "splice", "tee", "pipe", "pipe2", "getxattr", "lgetxattr", "fgetxattr",
+    "listxattr", "llistxattr", "flistxattr", "setxattr", "lsetxattr", "fsetxattr", "removexattr",
+    "lremovexattr", "fremovexattr", "ioctl", "poll", "ppoll", "select", "pselect6", "epoll_create",
+    "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2", "eventfd", "eventfd2",
+    "inotify_init", "inotify_init1", "inotify_add_watch", "inotify_rm_watch", "signalfd", "signalfd4",
+    "timerfd_create", "timerfd_settime", "timerfd_gettime", "memfd_create",
+    # memory
+    "mmap", "munmap", "mprotect", "mremap", "madvise", "brk", "msync", "mincore", "mlock", "mlock2",
+    "munlock", "mlockall", "munlockall", "get_mempolicy", "set_mempolicy", "mbind", "membarrier",
+    "pkey_alloc", "pkey_free", "pkey_mprotect", "remap_file_pages", "mseal", "map_shadow_stack",
+    # processes, threads, signals, time (clone and personality: argument rules below)
+    "fork", "vfork", "execve", "execveat", "exit", "exit_group", "wait4", "waitid", "kill", "tkill",
+    "tgkill", "getpid", "getppid", "gettid", "getpgid", "setpgid", "getpgrp", "getsid", "setsid",
+    "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getgroups", "setuid", "setgid",
+    "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "setfsuid", "setfsgid", "capget",
+    "capset", "prctl", "arch_prctl", "set_tid_address", "set_robust_list", "get_robust_list", "rseq",
+    "futex", "futex_waitv", "sched_yield", "sched_getaffinity", "sched_setaffinity", "sched_getparam",
+    "sched_setparam", "sched_getscheduler", "sched_setscheduler", "sched_get_priority_max",
+    "sched_get_priority_min", "sched_rr_get_interval", "sched_getattr", "sched_setattr", "getpriority",
+    "setpriority", "ioprio_get", "ioprio_set", "getrlimit", "setrlimit", "prlimit64", "getrusage", "times",
+    "sysinfo", "uname", "getcpu", "seccomp", "landlock_create_ruleset", "landlock_add_rule",
+    "landlock_restrict_self", "pidfd_open", "pidfd_send_signal", "restart_syscall", "pause", "nanosleep",
+    "clock_nanosleep", "clock_gettime", "clock_getres", "gettimeofday", "time", "alarm", "getitimer",
+    "setitimer", "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun", "timer_delete",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigsuspend", "rt_sigpending", "rt_sigtimedwait",
+    "rt_sigqueueinfo", "rt_tgsigqueueinfo", "sigaltstack", "getrandom", "uretprobe",
+    # a socketpair's ends (socket() itself is refused) and System V IPC (the job's own IPC namespace)
+    "socketpair", "sendmsg", "recvmsg", "sendto", "recvfrom", "sendmmsg", "recvmmsg", "shutdown",
+    "getsockopt", "setsockopt", "getsockname", "getpeername", "shmget", "shmat", "shmdt", "shmctl",
+    "semget", "semop", "semctl", "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl",
+)
+"""What the worker may call (seccomp's default is to refuse): what CPython, torch, numpy, safetensors,
+transformers and MLflow's readers use to load a file, plus ordinary process, thread, memory and time
+calls. Not here, hence refused with ENOSYS: everything the kernel adds later (a deny-list lets each new
+syscall through: ``listmount``/``statmount`` in 6.8, ``open_tree_attr`` in 6.15 on this 6.18 kernel),
+and old or rare interfaces no load needs (``modify_ldt``, AIO's ``io_setup``, ``mq_open``,
+``move_pages``/``migrate_pages``, ``process_madvise``, ``memfd_secret``, ``bind``/``listen``/``connect``
+on inherited sockets). ENOSYS rather than EPERM for those: library code takes it for an old kernel and
+falls back (glibc's ``clone3`` → ``clone``, ``statx`` → ``fstatat``)."""
 _CLONE_NS_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 """CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET: clone() with any is refused."""
 _PERSONALITY_LINUX = 0
@@ -448,8 +497,10 @@ so "anything but 0 or the 0xffffffff query" cannot be written: the query is refu
 
 
 def install_seccomp() -> list[str]:
-    """Load the worker's syscall filter (default allow; the listed syscalls fail with EPERM). Needs
-    no_new_privs (or CAP_SYS_ADMIN). Returns the refused syscalls this kernel/libseccomp knows.
+    """Load the worker's syscall filter: an allowlist (``SECCOMP_ALLOW``; anything else fails with
+    ENOSYS), with the dangerous calls refused by name with EPERM (``SECCOMP_DENY``, the clear answer
+    the tests and a reader expect). Needs no_new_privs (or CAP_SYS_ADMIN). Returns the refused
+    syscalls this kernel/libseccomp knows.
 
     clone3 passes its flags in a struct seccomp cannot read: it fails with ENOSYS, so glibc
     (>= 2.34) falls back to clone(), whose flags are filtered. A filter for another ABI (i386 via
@@ -457,7 +508,7 @@ def install_seccomp() -> list[str]:
     """
     import pyseccomp as sc
 
-    f = sc.SyscallFilter(sc.ALLOW)
+    f = sc.SyscallFilter(sc.ERRNO(errno.ENOSYS))
     f.set_attr(sc.Attr.CTL_TSYNC, 1)
     eperm = sc.ERRNO(errno.EPERM)
     denied: list[str] = []
@@ -469,17 +520,22 @@ def install_seccomp() -> list[str]:
         f.add_rule(action, nr, *args)
         return True
 
+    for name in SECCOMP_ALLOW:
+        rule(sc.ALLOW, name)
     for name in SECCOMP_DENY:
         if rule(eperm, name):
             denied.append(name)
-    if rule(sc.ERRNO(errno.ENOSYS), "clone3"):
+    if sc.resolve_syscall(sc.Arch.NATIVE, "clone3") >= 0:  # not allowed: the default's ENOSYS
         denied.append("clone3")
+    ns_mask = 0
+    for bit in _CLONE_NS_FLAGS:
+        ns_mask |= bit
     clone_rules = [rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, bit, bit)) for bit in _CLONE_NS_FLAGS]
+    rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, ns_mask, 0))
     if all(clone_rules):
         denied.append("clone(CLONE_NEW*)")
-    nr = sc.resolve_syscall(sc.Arch.NATIVE, "personality")
-    if nr >= 0:
-        f.add_rule(eperm, nr, sc.Arg(0, sc.GT, _PERSONALITY_LINUX))
+    if rule(eperm, "personality", sc.Arg(0, sc.GT, _PERSONALITY_LINUX)):
+        rule(sc.ALLOW, "personality", sc.Arg(0, sc.EQ, _PERSONALITY_LINUX))
         denied.append("personality(!=PER_LINUX)")
     f.load()
     return denied

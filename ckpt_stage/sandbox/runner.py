@@ -565,7 +565,8 @@ class _Run:
             info.setdefault("notes", []).append("the loader's /proc status could not be read before it ran")
         if info["seccomp"]:
             info["seccomp_refused"] = list(isolation.SECCOMP_DENY) + [
-                "clone3 (ENOSYS)", "clone(CLONE_NEW*)", "personality(!=PER_LINUX)"]
+                "clone3 (ENOSYS)", "clone(CLONE_NEW*)", "personality(!=PER_LINUX)",
+                "any syscall outside the allowlist (ENOSYS)"]
         info["env_stripped"] = True
         info["cgroup_memory"] = bool(self.cgroup) and bool(info.get("cgroup_memory"))
         if self.cgroup:
@@ -845,11 +846,20 @@ def cross_check(job: LoadJob, result: LoadResult) -> list[Finding]:
     (``job.expected``): a different tensor set, shape or dtype means the worker did not load what was
     scanned, or lies about it. Either way it cannot pass."""
     tensors = (job.expected or {}).get("tensors")
-    layers = result.info.get("layers")
-    # A Hugging Face folder is a state_dict too (its layers are the tensors read, before transformers ran).
-    if not tensors or not isinstance(layers, dict) or result.info.get("model_kind") not in ("state_dict", "hf-folder"):
+    if not tensors:
         return []
+    layers = result.info.get("layers")
     problems = []
+    # A Hugging Face folder is a state_dict too (its layers are the tensors read, before transformers ran).
+    # Where the scan read a plain state_dict, a result that would pass must say it loaded one: a worker
+    # that leaves out its layer table, or calls the file something else, would skip the comparison.
+    if not isinstance(layers, dict) or result.info.get("model_kind") not in ("state_dict", "hf-folder"):
+        if any(f.blocking for f in result.findings):
+            return []  # not a pass anyway: the loader stopped before it read the tensors
+        layers = layers if isinstance(layers, dict) else {}
+        problems.append(f"the scan read a state_dict of {len(tensors)} tensors, the worker reported "
+                        f"{clean_text(result.info.get('model_kind'), 40)!r} with "
+                        f"{len(layers)} layers")
     missing, extra = sorted(set(tensors) - set(layers)), sorted(set(layers) - set(tensors))
     if missing or extra:
         problems.append(f"tensor names differ (not reported: {missing[:5]}, not in the file: {extra[:5]})")

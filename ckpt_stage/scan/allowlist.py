@@ -58,6 +58,14 @@ STORAGE_ITEMSIZE: dict[str, int] = {
     "QUInt2x4Storage": 1,
 }
 
+#: Legacy typed storage classes (the type tag in a torch.save persistent id) → the dtype they hold.
+STORAGE_DTYPE: dict[str, str] = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
+    "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+}
+
 #: torch dtype attribute names → element size in bytes (sub-byte packed types count 1).
 DTYPE_ITEMSIZE: dict[str, int] = {
     "float64": 8, "double": 8, "float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,

@@ -32,6 +32,7 @@ file's deadline (``budget.tick``) every few thousand opcodes.
 from __future__ import annotations
 
 import io
+import os
 import pickletools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -181,6 +182,8 @@ class TensorDecl:
     rebuild: str
     offset: int
     name: str | None = None
+    dtype: str | None = None
+    """Element type (``float32``...) from the storage's type tag or ``_rebuild_tensor_v3``'s dtype."""
 
     def concrete(self) -> bool:
         ints = (isinstance(self.storage_offset, int) and isinstance(self.size, tuple)
@@ -498,8 +501,12 @@ class _Machine:
             return
         storage = self.storage_of(a[0])
         itemsize = storage.itemsize if storage else None
+        dtype = None
+        if storage is not None and storage.storage_type.rpartition(".")[0] in ("torch", "torch.cuda"):
+            dtype = allowlist.STORAGE_DTYPE.get(storage.storage_type.rpartition(".")[2])
         if fn == "torch._utils._rebuild_tensor_v3" and len(a) >= 7 and isinstance(a[6], Glob):
             itemsize = allowlist.DTYPE_ITEMSIZE.get(a[6].name) if a[6].module == "torch" else None
+            dtype = a[6].name if itemsize is not None else None
         t = TensorDecl(
             storage_key=storage.key if storage else None,
             storage_offset=a[1],
@@ -508,6 +515,7 @@ class _Machine:
             itemsize=itemsize,
             rebuild=fn.rsplit(".", 1)[-1],
             offset=pos,
+            dtype=dtype if fn != "torch._utils._rebuild_qtensor" else None,
         )
         call.tensor = t
         if len(self.r.tensors) < MAX_DECLS:
@@ -695,6 +703,10 @@ class _Machine:
                 self.anomaly(pos, f"BUILD sets attributes on the imported global {target.full} "
                              "itself (monkey-patching), not on an instance")
             elif isinstance(target, Call | Box):
+                retype = _retyping_keys(state)
+                if retype:
+                    self.anomaly(pos, f"BUILD sets {', '.join(sorted(set(retype))[:4])} on {_describe(target)} "
+                                 "(retypes the object or swaps its attribute dict; no pickler writes this)")
                 if target.state is None:
                     target.state = state
                 elif isinstance(target, Call):
@@ -772,6 +784,24 @@ class _Machine:
             if ok:
                 g.decision = allowlist.Decision(True, "defaultdict-factory")
             self.record(g, *allowlist.normalize(g.module, g.name))
+
+
+#: Attribute names a BUILD state may never set: with a ``(state, slotstate)`` pair the unpickler
+#: ``setattr``s each slot key, so ``__class__`` retypes the object into another (allowlisted) class and
+#: ``__dict__`` replaces its attributes wholesale: the gadget step of several pickle exploits.
+_RETYPE_KEYS = frozenset({"__class__", "__dict__"})
+
+
+def _retyping_keys(state: Any) -> list[str]:
+    """Keys of a BUILD state that retype an object or set a special attribute: ``__class__``/``__dict__``
+    anywhere, any dunder name in the slot state (set with ``setattr``)."""
+    dicts: list[tuple[Box, bool]] = []
+    if isinstance(state, Box) and state.kind == "dict":
+        dicts.append((state, False))
+    elif isinstance(state, Box) and state.kind == "tuple" and len(state.items) == 2:
+        dicts.extend((b, i == 1) for i, b in enumerate(state.items) if isinstance(b, Box) and b.kind == "dict")
+    return [k for box, slots in dicts for k in box.items[::2]
+            if isinstance(k, str) and (k in _RETYPE_KEYS or (slots and len(k) > 4 and k[:2] == k[-2:] == "__"))]
 
 
 def _ints(v: Any) -> Any:
@@ -883,3 +913,75 @@ def str_items(v: Any) -> list[str] | None:
     if not all(type(x) is str for x in items):
         return None
     return list(items)
+
+
+#: A ``data.pkl`` larger than this is not walked a second time for ``flat_state_dict`` (a state_dict
+#: pickle is ~100 bytes per tensor: 16 MiB is over 100,000 tensors).
+MAX_STATE_PICKLE = 16 * 2**20
+
+
+def flat_state_dict(buf: bytes, settings: Settings | None = None, *, start: int = 0
+                    ) -> dict[str, dict[str, Any]] | None:
+    """``{name: {"shape": [...], "dtype": "float32"}}`` when the stream in ``buf`` is a plain
+    state_dict (a dict or ``OrderedDict()`` whose every key is a str constant and every value a tensor
+    or parameter with a concrete shape and a known dtype), else None. What a loader of the same bytes
+    must report having read (``runner.cross_check``); anything less clear-cut gives no expectation."""
+    if len(buf) - start > MAX_STATE_PICKLE:
+        return None
+    rep = scan_stream(buf, start, settings or Settings())
+    if rep.end is None or rep.hostile or rep.limit:
+        return None
+    v = rep.result
+    if isinstance(v, Call):
+        callee = v.callee
+        if not (isinstance(callee, Glob) and callee.full == "collections.OrderedDict" and v.items is not None
+                and isinstance(v.args, Box) and not v.args.items):
+            return None
+        box: Box = v.items
+    elif isinstance(v, Box) and v.kind == "dict":
+        box = v
+    else:
+        return None
+    if box.truncated or not box.items:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for k, t in zip(box.items[::2], box.items[1::2], strict=True):
+        decl = t.tensor if isinstance(t, Call) else None
+        if type(k) is not str or k in out or decl is None or decl.dtype is None or not isinstance(decl.size, tuple) \
+                or not all(type(d) is int for d in decl.size):
+            return None
+        out[k] = {"shape": list(decl.size), "dtype": decl.dtype}
+    return out
+
+
+
+def torch_zip_tensors(path: Any, reading: Any) -> dict[str, dict[str, Any]] | None:
+    """``flat_state_dict`` of a torch zip's ``data.pkl``, located through the scan's ``Reading`` (the
+    member table the worker is held to), or None."""
+    member = reading.records().get("data.pkl") if reading is not None else None
+    if member is None or member.method != 0 or member.usize != member.csize or member.usize > MAX_STATE_PICKLE:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            buf = os.pread(fh.fileno(), member.usize, member.data_offset)
+    except OSError:
+        return None
+    return flat_state_dict(buf) if len(buf) == member.usize else None
+
+
+def torch_legacy_tensors(path: Any) -> dict[str, dict[str, Any]] | None:
+    """``flat_state_dict`` of a legacy torch file (``_use_new_zipfile_serialization=False``): its fourth
+    pickle stream is the object, after the magic number, protocol version and sys_info."""
+    try:
+        with open(path, "rb") as fh:
+            buf = fh.read(MAX_STATE_PICKLE + 4096)
+    except OSError:
+        return None
+    settings, pos = Settings(), 0
+    for _ in range(3):
+        rep = scan_stream(buf, pos, settings)
+        if rep.end is None or rep.hostile:
+            return None
+        pos = rep.end
+    return flat_state_dict(buf, settings, start=pos)
+

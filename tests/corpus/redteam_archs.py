@@ -259,6 +259,17 @@ class Breakout(_Small):
         # The syscall instruction itself with the native ABI but a namespace flag in a high bit half.
         ob["unshare:high_bits"] = _raw(NR["unshare"], CLONE_NEWUSER | (1 << 40))
         ob["socket:high_bits"] = _raw(NR["socket"], 2 | (1 << 40), 1, 0)
+        # Syscalls no load needs and that a deny-list would let through: newer than it (statmount and
+        # listmount in 6.8, open_tree_attr in 6.15, file_getattr in 6.17) or old, rare kernel surface.
+        scratch = ctypes.create_string_buffer(4096)
+        buf = ctypes.addressof(scratch)
+        for name, nr, args in (("statmount", 457, (buf, buf, 4096, 0)), ("listmount", 458, (buf, buf, 16, 0)),
+                               ("open_tree_attr", 467, (-100, buf, 0, 0, 0)), ("file_getattr", 468, (-100, buf, buf, 0, 0)),
+                               ("modify_ldt", 154, (0, buf, 16)), ("io_setup", 206, (1, buf)),
+                               ("mq_open", 240, (buf, 0, 0, 0)), ("migrate_pages", 256, (0, 8, buf, buf)),
+                               ("memfd_secret", 447, (0,)), ("process_madvise", 440, (-1, 0, 0, 0, 0))):
+            ctypes.memset(buf, 0, 4096)
+            ob[f"unlisted:{name}"] = _raw(nr, *args)
         # A second seccomp filter of our own cannot lift the first (and adding one is allowed).
         ob["seccomp_mode"] = _read("/proc/self/status", 8192).count("Seccomp:\t2")
         # A socketpair (allowed: no address) turned towards a host path or an abstract name.
@@ -462,3 +473,31 @@ def peek_paths(job):
     from ckpt_stage.sandbox.job import LoadResult
 
     return LoadResult(info={"observed": {p: os.path.exists(p) for p in job.arch_kwargs.get("paths", [])}})
+
+
+# --- architectures that forge the worker's answer -----------------------------------------------
+
+
+class ForgedPass(_Small):
+    """Owns the worker once built: writes a well-formed pass of its own to the result pipe and exits
+    cleanly before the loader reads or checks a tensor. ``mode`` says how it dodges the parent's
+    cross-check of the tensors it claims to have loaded against the scan:
+
+    * ``no_layers``: leaves the layer table out;
+    * ``other_kind``: calls the file something that is not a state_dict (``torch-export``);
+    * ``wrong_shape``: reports the scan's names with another shape (a lazy forgery).
+    """
+
+    def __init__(self, mode: str = "no_layers") -> None:
+        super().__init__()
+        info: dict = {}
+        if mode == "other_kind":
+            info = {"model_kind": "torch-export", "layers": {}}
+        elif mode == "wrong_shape":
+            info = {"model_kind": "state_dict",
+                    "layers": {"fc.weight": {"shape": [9, 9], "dtype": "float32"},
+                               "fc.bias": {"shape": [2], "dtype": "float32"}}}
+        os.write(3, json.dumps({"findings": [], "runtime": {"python": "3.11", "torch": "2.13.0"},
+                                "info": info}).encode())
+        os.close(3)
+        os._exit(0)

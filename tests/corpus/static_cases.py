@@ -488,6 +488,14 @@ def h_build_monkeypatch(w: Path, c: Path) -> Built:
     return one(write(w / "model.pt", P.proto(2) + body + P.STOP))
 
 
+def h_build_retype(w: Path, c: Path) -> Built:
+    """A state_dict whose OrderedDict is retyped by BUILD's slot state (setattr __class__ to another
+    allowlisted class): every name is allowlisted, the trick is in the state."""
+    body = (P.glob("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE + P.NONE + P.EMPTY_DICT
+            + P.bu("__class__") + P.glob("collections", "Counter") + P.SETITEM + P.TUPLE2 + P.BUILD)
+    return one(write(w / "model.pt", P.proto(2) + body + P.STOP))
+
+
 def h_deep_nesting(w: Path, c: Path) -> Built:
     n = 5000
     return one(write(w / "model.pt", P.proto(2) + P.EMPTY_LIST * n + P.APPEND * (n - 1) + P.STOP))
@@ -871,6 +879,7 @@ CASES: list[Case] = [
     _q("static_obj_opcode", h_obj, UNSAFE, "subprocess.Popen", hostile=True),
     _q("static_dotted_global_name", h_dotted_name, UNSAFE, "torch.load", hostile=True),
     _q("static_build_on_global", h_build_monkeypatch, UNSAFE, "monkey-patching", hostile=True),
+    _q("static_build_retypes_object", h_build_retype, UNSAFE, "retypes the object", hostile=True),
     _q("static_deep_nesting", h_deep_nesting, UNSAFE, "nest more than", hostile=True),
     _q("static_pt2_evil_sample_inputs", h_pt2_sample_inputs, UNSAFE, "posix.system", hostile=True),
     _q("static_cloudpickle_main_class", h_cloudpickle_main_class, UNSAFE, ["cloudpickle", "code_paths"]),

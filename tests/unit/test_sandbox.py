@@ -14,7 +14,7 @@ import pytest
 from ckpt_stage.config import Settings
 from ckpt_stage.domain import ReasonCode
 from ckpt_stage.sandbox import child, isolation, runner
-from ckpt_stage.sandbox.job import LoadJob
+from ckpt_stage.sandbox.job import LoadJob, LoadResult
 
 
 @pytest.mark.parametrize(("name", "value", "kept"), [
@@ -183,6 +183,7 @@ def test_measured_facts_win_over_what_the_worker_says():
               {"ev": "exit", "code": 0}], result=b'{"findings": []}')
     iso = r.classify().isolation
     assert iso["seccomp"] is True and "socket" in iso["seccomp_refused"] and "clone3 (ENOSYS)" in iso["seccomp_refused"]
+    assert "any syscall outside the allowlist (ENOSYS)" in iso["seccomp_refused"]
 
 
 def test_measured_facts_from_proc_status():
@@ -340,3 +341,33 @@ def test_memory_cgroup_v1_counters(tmp_path):
 def test_shutdown_is_idempotent():
     runner.shutdown()
     runner.shutdown()
+
+
+def test_a_pass_without_the_scanned_layer_table_is_refused():
+    """Where the scan read a state_dict's tensors, a passing answer that leaves out the layer table or
+    names another model kind is a worker that skipped (or forged) the load: WORKER_CRASH. An answer that
+    does not pass anyway needs no comparison."""
+    from ckpt_stage.domain import Finding
+
+    job = LoadJob(root="/x", files=(), expected={"tensors": {"w": {"shape": [2], "dtype": "float32"}}})
+    good = {"model_kind": "state_dict", "layers": {"w": {"shape": [2], "dtype": "float32"}}}
+    assert runner.cross_check(job, LoadResult(info=good)) == []
+    for info in ({}, {"model_kind": "torch-export", "layers": good["layers"]}, {"model_kind": "state_dict"}):
+        (f,) = runner.cross_check(job, LoadResult(info=info))
+        assert f.code is ReasonCode.WORKER_CRASH and "does not match the static scan" in f.message, info
+    blocked = LoadResult(findings=(Finding(ReasonCode.NONFINITE_WEIGHTS, "nan"),))
+    assert runner.cross_check(job, blocked) == []
+
+
+def test_the_seccomp_allowlist_covers_a_load_and_nothing_it_refuses():
+    """The syscalls the worker made after its filter was loaded, traced (strace -f on the fork server)
+    over every corpus case, are all allowed; nothing is both allowed and refused by name."""
+    traced = {"brk", "clone", "close", "exit_group", "fadvise64", "fstat", "futex", "getcwd", "getdents64",
+              "getpid", "getrandom", "ioctl", "kill", "lseek", "mkdir", "mmap", "mprotect", "mremap", "munmap",
+              "newfstatat", "openat", "prctl", "read", "readlink", "rt_sigaction", "rt_sigprocmask",
+              "sched_getaffinity", "seccomp", "statx", "unlink", "write", "set_robust_list", "rseq", "gettid",
+              "rt_sigreturn", "madvise", "exit"}
+    allow, deny = set(isolation.SECCOMP_ALLOW), set(isolation.SECCOMP_DENY)
+    assert traced - {"clone"} <= allow, traced - allow
+    assert not allow & deny, allow & deny
+    assert {"clone", "clone3", "personality", "socket"}.isdisjoint(allow)

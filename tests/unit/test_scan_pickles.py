@@ -74,6 +74,15 @@ ROWS = [
     ("setitem_on_global", P.proto(2) + P.glob("collections", "OrderedDict") + P.bu("a") + P.NONE + P.SETITEM + P.STOP,
      set(), "mutates the imported global", False),
     ("reduce_non_global", P.proto(2) + P.bu("x") + P.EMPTY_TUPLE + P.REDUCE + P.STOP, set(), "not an imported global", False),
+    ("build_retypes_via_slotstate",
+     P.proto(2) + P.glob("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE + P.NONE + b"}" + P.bu("__class__")
+     + P.glob("collections", "Counter") + P.SETITEM + P.TUPLE2 + P.BUILD + P.STOP, set(), "retypes the object", False),
+    ("build_dict_state_with_class",
+     P.proto(2) + P.glob("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE + b"}" + P.bu("__dict__")
+     + b"}" + P.SETITEM + P.BUILD + P.STOP, set(), "swaps its attribute dict", False),
+    ("build_slot_dunder",
+     P.proto(2) + P.glob("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE + P.NONE + b"}" + P.bu("__setstate__")
+     + P.NONE + P.SETITEM + P.TUPLE2 + P.BUILD + P.STOP, set(), "BUILD sets __setstate__", False),
     ("leftover_stack", P.proto(2) + P.NONE + P.NONE + P.STOP, set(), "left on the stack", False),
     ("pop_on_empty_pops_mark", P.proto(2) + P.MARK + P.POP + P.NONE + P.STOP, set(), "POP on an empty stack", False),
     ("persid_text", b"Pfoo\n.", set(), "text PERSID", False),
@@ -197,3 +206,67 @@ def test_fuzz_random_bytes_never_raise():
         for _ in range(rng.randint(1, 6)):
             data[rng.randrange(len(data))] = rng.randrange(256)
         scan_stream(bytes(data), 0, S)  # must not raise
+
+
+# --- what a torch zip state_dict holds, for the worker's cross-check ----------------------------
+
+
+def _data_pkl(obj) -> bytes:
+    import io
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    z = zipfile.ZipFile(buf)
+    return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+def test_flat_state_dict_reads_names_shapes_and_dtypes():
+    import torch
+
+    from ckpt_stage.scan.pickles import flat_state_dict
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).to(torch.bfloat16)
+    sd = m.state_dict()
+    want = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in sd.items()}
+    assert flat_state_dict(_data_pkl(sd)) == want
+    # Plain dicts, parameters, dtypes without a legacy storage class (_rebuild_tensor_v3 names them).
+    assert flat_state_dict(_data_pkl({"p": torch.nn.Parameter(torch.ones(5)), "u": torch.zeros(2, dtype=torch.uint16)})) \
+        == {"p": {"shape": [5], "dtype": "float32"}, "u": {"shape": [2], "dtype": "uint16"}}
+
+
+@pytest.mark.parametrize("build", [
+    lambda t: {"w": t, "epoch": 3},                      # not only tensors: the loader keeps a subset
+    lambda t: {"model_state_dict": {"w": t}},            # nested: the loader picks the key
+    lambda t: [t],
+    lambda t: {1: t},
+    lambda t: {},
+])
+def test_flat_state_dict_gives_no_expectation_where_the_loader_may_choose(build):
+    import torch
+
+    from ckpt_stage.scan.pickles import flat_state_dict
+
+    assert flat_state_dict(_data_pkl(build(torch.zeros(2)))) is None
+
+
+def test_flat_state_dict_of_a_hostile_stream_is_none():
+    from ckpt_stage.scan.pickles import flat_state_dict
+
+    assert flat_state_dict(os_system_pickle("x")) is None
+    assert flat_state_dict(P.proto(2) + P.binget(3) + P.STOP) is None
+
+
+def test_torch_legacy_tensors_reads_the_fourth_stream(tmp_path):
+    import torch
+
+    from ckpt_stage.scan.pickles import torch_legacy_tensors
+
+    sd = torch.nn.Linear(3, 2).state_dict()
+    torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert torch_legacy_tensors(tmp_path / "old.pt") == {"weight": {"shape": [2, 3], "dtype": "float32"},
+                                                          "bias": {"shape": [2], "dtype": "float32"}}
+    (tmp_path / "evil.pt").write_bytes(os_system_pickle("x"))
+    assert torch_legacy_tensors(tmp_path / "evil.pt") is None
