@@ -373,7 +373,10 @@ class _Registry:
     def get(self, ref):
         return VersionState(ref)
 
-    def next_attempt(self, ref, state):
+    def attempts(self, ref):
+        return []
+
+    def next_attempt(self, ref, state, *, runs=None):
         return 1
 
     @contextlib.contextmanager
