@@ -13,6 +13,7 @@ from ckpt_stage.config import Settings
 from ckpt_stage.domain import Verdict
 from ckpt_stage.pipeline import validate_version
 from ckpt_stage.storage import S3Location, S3Storage
+from tests.faults import one_backend
 
 pytestmark = pytest.mark.integration
 
@@ -23,6 +24,7 @@ def _model_gets(proxy, loc: S3Location) -> list[str]:
 
 def test_a_rerun_of_unchanged_files_downloads_nothing_and_a_changed_file_is_fetched(stack, stage_env, tmp_path,
                                                                                      counting_s3):
+    one_backend(stack)  # about the object cache, not the backend store
     folder = tmp_path / "v"
     tags = samples.safetensors_file(folder)
     ref = devstack.register_folder(stack.bucket, f"cache-{uuid.uuid4().hex[:6]}", folder, tags)

@@ -13,6 +13,7 @@ from ckpt_stage.config import Settings
 from ckpt_stage.dashboard.data import DashboardData
 from ckpt_stage.domain import Verdict
 from ckpt_stage.pipeline import validate_version
+from tests.faults import one_backend
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +31,7 @@ def _weights(report) -> dict:
 
 
 def test_retrained_and_identical_versions_are_compared_with_the_alias_holder(stack, stage_env, tmp_path, monkeypatch):
+    one_backend(stack)  # about the weights in two reports, not the backend store
     name = f"drift-{uuid.uuid4().hex[:6]}"
     torch.manual_seed(0)
     v1 = torch.nn.Linear(4, 2).state_dict()
