@@ -93,7 +93,7 @@ class Glob:
 
     def __init__(self, module: str, name: str, offset: int, opcode: str):
         self.module, self.name, self.offset, self.opcode = module, name, offset, opcode
-        self.decision: allowlist.Decision | None = None
+        self.decision: allowlist.Ruling | None = None
         self.called = False
         self.factory_ok = False
         self.use: GlobalUse | None = None
@@ -381,7 +381,7 @@ class _Machine:
         self.frame_end: int | None = None
         self.pending: list[Glob] = []
         self.kept: dict[tuple[str, str, bool], GlobalUse] = {}
-        self.decisions: dict[tuple[str, str], tuple[str, str, allowlist.Decision, bool]] = {}
+        self.rulings: dict[tuple[str, str], tuple[str, str, allowlist.Ruling, bool]] = {}
 
     # -- stack helpers ----------------------------------------------------------------------
     def push(self, v: Any, pos: int) -> None:
@@ -428,30 +428,30 @@ class _Machine:
         self.tracked += len(items)
 
     # -- globals ------------------------------------------------------------------------------
-    def decide(self, module: str, name: str) -> tuple[str, str, allowlist.Decision, bool]:
+    def allowlist_ruling(self, module: str, name: str) -> tuple[str, str, allowlist.Ruling, bool]:
         """(normalized module, name, decision, allowed as a defaultdict factory), once per distinct
         name: the allowlist check costs tens of microseconds, and a stream may repeat a name 1 M times."""
         key = (module, name)
-        hit = self.decisions.get(key)
+        hit = self.rulings.get(key)
         if hit is not None:
             return hit
         nm, nn = allowlist.normalize(module, name)
         factory = False
         if not (allowlist.valid_module(nm) and allowlist.valid_name(nn)):
-            decision = allowlist.Decision(False, "malformed")
+            decision = allowlist.Ruling(False, "malformed")
         elif self.extra_allow is not None and self.extra_allow(nm, nn):
-            decision = allowlist.Decision(True, "format")
+            decision = allowlist.Ruling(True, "format")
         else:
             decision = allowlist.check(nm, nn, self.settings)
             factory = not decision.allowed and allowlist.check(nm, nn, self.settings, factory=True).allowed
         out = (nm, nn, decision, factory)
-        if len(self.decisions) < MAX_GLOBALS_KEPT:
-            self.decisions[key] = out
+        if len(self.rulings) < MAX_GLOBALS_KEPT:
+            self.rulings[key] = out
         return out
 
     def make_global(self, module: str, name: str, pos: int, opcode: str) -> Glob:
         g = Glob(module, name, pos, opcode)
-        nm, nn, g.decision, factory = self.decide(module, name)
+        nm, nn, g.decision, factory = self.allowlist_ruling(module, name)
         if g.decision.why == "malformed":
             self.anomaly(pos, f"{opcode} imports a malformed name {module!r} {name!r} "
                          "(not a plain dotted module and identifier)")
@@ -871,7 +871,7 @@ class _Machine:
         for g in self.pending:
             ok = g.factory_ok and not g.called
             if ok:
-                g.decision = allowlist.Decision(True, "defaultdict-factory")
+                g.decision = allowlist.Ruling(True, "defaultdict-factory")
             self.record(g, *allowlist.normalize(g.module, g.name))
 
 
