@@ -28,8 +28,8 @@ Lifecycle of one job::
     reaped    the fork server reaped the supervisor; ``stop()``: kill whatever is left, remove the
               cgroup, close every fd, remove the work dir. ``stop()`` never raises and always runs.
 
-Outcomes are classified here, in the parent, which always survives (see ``_SupervisedJob.classify``):
-cgroup OOM kill → RESOURCE_LIMIT, deadline or CPU limit → TIMEOUT, SEGV/BUS/ILL/ABRT/FPE →
+Outcomes are classified here, in the parent, which always survives (``_SupervisedJob.classify`` takes
+the first row of the table ``OUTCOMES`` that holds, in priority order): cgroup OOM kill → RESOURCE_LIMIT, deadline or CPU limit → TIMEOUT, SEGV/BUS/ILL/ABRT/FPE →
 WORKER_CRASH, another SIGKILL/SIGTERM (an operator, the host) → WORKER_LOST, a non-zero exit →
 INTERNAL_ERROR with the stderr tail, a result that breaks the schema or contradicts the scan →
 WORKER_CRASH (job code may have written it).

@@ -994,11 +994,6 @@ def pickle_globals(buf: bytes, settings: Settings | None = None) -> list[tuple[s
     return list(out)
 
 
-def first_int_result(rep: StreamReport) -> int | None:
-    v = rep.result
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
 def str_items(v: Any) -> list[str] | None:
     """The items of a list/tuple of str constants, or None if it is anything else."""
     if not isinstance(v, Box) or v.kind not in ("list", "tuple") or v.truncated:
