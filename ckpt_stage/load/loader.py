@@ -160,12 +160,12 @@ def load_and_check(job: LoadJob) -> LoadResult:
 # formats
 
 
-#: The current job's readings by absolute path, for callers that only hold a path (``sniff``). A
+#: The current job's readings by absolute path, for callers that only hold a path (``format_of``). A
 #: worker runs one job and is thrown away; in-process callers get it reset by every ``_formats``.
 _READ_BY_PATH: dict[str, Reading] = {}
 
 
-def sniff(path: str) -> FileFormat:
+def format_of(path: str) -> FileFormat:
     """The format the scan's reading gives ``path``; UNKNOWN for a file no reading describes.
 
     The worker never decides a format itself (a second sniffer beside the scanner is the parser
@@ -487,7 +487,7 @@ def _load_safetensors(run: _Run, rel: str) -> dict[str, torch.Tensor] | None:
 def _load_torch(run: _Run, rel: str, fmt: FileFormat) -> Any:
     if fmt is FileFormat.TORCH_ZIP and _zip_version_problem(run, rel):
         return None
-    policy = safe_torch.PicklePolicy(pickled_modules=run.job.allow_pickled_models,
+    policy = safe_torch.PicklePolicy(allow_pickled_models=run.job.allow_pickled_models,
                                      pickle_modules=tuple(run.job.pickle_modules))
     try:
         return safe_torch.load_allowlisted(run.path(rel), zip_format=fmt is FileFormat.TORCH_ZIP, policy=policy)
@@ -1051,10 +1051,10 @@ def _load_pickled_module(run: _Run, rel: str, path: str, code_modules: tuple[str
                 f"{rel} is a whole pickled nn.Module (MLflow serialization_format='pickle') and pickled "
                 "models are disabled on this stage", _PICKLED_MODELS_HINT, rel)
         return None
-    fmt = sniff(path)
+    fmt = format_of(path)
     if fmt is FileFormat.TORCH_ZIP and _zip_version_problem(run, rel):
         return None
-    policy = safe_torch.PicklePolicy(pickled_modules=True,
+    policy = safe_torch.PicklePolicy(allow_pickled_models=True,
                                      pickle_modules=tuple(dict.fromkeys((*run.job.pickle_modules, *code_modules))))
     try:
         obj = safe_torch.load_allowlisted(path, zip_format=fmt is FileFormat.TORCH_ZIP, policy=policy)

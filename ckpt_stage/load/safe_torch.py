@@ -93,7 +93,7 @@ def _resolve(module: str, name: str) -> Any:
 class PicklePolicy:
     """What a safe load may add to torch's default weights_only globals."""
 
-    pickled_modules: bool = False
+    allow_pickled_models: bool = False
     """Whole ``nn.Module`` pickles (MLflow ``pickle`` format): torch.nn.modules classes and more."""
     pickle_modules: tuple[str, ...] = ()
     """Operator-allowed module prefixes for classes (``CKPT_STAGE_PICKLE_MODULES``)."""
@@ -101,7 +101,6 @@ class PicklePolicy:
     def check(self, full: str, *, factory: bool = False) -> tuple[Any | None, str]:
         """``(object, "")`` when ``full`` may be unpickled, else ``(None, why)``. The name is decided
         first; only then is its module imported and the object checked for what the name claims."""
-        from ckpt_stage.config import Settings
         from ckpt_stage.scan import allowlist
 
         if _NUMPY_DTYPE_CLASS.match(full):
@@ -112,8 +111,7 @@ class PicklePolicy:
             return (obj, "") if ok else (None, "not a numpy dtype class")
 
         module, name = allowlist.split_global(full)
-        settings = Settings(allow_pickled_models=self.pickled_modules, pickle_modules=self.pickle_modules)
-        decision = allowlist.check(module, name, settings, factory=factory)
+        decision = allowlist.check(module, name, self, factory=factory)
         if not decision.allowed:
             why = {"denied": "denied", "pickled-models-disabled": "pickled models are disabled",
                    "not-allowlisted": "outside the allowlist", "malformed": "malformed name"}.get(

@@ -597,7 +597,6 @@ def set_rlimits(cpu_s: float, *, nproc: bool) -> dict[str, int]:
     return {k: v[0] for k, v in limits.items()}
 
 
-CAP_KILL = 5
 CAP_SETGID = 6
 CAP_SETUID = 7
 CAP_SYS_ADMIN = 21
@@ -857,10 +856,3 @@ def _enable_v2_memory(base: Path) -> None:
         ctl = d / "cgroup.subtree_control"
         if "memory" not in ctl.read_text().split():
             _write(ctl, "+memory")
-
-
-def format_bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"

@@ -28,8 +28,8 @@ Lifecycle of one job::
     reaped    the fork server reaped the supervisor; ``stop()``: kill whatever is left, remove the
               cgroup, close every fd, remove the work dir. ``stop()`` never raises and always runs.
 
-Outcomes are classified here, in the parent, which always survives (see ``_Run.classify``):
-cgroup OOM kill → RESOURCE_LIMIT, deadline or CPU limit → TIMEOUT, SEGV/BUS/ILL/ABRT/FPE →
+Outcomes are classified here, in the parent, which always survives (``_SupervisedJob.classify`` takes
+the first row of the table ``OUTCOMES`` that holds, in priority order): cgroup OOM kill → RESOURCE_LIMIT, deadline or CPU limit → TIMEOUT, SEGV/BUS/ILL/ABRT/FPE →
 WORKER_CRASH, another SIGKILL/SIGTERM (an operator, the host) → WORKER_LOST, a non-zero exit →
 INTERNAL_ERROR with the stderr tail, a result that breaks the schema or contradicts the scan →
 WORKER_CRASH (job code may have written it).
@@ -54,10 +54,11 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import ckpt_stage
-from ckpt_stage.config import Settings
+from ckpt_stage.config import Settings, format_size
 from ckpt_stage.domain import Finding, ReasonCode, Severity
 from ckpt_stage.sandbox import child, isolation
 from ckpt_stage.sandbox.forkserver import ForkServer, ServerGone, ServerStartError
@@ -81,7 +82,7 @@ _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, 
 
 _lock = threading.Lock()
 _servers: dict[tuple, ForkServer] = {}
-_active: dict[str, _Run] = {}
+_active: dict[str, _SupervisedJob] = {}
 
 
 def run_job(job: LoadJob, settings: Settings, *, entry: str | None = None) -> LoadResult:
@@ -90,7 +91,7 @@ def run_job(job: LoadJob, settings: Settings, *, entry: str | None = None) -> Lo
     ``entry`` (``module:function`` taking a LoadJob, returning a LoadResult) is for tests only; the
     production path is always ``ckpt_stage.load.loader:load_and_check``.
     """
-    run = _Run(job, settings, entry or DEFAULT_ENTRY)
+    run = _SupervisedJob(job, settings, entry or DEFAULT_ENTRY)
     try:
         return run.execute()
     except Exception as exc:  # noqa: BLE001 - the contract: a result, never an exception
@@ -238,7 +239,7 @@ start one (libgomp: "Thread creation failed", an INTERNAL_ERROR for an innocent 
 own also means no other process anywhere shares the job's credentials (signals, ptrace, file modes)."""
 
 
-def _job_ids(run: _Run) -> tuple[int, int] | None:
+def _job_ids(run: _SupervisedJob) -> tuple[int, int] | None:
     """A uid/gid pair no other job of this process holds (registers ``run`` as active, so two threads
     never draw the same); None when there is nothing to drop or no way to."""
     if os.geteuid() != 0:
@@ -274,7 +275,10 @@ def _make_readable(root: str) -> None:
                 pass
 
 
-class _Run:
+class _SupervisedJob:
+    """One job in flight, seen from the parent: the worker it started, the pipes and cgroup it watches,
+    what came back, and how it ended (``classify``)."""
+
     def __init__(self, job: LoadJob, settings: Settings, entry: str):
         self.job, self.settings, self.entry = job, settings, entry
         self.id = uuid.uuid4().hex[:12]
@@ -601,94 +605,9 @@ class _Run:
         return bytes(self.stderr_tail).decode(errors="replace").strip()
 
     def classify(self) -> LoadResult:
-        exit_ev = next((e for e in reversed(self.events) if e.get("ev") == "exit"), None)
-        job = self.job
-        if exit_ev is not None and exit_ev.get("code") == 0 and self.result_buf and not self.result_overflow:
-            try:
-                result = parse_result(bytes(self.result_buf))
-            except ResultInvalid as exc:
-                # Never a pass: the answer is what job code (an allowed architecture, model code) could
-                # have written itself.
-                return self.fail(ReasonCode.WORKER_CRASH, clean_text(f"the worker's result is malformed: {exc}", 500),
-                                 "the loader or code it ran (an architecture package, model code) wrote a "
-                                 "result that breaks the schema; load the version with the serving runtime "
-                                 "to see why")
-            return self._merge(result)
-        oom = self.cgroup.oom_kills() if self.cgroup else 0
-        if oom:
-            peak = self.cgroup.peak() if self.cgroup else 0
-            return self.fail(
-                ReasonCode.RESOURCE_LIMIT,
-                f"the worker was killed by the out-of-memory killer at its memory limit of "
-                f"{isolation.format_bytes(job.memory_bytes)} (peak usage {isolation.format_bytes(peak)}, "
-                f"peak anonymous memory {isolation.format_bytes(self.peak_anon)})",
-                "the model needs more memory than its worker class allows: add a larger class to "
-                "CKPT_STAGE_WORKER_CLASSES, or shrink/shard the checkpoint",
-                limit_bytes=int(job.memory_bytes), peak_bytes=peak)
-        if self.deadline_hit:
-            return self.fail(
-                ReasonCode.TIMEOUT,
-                f"loading ran past its {job.timeout_s:g} s deadline; the worker was killed",
-                "the checkpoint or its architecture loops or blocks; if it is legitimately slow, raise "
-                "CKPT_STAGE_WORKER_TIMEOUT_S", timeout_s=job.timeout_s)
-        if exit_ev is not None and "signal" in exit_ev:
-            sig = int(exit_ev["signal"])
-            name = _signame(sig)
-            cpu = float(exit_ev.get("cpu_s") or 0.0)
-            if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= float(job.cpu_s) - 0.5):
-                return self.fail(
-                    ReasonCode.TIMEOUT,
-                    f"the worker used up its CPU budget of {job.cpu_s:g} s ({name} after {cpu:.1f} s of CPU)",
-                    "the checkpoint or its architecture computes without end; if it is legitimately slow, "
-                    "raise CKPT_STAGE_WORKER_CPU_S", signal=name, cpu_s=cpu)
-            if sig == signal.SIGXFSZ:
-                return self.fail(
-                    ReasonCode.RESOURCE_LIMIT,
-                    f"the worker tried to write a file larger than {isolation.format_bytes(isolation.FSIZE_BYTES)}",
-                    "loading a checkpoint must not write large files", signal=name)
-            if sig in _CRASH_SIGNALS:
-                return self.fail(
-                    ReasonCode.WORKER_CRASH,
-                    f"the worker died by signal {name} ({sig}) while loading and checking the model",
-                    "the checkpoint or its architecture crashes the runtime (native code, a corrupt "
-                    "tensor); load it with the serving runtime to see the crash", signal=name)
-            return self.fail(
-                ReasonCode.WORKER_LOST,
-                f"the worker was killed by {name} from outside the stage (not by its own limits)",
-                "an operator or the host killed the worker; the validation will be retried", signal=name)
-        if exit_ev is not None:
-            code = exit_ev.get("code")
-            if code == 0:
-                why = f"its result exceeded {isolation.format_bytes(RESULT_CAP)}" if self.result_overflow \
-                    else "no result"
-                return self.fail(ReasonCode.INTERNAL_ERROR, f"the worker exited cleanly with {why}",
-                                 "this is a bug in ckpt-stage or the loader")
-            what = {child.SETUP_FAILED: "could not set up its isolation",
-                    child.LOADER_RAISED: "raised instead of reporting"}.get(code, f"exited with status {code}")
-            return self.fail(ReasonCode.INTERNAL_ERROR,
-                             f"the worker {what}: {self.stderr_text()[-500:] or 'no output'}",
-                             "this is a bug in ckpt-stage or the loader, or the platform refuses an "
-                             "isolation measure", exit_status=code)
-        errors = [e.get("msg", "") for e in self.events if e.get("ev") == "error"]
-        if errors:
-            return self.fail(ReasonCode.INTERNAL_ERROR, f"the worker failed: {errors[-1]}"[:500],
-                             "the platform refused an isolation measure, or this is a bug in ckpt-stage")
-        if self.stuck:
-            return self.fail(ReasonCode.WORKER_LOST, "the worker could not be killed and did not report",
-                             "the host may be overloaded; the validation will be retried")
-        if self.server_lost:
-            return self.fail(ReasonCode.WORKER_LOST, "the worker's fork server died during the job",
-                             "the host or an operator killed it; the validation will be retried")
-        st = self.supervisor_status
-        if st is not None and os.WIFSIGNALED(st):
-            name = _signame(os.WTERMSIG(st))
-            return self.fail(ReasonCode.WORKER_LOST,
-                             f"the worker was killed by {name} from outside the stage before it reported",
-                             "an operator or the host killed the worker; the validation will be retried",
-                             signal=name)
-        return self.fail(ReasonCode.INTERNAL_ERROR,
-                         f"the worker ended without reporting: {self.stderr_text()[-500:] or 'no output'}",
-                         "this is a bug in ckpt-stage")
+        """The job's outcome: the first row of ``OUTCOMES`` whose condition holds."""
+        end = _Ending.of(self)
+        return next(build(end) for _name, holds, build in OUTCOMES if holds(end))
 
     def _merge(self, result: LoadResult) -> LoadResult:
         base = self._base()
@@ -704,6 +623,187 @@ class _Run:
             isolation=isolation_info,
             info=info,
         )
+
+
+# --- how a job ended: the outcome table ------------------------------------------------------------
+
+
+class _Ending:
+    """What the parent knows once the worker is gone: its run, init's exit event (if any)."""
+
+    __slots__ = ("run", "exit")
+
+    def __init__(self, run: _SupervisedJob, exit_ev: dict[str, Any] | None):
+        self.run, self.exit = run, exit_ev
+
+    @classmethod
+    def of(cls, run: _SupervisedJob) -> _Ending:
+        return cls(run, next((e for e in reversed(run.events) if e.get("ev") == "exit"), None))
+
+    @property
+    def signal(self) -> int | None:
+        """The signal that ended the worker, per init's exit event."""
+        return int(self.exit["signal"]) if self.exit is not None and "signal" in self.exit else None
+
+    @property
+    def cpu_s(self) -> float:
+        return float((self.exit or {}).get("cpu_s") or 0.0)
+
+    def fail(self, code: ReasonCode, message: str, hint: str = "", **detail: Any) -> LoadResult:
+        return self.run.fail(code, message, hint, **detail)
+
+
+def _reported(end: _Ending) -> bool:
+    run = end.run
+    return end.exit is not None and end.exit.get("code") == 0 and bool(run.result_buf) and not run.result_overflow
+
+
+def _from_result(end: _Ending) -> LoadResult:
+    try:
+        result = parse_result(bytes(end.run.result_buf))
+    except ResultInvalid as exc:
+        # Never a pass: the answer is what job code (an allowed architecture, model code) could
+        # have written itself.
+        return end.fail(ReasonCode.WORKER_CRASH, clean_text(f"the worker's result is malformed: {exc}", 500),
+                        "the loader or code it ran (an architecture package, model code) wrote a "
+                        "result that breaks the schema; load the version with the serving runtime "
+                        "to see why")
+    return end.run._merge(result)
+
+
+def _oom_killed(end: _Ending) -> bool:
+    return bool(end.run.cgroup.oom_kills() if end.run.cgroup else 0)
+
+
+def _out_of_memory(end: _Ending) -> LoadResult:
+    run, job = end.run, end.run.job
+    peak = run.cgroup.peak() if run.cgroup else 0
+    return end.fail(
+        ReasonCode.RESOURCE_LIMIT,
+        f"the worker was killed by the out-of-memory killer at its memory limit of "
+        f"{format_size(job.memory_bytes)} (peak usage {format_size(peak)}, "
+        f"peak anonymous memory {format_size(run.peak_anon)})",
+        "the model needs more memory than its worker class allows: add a larger class to "
+        "CKPT_STAGE_WORKER_CLASSES, or shrink/shard the checkpoint",
+        limit_bytes=int(job.memory_bytes), peak_bytes=peak)
+
+
+def _past_deadline(end: _Ending) -> LoadResult:
+    return end.fail(
+        ReasonCode.TIMEOUT,
+        f"loading ran past its {end.run.job.timeout_s:g} s deadline; the worker was killed",
+        "the checkpoint or its architecture loops or blocks; if it is legitimately slow, raise "
+        "CKPT_STAGE_WORKER_TIMEOUT_S", timeout_s=end.run.job.timeout_s)
+
+
+def _cpu_spent(end: _Ending) -> bool:
+    return end.signal == signal.SIGXCPU or (end.signal == signal.SIGKILL
+                                            and end.cpu_s >= float(end.run.job.cpu_s) - 0.5)
+
+
+def _out_of_cpu(end: _Ending) -> LoadResult:
+    name, cpu = _signame(end.signal or 0), end.cpu_s
+    return end.fail(
+        ReasonCode.TIMEOUT,
+        f"the worker used up its CPU budget of {end.run.job.cpu_s:g} s ({name} after {cpu:.1f} s of CPU)",
+        "the checkpoint or its architecture computes without end; if it is legitimately slow, "
+        "raise CKPT_STAGE_WORKER_CPU_S", signal=name, cpu_s=cpu)
+
+
+def _file_too_large(end: _Ending) -> LoadResult:
+    return end.fail(
+        ReasonCode.RESOURCE_LIMIT,
+        f"the worker tried to write a file larger than {format_size(isolation.FSIZE_BYTES)}",
+        "loading a checkpoint must not write large files", signal=_signame(end.signal or 0))
+
+
+def _crashed(end: _Ending) -> LoadResult:
+    sig = end.signal or 0
+    name = _signame(sig)
+    return end.fail(
+        ReasonCode.WORKER_CRASH,
+        f"the worker died by signal {name} ({sig}) while loading and checking the model",
+        "the checkpoint or its architecture crashes the runtime (native code, a corrupt "
+        "tensor); load it with the serving runtime to see the crash", signal=name)
+
+
+def _killed_from_outside(end: _Ending) -> LoadResult:
+    name = _signame(end.signal or 0)
+    return end.fail(
+        ReasonCode.WORKER_LOST,
+        f"the worker was killed by {name} from outside the stage (not by its own limits)",
+        "an operator or the host killed the worker; the validation will be retried", signal=name)
+
+
+def _no_result(end: _Ending) -> LoadResult:
+    why = f"its result exceeded {format_size(RESULT_CAP)}" if end.run.result_overflow else "no result"
+    return end.fail(ReasonCode.INTERNAL_ERROR, f"the worker exited cleanly with {why}",
+                    "this is a bug in ckpt-stage or the loader")
+
+
+def _exit_status(end: _Ending) -> LoadResult:
+    assert end.exit is not None  # the row's condition
+    code: Any = end.exit.get("code")
+    what = {child.SETUP_FAILED: "could not set up its isolation",
+            child.LOADER_RAISED: "raised instead of reporting"}.get(code, f"exited with status {code}")
+    return end.fail(ReasonCode.INTERNAL_ERROR,
+                    f"the worker {what}: {end.run.stderr_text()[-500:] or 'no output'}",
+                    "this is a bug in ckpt-stage or the loader, or the platform refuses an "
+                    "isolation measure", exit_status=code)
+
+
+def _errors(end: _Ending) -> list[str]:
+    return [e.get("msg", "") for e in end.run.events if e.get("ev") == "error"]
+
+
+def _worker_error(end: _Ending) -> LoadResult:
+    return end.fail(ReasonCode.INTERNAL_ERROR, f"the worker failed: {_errors(end)[-1]}"[:500],
+                    "the platform refused an isolation measure, or this is a bug in ckpt-stage")
+
+
+def _supervisor_signaled(end: _Ending) -> bool:
+    st = end.run.supervisor_status
+    return st is not None and os.WIFSIGNALED(st)
+
+
+def _supervisor_killed(end: _Ending) -> LoadResult:
+    name = _signame(os.WTERMSIG(end.run.supervisor_status or 0))
+    return end.fail(ReasonCode.WORKER_LOST,
+                    f"the worker was killed by {name} from outside the stage before it reported",
+                    "an operator or the host killed the worker; the validation will be retried",
+                    signal=name)
+
+
+def _unreported(end: _Ending) -> LoadResult:
+    return end.fail(ReasonCode.INTERNAL_ERROR,
+                    f"the worker ended without reporting: {end.run.stderr_text()[-500:] or 'no output'}",
+                    "this is a bug in ckpt-stage")
+
+
+#: How a job ended, in priority order: ``_SupervisedJob.classify`` takes the first row whose condition holds.
+#: A clean exit with a result wins; then the stage's own limits (memory, wall clock, CPU, file size),
+#: which a killed worker's signal alone would misreport; then crashes, outside kills and the
+#: stage's own failures. The last row always holds.
+OUTCOMES: tuple[tuple[str, Callable[[_Ending], bool], Callable[[_Ending], LoadResult]], ...] = (
+    ("result", _reported, _from_result),
+    ("out of memory", _oom_killed, _out_of_memory),
+    ("deadline", lambda end: end.run.deadline_hit, _past_deadline),
+    ("CPU budget", lambda end: end.signal is not None and _cpu_spent(end), _out_of_cpu),
+    ("file size limit", lambda end: end.signal == signal.SIGXFSZ, _file_too_large),
+    ("crash signal", lambda end: end.signal in _CRASH_SIGNALS, _crashed),
+    ("killed", lambda end: end.signal is not None, _killed_from_outside),
+    ("clean exit, no result", lambda end: end.exit is not None and end.exit.get("code") == 0, _no_result),
+    ("exit status", lambda end: end.exit is not None, _exit_status),
+    ("worker error", lambda end: bool(_errors(end)), _worker_error),
+    ("unkillable", lambda end: end.run.stuck, lambda end: end.fail(
+        ReasonCode.WORKER_LOST, "the worker could not be killed and did not report",
+        "the host may be overloaded; the validation will be retried")),
+    ("fork server lost", lambda end: end.run.server_lost, lambda end: end.fail(
+        ReasonCode.WORKER_LOST, "the worker's fork server died during the job",
+        "the host or an operator killed it; the validation will be retried")),
+    ("supervisor killed", _supervisor_signaled, _supervisor_killed),
+    ("no report", lambda end: True, _unreported),
+)
 
 
 # --- the worker's answer is untrusted input ------------------------------------------------------

@@ -11,7 +11,7 @@ custom pyfunc models, Hugging Face ``auto_map``), ``envspec`` (what serving woul
 model's requirements/conda/python_env/uv files).
 
 For the worker's loader (importable without torch): ``allowlist.check(module, name, settings,
-factory=False) -> Decision(allowed, why)``, ``allowlist.is_allowed``, ``allowlist.normalize``,
+factory=False) -> Ruling(allowed, why)``, ``allowlist.is_allowed``, ``allowlist.normalize``,
 ``allowlist.split_global``, ``allowlist.NUMPY_DTYPE_CLASSES``; ``pickles.pickle_globals(bytes)``
 lists what a pickle imports.
 """

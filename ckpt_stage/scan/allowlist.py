@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import _compat_pickle
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ckpt_stage.config import Settings
+from typing import Protocol
 
 # -- tensors and storages ------------------------------------------------------------------------
 
@@ -256,47 +254,61 @@ def denied(module: str, name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Decision:
+class Ruling:
+    """The allowlist's ruling on one global: may a checkpoint's pickle import it, and why."""
+
     allowed: bool
     why: str
     """Short reason: ``default``, ``pickled-model``, ``operator-prefix:<p>``, ``denied``,
     ``pickled-models-disabled``, ``not-allowlisted``, ``malformed``."""
 
 
-def check(module: str, name: str, settings: Settings | None = None, *, factory: bool = False) -> Decision:
-    """Decide one global. ``factory=True`` when it is the default_factory of a defaultdict."""
-    allow_models = True if settings is None else settings.allow_pickled_models
-    operator_prefixes: tuple[str, ...] = () if settings is None else tuple(settings.pickle_modules)
+class PickleOptions(Protocol):
+    """The two settings the allowlist reads: ``Settings`` carries them, and so do the worker's job
+    (``LoadJob``) and its ``safe_torch.PicklePolicy``, so the worker never builds a ``Settings``."""
+
+    @property
+    def allow_pickled_models(self) -> bool: ...
+
+    @property
+    def pickle_modules(self) -> Sequence[str]: ...
+
+
+def check(module: str, name: str, options: PickleOptions | None = None, *, factory: bool = False) -> Ruling:
+    """Decide one global. ``factory=True`` when it is the default_factory of a defaultdict; ``options``
+    None: the defaults (pickled models allowed, no operator prefixes)."""
+    allow_models = True if options is None else options.allow_pickled_models
+    operator_prefixes: tuple[str, ...] = () if options is None else tuple(options.pickle_modules)
     module, name = normalize(module, name)
     if not (valid_module(module) and valid_name(name)):
-        return Decision(False, "malformed")
+        return Ruling(False, "malformed")
     full = f"{module}.{name}"
     if factory and full in DEFAULTDICT_FACTORIES:
-        return Decision(True, "default")
+        return Ruling(True, "default")
     if full in DEFAULT_GLOBALS:
-        return Decision(True, "default")
+        return Ruling(True, "default")
     if denied(module, name):
-        return Decision(False, "denied")
+        return Ruling(False, "denied")
     model_global = full in PICKLED_MODEL_GLOBALS or bool(_NN_MODULE_CLASS.match(full))
     prefix = next((p for p in operator_prefixes if p and _under(module, p)), None)
     if prefix is not None and name.startswith("_"):
         prefix = None  # private helpers are functions, not the classes the operator meant to allow
     if model_global or prefix is not None:
         if not allow_models:
-            return Decision(False, "pickled-models-disabled")
-        return Decision(True, "pickled-model" if model_global else f"operator-prefix:{prefix}")
-    return Decision(False, "not-allowlisted")
+            return Ruling(False, "pickled-models-disabled")
+        return Ruling(True, "pickled-model" if model_global else f"operator-prefix:{prefix}")
+    return Ruling(False, "not-allowlisted")
 
 
-def is_allowed(module: str, name: str, settings: Settings | None = None, *, factory: bool = False) -> bool:
-    """True when a checkpoint's pickle may import ``module.name`` under ``settings``.
+def is_allowed(module: str, name: str, options: PickleOptions | None = None, *, factory: bool = False) -> bool:
+    """True when a checkpoint's pickle may import ``module.name`` under ``options`` (a ``Settings``).
 
     The loader uses this to build torch's ``safe_globals``: take the names from
     ``torch.serialization.get_unsafe_globals_in_checkpoint(path)`` (or ``pickle_globals`` of the
     scanner), keep those ``is_allowed`` accepts, import and pass them. A
     ``defaultdict`` factory (``builtins.list``...) is allowed only with ``factory=True``.
     """
-    return check(module, name, settings, factory=factory).allowed
+    return check(module, name, options, factory=factory).allowed
 
 
 def needs_numpy_dtype_classes(globals_: list[str] | set[str]) -> bool:

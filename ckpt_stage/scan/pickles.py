@@ -36,7 +36,7 @@ import os
 import pickletools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ckpt_stage.config import Settings
 from ckpt_stage.scan import allowlist, budget
@@ -93,7 +93,7 @@ class Glob:
 
     def __init__(self, module: str, name: str, offset: int, opcode: str):
         self.module, self.name, self.offset, self.opcode = module, name, offset, opcode
-        self.decision: allowlist.Decision | None = None
+        self.decision: allowlist.Ruling | None = None
         self.called = False
         self.factory_ok = False
         self.use: GlobalUse | None = None
@@ -343,6 +343,26 @@ def nesting_depth(root: Any, limit: int = MAX_NESTING) -> int:
 
 _END = object()
 
+#: Opcode name → its stack effect: a ``_Machine`` method taking ``(opcode name, argument, offset)``,
+#: returning True at STOP. Filled by ``@_effect`` on the methods below (every pickletools opcode has
+#: one: tests/unit/test_scan_pickles_table.py); ``ANALYSES`` run before each of them.
+OPCODE_HANDLERS: dict[str, Callable[..., bool | None]] = {}
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _effect(*names: str) -> Callable[[_F], _F]:
+    """Register the decorated ``_Machine`` method as the stack effect of the opcodes ``names``."""
+    def register(fn: _F) -> _F:
+        for n in names:
+            assert n not in OPCODE_HANDLERS, n
+            OPCODE_HANDLERS[n] = fn
+        return fn
+    return register
+
+
+_EMPTY_KINDS = {"EMPTY_TUPLE": "tuple", "EMPTY_LIST": "list", "EMPTY_DICT": "dict", "EMPTY_SET": "set"}
+_MARKED_KINDS = {"TUPLE": "tuple", "LIST": "list", "FROZENSET": "frozenset", "DICT": "dict"}
+
 
 class _Machine:
     def __init__(self, buf: bytes, report: StreamReport, settings: Settings,
@@ -361,7 +381,7 @@ class _Machine:
         self.frame_end: int | None = None
         self.pending: list[Glob] = []
         self.kept: dict[tuple[str, str, bool], GlobalUse] = {}
-        self.decisions: dict[tuple[str, str], tuple[str, str, allowlist.Decision, bool]] = {}
+        self.rulings: dict[tuple[str, str], tuple[str, str, allowlist.Ruling, bool]] = {}
 
     # -- stack helpers ----------------------------------------------------------------------
     def push(self, v: Any, pos: int) -> None:
@@ -408,30 +428,30 @@ class _Machine:
         self.tracked += len(items)
 
     # -- globals ------------------------------------------------------------------------------
-    def decide(self, module: str, name: str) -> tuple[str, str, allowlist.Decision, bool]:
+    def allowlist_ruling(self, module: str, name: str) -> tuple[str, str, allowlist.Ruling, bool]:
         """(normalized module, name, decision, allowed as a defaultdict factory), once per distinct
         name: the allowlist check costs tens of microseconds, and a stream may repeat a name 1 M times."""
         key = (module, name)
-        hit = self.decisions.get(key)
+        hit = self.rulings.get(key)
         if hit is not None:
             return hit
         nm, nn = allowlist.normalize(module, name)
         factory = False
         if not (allowlist.valid_module(nm) and allowlist.valid_name(nn)):
-            decision = allowlist.Decision(False, "malformed")
+            decision = allowlist.Ruling(False, "malformed")
         elif self.extra_allow is not None and self.extra_allow(nm, nn):
-            decision = allowlist.Decision(True, "format")
+            decision = allowlist.Ruling(True, "format")
         else:
             decision = allowlist.check(nm, nn, self.settings)
             factory = not decision.allowed and allowlist.check(nm, nn, self.settings, factory=True).allowed
         out = (nm, nn, decision, factory)
-        if len(self.decisions) < MAX_GLOBALS_KEPT:
-            self.decisions[key] = out
+        if len(self.rulings) < MAX_GLOBALS_KEPT:
+            self.rulings[key] = out
         return out
 
     def make_global(self, module: str, name: str, pos: int, opcode: str) -> Glob:
         g = Glob(module, name, pos, opcode)
-        nm, nn, g.decision, factory = self.decide(module, name)
+        nm, nn, g.decision, factory = self.allowlist_ruling(module, name)
         if g.decision.why == "malformed":
             self.anomaly(pos, f"{opcode} imports a malformed name {module!r} {name!r} "
                          "(not a plain dotted module and identifier)")
@@ -553,205 +573,274 @@ class _Machine:
         return p
 
     # -- the step function ----------------------------------------------------------------------
-    def step(self, op: pickletools.OpcodeInfo, arg: Any, pos: int) -> bool:  # noqa: C901 - one dispatch
-        name = op.name
+    def step(self, op: pickletools.OpcodeInfo, arg: Any, pos: int) -> bool:
+        """Run one opcode: the analyses every opcode gets (``ANALYSES``, in order), then its stack
+        effect from ``OPCODE_HANDLERS``. True at STOP."""
+        for analysis in ANALYSES:
+            analysis(self, op, pos)
+        return bool(OPCODE_HANDLERS.get(op.name, _Machine.op_unknown)(self, op.name, arg, pos))
+
+    # -- analyses: run before every opcode, apart from its stack effect ------------------------
+    def check_frame(self, op: pickletools.OpcodeInfo, pos: int) -> None:
+        """An opcode may not straddle the end of the FRAME it starts in."""
         if self.frame_end is not None:
             if pos > self.frame_end:
                 self.anomaly(pos, f"an opcode straddles the end of the FRAME ending at {self.frame_end}")
                 self.frame_end = None
             elif pos == self.frame_end:
                 self.frame_end = None
-        proto = self.declared_proto if self.declared_proto is not None else 1
-        if op.proto > proto and name != "PROTO":
-            self.anomaly(pos, f"{name} needs pickle protocol {op.proto} but the stream declares {proto}")
 
-        if name in _NODE_OPS:
+    def check_protocol(self, op: pickletools.OpcodeInfo, pos: int) -> None:
+        """No opcode above the protocol the stream declares (1 when it declares none)."""
+        proto = self.declared_proto if self.declared_proto is not None else 1
+        if op.proto > proto and op.name != "PROTO":
+            self.anomaly(pos, f"{op.name} needs pickle protocol {op.proto} but the stream declares {proto}")
+
+    def count_nodes(self, op: pickletools.OpcodeInfo, pos: int) -> None:
+        """The scanner's own limit on containers, calls and persistent ids per stream."""
+        if op.name in _NODE_OPS:
             self.nodes += 1
             if self.nodes > MAX_NODES:
                 raise _Limit(pos, f"more than {MAX_NODES:,} containers and calls in one stream")
-        if name in _PUSH_OPS:
-            self.push(BStr(arg) if name in _BYTESTR_OPS and isinstance(arg, str) else arg, pos)
-        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            idx = len(self.memo) if name == "MEMOIZE" else arg
-            if not isinstance(idx, int) or idx < 0:
-                raise _Broken(pos, f"{name} with a negative index")
-            if idx in self.memo:
-                self.anomaly(pos, f"{name} overwrites memo slot {idx} (memo trick)")
-            if len(self.memo) >= MAX_MEMO:
-                raise _Limit(pos, f"more than {MAX_MEMO:,} memo entries")
-            self.memo[idx] = self.top(pos, name)
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            if arg not in self.memo:
-                self.anomaly(pos, f"{name} {arg} reads a memo slot that was never set (memo trick)")
-                self.push(Opaque(), pos)
-            else:
-                self.push(self.memo[arg], pos)
-        elif name == "MARK":
-            self.meta.append(self.stack)
-            self.stack = []
-        elif name == "PROTO":
-            if pos != self.r.start:
-                self.anomaly(pos, "PROTO opcode in the middle of a stream")
-            self.declared_proto = arg
-            self.r.protocol = arg
-        elif name == "FRAME":
-            if self.frame_end is not None:
-                self.anomaly(pos, f"FRAME starts inside the previous frame (which ends at {self.frame_end})")
-            end = pos + 9 + arg
-            if end > len(self.buf):
-                self.anomaly(pos, f"FRAME declares {arg:,} bytes but only {len(self.buf) - pos - 9:,} follow")
-            self.frame_end = end
-        elif name == "STOP":
-            value = self.pop(pos, name)
-            self.r.result = value
-            if self.stack or self.meta:
-                self.anomaly(pos, f"{len(self.stack) + sum(len(m) for m in self.meta)} value(s) and "
-                             f"{len(self.meta)} mark(s) left on the stack at STOP")
-            return True
-        elif name == "POP":
-            if not self.stack:
-                # CPython's POP pops a MARK when the stack is empty; other tools disagree.
-                self.anomaly(pos, "POP on an empty stack (discards a MARK)")
-                self.pop_mark(pos, name)
-            else:
-                self.pop(pos, name)
-        elif name == "POP_MARK":
-            self.pop_mark(pos, name)
-        elif name == "DUP":
-            self.push(self.top(pos, name), pos)
-        elif name in ("EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
-            self.push(Box({"EMPTY_TUPLE": "tuple", "EMPTY_LIST": "list", "EMPTY_DICT": "dict",
-                           "EMPTY_SET": "set"}[name]), pos)
-        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            n = int(name[-1])
-            items = [self.pop(pos, name) for _ in range(n)][::-1]
-            b = Box("tuple")
-            self.track(b, items)
-            self.push(b, pos)
-        elif name in ("TUPLE", "LIST", "FROZENSET", "DICT"):
-            items = self.pop_mark(pos, name)
-            if name == "DICT" and len(items) % 2:
-                raise _Broken(pos, "DICT with an odd number of items")
-            b = Box({"TUPLE": "tuple", "LIST": "list", "FROZENSET": "frozenset", "DICT": "dict"}[name])
-            self.track(b, items)
-            if name == "DICT":
-                self.name_tensors(items)
-            self.push(b, pos)
-        elif name == "GLOBAL":
-            module, gname = self._raw_global(pos)
-            self.push(self.make_global(module, gname, pos, name), pos)
-        elif name == "STACK_GLOBAL":
-            gname = self.pop(pos, name)
-            module = self.pop(pos, name)
-            if type(module) is not str or type(gname) is not str:
-                self.anomaly(pos, "STACK_GLOBAL operands are not unicode string constants "
-                             f"({_describe(module)}, {_describe(gname)}): built to confuse scanners")
-                if isinstance(module, str) and isinstance(gname, str):
-                    self.push(self.make_global(str(module), str(gname), pos, name), pos)
-                else:
-                    self.push(Opaque(), pos)
-            else:
-                self.push(self.make_global(module, gname, pos, name), pos)
-        elif name == "INST":
-            module, gname = self._raw_global(pos)
-            g = self.make_global(module, gname, pos, name)
-            g.called = True
-            self.r.calls += 1
-            args = self.pop_mark(pos, name)
-            b = Box("tuple")
-            self.track(b, args)
-            self.push(Call(g, b, "inst"), pos)
-        elif name == "OBJ":
-            items = self.pop_mark(pos, name)
-            if not items:
-                raise _Broken(pos, "OBJ without a class")
-            self.callee(items[0], pos, name)
-            b = Box("tuple")
-            self.track(b, items[1:])
-            self.push(Call(items[0], b, "obj"), pos)
-        elif name in ("EXT1", "EXT2", "EXT4"):
-            self.anomaly(pos, f"{name} {arg} imports through the copyreg extension registry, "
-                         "which hides the imported name from scanners")
+
+    # -- stack effects: one handler per opcode family, registered in OPCODE_HANDLERS ------------
+    # A handler takes (opcode name, argument, offset); the checks that need its operands (an odd
+    # number of dict items, a memo slot written twice...) come first in it, as the unpickler's own.
+    @_effect(*(_PUSH_OPS - _BYTESTR_OPS))
+    def op_constant(self, name: str, arg: Any, pos: int) -> None:
+        self.push(arg, pos)
+
+    @_effect(*_BYTESTR_OPS)
+    def op_bytestring(self, name: str, arg: Any, pos: int) -> None:
+        self.push(BStr(arg) if isinstance(arg, str) else arg, pos)
+
+    @_effect("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
+    def op_memo_put(self, name: str, arg: Any, pos: int) -> None:
+        idx = len(self.memo) if name == "MEMOIZE" else arg
+        if not isinstance(idx, int) or idx < 0:
+            raise _Broken(pos, f"{name} with a negative index")
+        if idx in self.memo:
+            self.anomaly(pos, f"{name} overwrites memo slot {idx} (memo trick)")
+        if len(self.memo) >= MAX_MEMO:
+            raise _Limit(pos, f"more than {MAX_MEMO:,} memo entries")
+        self.memo[idx] = self.top(pos, name)
+
+    @_effect("GET", "BINGET", "LONG_BINGET")
+    def op_memo_get(self, name: str, arg: Any, pos: int) -> None:
+        if arg not in self.memo:
+            self.anomaly(pos, f"{name} {arg} reads a memo slot that was never set (memo trick)")
             self.push(Opaque(), pos)
-        elif name == "REDUCE":
-            args = self.pop(pos, name)
-            fn = self.pop(pos, name)
-            self.callee(fn, pos, name)
-            call = Call(fn, args, "reduce")
-            if isinstance(fn, Glob):
-                full = f"{allowlist.normalize(fn.module, fn.name)[0]}.{fn.name}"
-                if full in allowlist.TENSOR_REBUILDERS:
-                    self.tensor_call(call, full, args, pos)
-                elif full == "collections.defaultdict" and isinstance(args, Box) and args.items:
-                    factory = args.items[0]
-                    if isinstance(factory, Glob):
-                        factory.factory_ok = True
-            self.push(call, pos)
-        elif name in ("NEWOBJ", "NEWOBJ_EX"):
-            kwargs = self.pop(pos, name) if name == "NEWOBJ_EX" else None
-            args = self.pop(pos, name)
-            cls = self.pop(pos, name)
-            self.callee(cls, pos, name)
-            call = Call(cls, args, "newobj")
-            if kwargs is not None:
-                call.extra.append(kwargs)
-            self.push(call, pos)
-        elif name == "BUILD":
-            state = self.pop(pos, name)
-            target = self.top(pos, name)
-            if isinstance(target, Glob):
-                self.anomaly(pos, f"BUILD sets attributes on the imported global {target.full} "
-                             "itself (monkey-patching), not on an instance")
-            elif isinstance(target, Call | Box):
-                retype = _retyping_keys(state)
-                if retype:
-                    self.anomaly(pos, f"BUILD sets {', '.join(sorted(set(retype))[:4])} on {_describe(target)} "
-                                 "(retypes the object or swaps its attribute dict; no pickler writes this)")
-                if target.state is None:
-                    target.state = state
-                elif isinstance(target, Call):
-                    if len(target.extra) < MAX_EXTRA_STATES:
-                        target.extra.append(state)
-                    elif len(target.extra) == MAX_EXTRA_STATES:
-                        # A pickler BUILDs each object once; keeping every state of a BUILD chain
-                        # made the walk quadratic. Past the cap the states are dropped, which is
-                        # safe only because the stream is refused for it.
-                        target.extra.append(Opaque())
-                        self.anomaly(pos, f"BUILD applied more than {MAX_EXTRA_STATES} times to one object "
-                                     "(no pickler does this)")
-        elif name in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"):
-            if name in ("APPEND", "SETITEM"):
-                items = [self.pop(pos, name) for _ in range(1 if name == "APPEND" else 2)][::-1]
+        else:
+            self.push(self.memo[arg], pos)
+
+    @_effect("MARK")
+    def op_mark(self, name: str, arg: Any, pos: int) -> None:
+        self.meta.append(self.stack)
+        self.stack = []
+
+    @_effect("PROTO")
+    def op_proto(self, name: str, arg: Any, pos: int) -> None:
+        if pos != self.r.start:
+            self.anomaly(pos, "PROTO opcode in the middle of a stream")
+        self.declared_proto = arg
+        self.r.protocol = arg
+
+    @_effect("FRAME")
+    def op_frame(self, name: str, arg: Any, pos: int) -> None:
+        if self.frame_end is not None:
+            self.anomaly(pos, f"FRAME starts inside the previous frame (which ends at {self.frame_end})")
+        end = pos + 9 + arg
+        if end > len(self.buf):
+            self.anomaly(pos, f"FRAME declares {arg:,} bytes but only {len(self.buf) - pos - 9:,} follow")
+        self.frame_end = end
+
+    @_effect("STOP")
+    def op_stop(self, name: str, arg: Any, pos: int) -> bool:
+        value = self.pop(pos, name)
+        self.r.result = value
+        if self.stack or self.meta:
+            self.anomaly(pos, f"{len(self.stack) + sum(len(m) for m in self.meta)} value(s) and "
+                         f"{len(self.meta)} mark(s) left on the stack at STOP")
+        return True
+
+    @_effect("POP")
+    def op_pop(self, name: str, arg: Any, pos: int) -> None:
+        if not self.stack:
+            # CPython's POP pops a MARK when the stack is empty; other tools disagree.
+            self.anomaly(pos, "POP on an empty stack (discards a MARK)")
+            self.pop_mark(pos, name)
+        else:
+            self.pop(pos, name)
+
+    @_effect("POP_MARK")
+    def op_pop_mark(self, name: str, arg: Any, pos: int) -> None:
+        self.pop_mark(pos, name)
+
+    @_effect("DUP")
+    def op_dup(self, name: str, arg: Any, pos: int) -> None:
+        self.push(self.top(pos, name), pos)
+
+    @_effect(*_EMPTY_KINDS)
+    def op_empty(self, name: str, arg: Any, pos: int) -> None:
+        self.push(Box(_EMPTY_KINDS[name]), pos)
+
+    @_effect("TUPLE1", "TUPLE2", "TUPLE3")
+    def op_small_tuple(self, name: str, arg: Any, pos: int) -> None:
+        n = int(name[-1])
+        items = [self.pop(pos, name) for _ in range(n)][::-1]
+        b = Box("tuple")
+        self.track(b, items)
+        self.push(b, pos)
+
+    @_effect(*_MARKED_KINDS)
+    def op_marked_container(self, name: str, arg: Any, pos: int) -> None:
+        items = self.pop_mark(pos, name)
+        if name == "DICT" and len(items) % 2:
+            raise _Broken(pos, "DICT with an odd number of items")
+        b = Box(_MARKED_KINDS[name])
+        self.track(b, items)
+        if name == "DICT":
+            self.name_tensors(items)
+        self.push(b, pos)
+
+    @_effect("GLOBAL")
+    def op_global(self, name: str, arg: Any, pos: int) -> None:
+        module, gname = self._raw_global(pos)
+        self.push(self.make_global(module, gname, pos, name), pos)
+
+    @_effect("STACK_GLOBAL")
+    def op_stack_global(self, name: str, arg: Any, pos: int) -> None:
+        gname = self.pop(pos, name)
+        module = self.pop(pos, name)
+        if type(module) is not str or type(gname) is not str:
+            self.anomaly(pos, "STACK_GLOBAL operands are not unicode string constants "
+                         f"({_describe(module)}, {_describe(gname)}): built to confuse scanners")
+            if isinstance(module, str) and isinstance(gname, str):
+                self.push(self.make_global(str(module), str(gname), pos, name), pos)
             else:
-                items = self.pop_mark(pos, name)
-            target = self.top(pos, name)
-            if name.startswith("SET") and len(items) % 2:
-                raise _Broken(pos, f"{name} with an odd number of items")
-            if isinstance(target, Glob):
-                self.anomaly(pos, f"{name} mutates the imported global {target.full} itself")
-            else:
-                self.torch_target(target, name, pos)
-            if isinstance(target, Box):
-                self.track(target, items)
-            elif isinstance(target, Call):
-                # OrderedDict()/defaultdict()/list subclasses filled after construction.
-                if target.items is None:
-                    target.items = Box("items")
-                self.track(target.items, items)
-            if name.startswith("SET"):
-                self.name_tensors(items)
-        elif name == "PERSID":
-            self.anomaly(pos, "text PERSID (protocol 0 persistent id): torch never writes one")
-            self.push(Pid(arg), pos)
-        elif name == "BINPERSID":
-            self.push(self.persistent(self.pop(pos, name), pos), pos)
-        elif name in ("NEXT_BUFFER", "READONLY_BUFFER"):
-            self.anomaly(pos, f"{name}: out-of-band buffers are never used by checkpoints")
-            if name == "NEXT_BUFFER":
                 self.push(Opaque(), pos)
-        else:  # pragma: no cover - genops knows no other opcodes
-            self.anomaly(pos, f"unexpected opcode {name}")
-        return False
+        else:
+            self.push(self.make_global(module, gname, pos, name), pos)
+
+    @_effect("INST")
+    def op_inst(self, name: str, arg: Any, pos: int) -> None:
+        module, gname = self._raw_global(pos)
+        g = self.make_global(module, gname, pos, name)
+        g.called = True
+        self.r.calls += 1
+        args = self.pop_mark(pos, name)
+        b = Box("tuple")
+        self.track(b, args)
+        self.push(Call(g, b, "inst"), pos)
+
+    @_effect("OBJ")
+    def op_obj(self, name: str, arg: Any, pos: int) -> None:
+        items = self.pop_mark(pos, name)
+        if not items:
+            raise _Broken(pos, "OBJ without a class")
+        self.callee(items[0], pos, name)
+        b = Box("tuple")
+        self.track(b, items[1:])
+        self.push(Call(items[0], b, "obj"), pos)
+
+    @_effect("EXT1", "EXT2", "EXT4")
+    def op_extension(self, name: str, arg: Any, pos: int) -> None:
+        self.anomaly(pos, f"{name} {arg} imports through the copyreg extension registry, "
+                     "which hides the imported name from scanners")
+        self.push(Opaque(), pos)
+
+    @_effect("REDUCE")
+    def op_reduce(self, name: str, arg: Any, pos: int) -> None:
+        args = self.pop(pos, name)
+        fn = self.pop(pos, name)
+        self.callee(fn, pos, name)
+        call = Call(fn, args, "reduce")
+        if isinstance(fn, Glob):
+            full = f"{allowlist.normalize(fn.module, fn.name)[0]}.{fn.name}"
+            if full in allowlist.TENSOR_REBUILDERS:
+                self.tensor_call(call, full, args, pos)
+            elif full == "collections.defaultdict" and isinstance(args, Box) and args.items:
+                factory = args.items[0]
+                if isinstance(factory, Glob):
+                    factory.factory_ok = True
+        self.push(call, pos)
+
+    @_effect("NEWOBJ", "NEWOBJ_EX")
+    def op_newobj(self, name: str, arg: Any, pos: int) -> None:
+        kwargs = self.pop(pos, name) if name == "NEWOBJ_EX" else None
+        args = self.pop(pos, name)
+        cls = self.pop(pos, name)
+        self.callee(cls, pos, name)
+        call = Call(cls, args, "newobj")
+        if kwargs is not None:
+            call.extra.append(kwargs)
+        self.push(call, pos)
+
+    @_effect("BUILD")
+    def op_build(self, name: str, arg: Any, pos: int) -> None:
+        state = self.pop(pos, name)
+        target = self.top(pos, name)
+        if isinstance(target, Glob):
+            self.anomaly(pos, f"BUILD sets attributes on the imported global {target.full} "
+                         "itself (monkey-patching), not on an instance")
+        elif isinstance(target, Call | Box):
+            retype = _retyping_keys(state)
+            if retype:
+                self.anomaly(pos, f"BUILD sets {', '.join(sorted(set(retype))[:4])} on {_describe(target)} "
+                             "(retypes the object or swaps its attribute dict; no pickler writes this)")
+            if target.state is None:
+                target.state = state
+            elif isinstance(target, Call):
+                if len(target.extra) < MAX_EXTRA_STATES:
+                    target.extra.append(state)
+                elif len(target.extra) == MAX_EXTRA_STATES:
+                    # A pickler BUILDs each object once; keeping every state of a BUILD chain
+                    # made the walk quadratic. Past the cap the states are dropped, which is
+                    # safe only because the stream is refused for it.
+                    target.extra.append(Opaque())
+                    self.anomaly(pos, f"BUILD applied more than {MAX_EXTRA_STATES} times to one object "
+                                 "(no pickler does this)")
+
+    @_effect("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS")
+    def op_add_items(self, name: str, arg: Any, pos: int) -> None:
+        if name in ("APPEND", "SETITEM"):
+            items = [self.pop(pos, name) for _ in range(1 if name == "APPEND" else 2)][::-1]
+        else:
+            items = self.pop_mark(pos, name)
+        target = self.top(pos, name)
+        if name.startswith("SET") and len(items) % 2:
+            raise _Broken(pos, f"{name} with an odd number of items")
+        if isinstance(target, Glob):
+            self.anomaly(pos, f"{name} mutates the imported global {target.full} itself")
+        else:
+            self.torch_target(target, name, pos)
+        if isinstance(target, Box):
+            self.track(target, items)
+        elif isinstance(target, Call):
+            # OrderedDict()/defaultdict()/list subclasses filled after construction.
+            if target.items is None:
+                target.items = Box("items")
+            self.track(target.items, items)
+        if name.startswith("SET"):
+            self.name_tensors(items)
+
+    @_effect("PERSID")
+    def op_text_persid(self, name: str, arg: Any, pos: int) -> None:
+        self.anomaly(pos, "text PERSID (protocol 0 persistent id): torch never writes one")
+        self.push(Pid(arg), pos)
+
+    @_effect("BINPERSID")
+    def op_persid(self, name: str, arg: Any, pos: int) -> None:
+        self.push(self.persistent(self.pop(pos, name), pos), pos)
+
+    @_effect("NEXT_BUFFER", "READONLY_BUFFER")
+    def op_buffer(self, name: str, arg: Any, pos: int) -> None:
+        self.anomaly(pos, f"{name}: out-of-band buffers are never used by checkpoints")
+        if name == "NEXT_BUFFER":
+            self.push(Opaque(), pos)
+
+    def op_unknown(self, name: str, arg: Any, pos: int) -> None:  # pragma: no cover - genops knows no other
+        self.anomaly(pos, f"unexpected opcode {name}")
 
     def torch_target(self, target: Any, op: str, pos: int) -> None:
         """Record what torch's weights_only APPEND/SETITEM would refuse (a ``defaultdict`` with items,
@@ -782,8 +871,13 @@ class _Machine:
         for g in self.pending:
             ok = g.factory_ok and not g.called
             if ok:
-                g.decision = allowlist.Decision(True, "defaultdict-factory")
+                g.decision = allowlist.Ruling(True, "defaultdict-factory")
             self.record(g, *allowlist.normalize(g.module, g.name))
+
+
+#: What ``step`` checks before every opcode's stack effect, in this order.
+ANALYSES: tuple[Callable[[_Machine, pickletools.OpcodeInfo, int], None], ...] = (
+    _Machine.check_frame, _Machine.check_protocol, _Machine.count_nodes)
 
 
 #: Attribute names a BUILD state may never set: with a ``(state, slotstate)`` pair the unpickler
@@ -898,11 +992,6 @@ def pickle_globals(buf: bytes, settings: Settings | None = None) -> list[tuple[s
             break
         pos = rep.end
     return list(out)
-
-
-def first_int_result(rep: StreamReport) -> int | None:
-    v = rep.result
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def str_items(v: Any) -> list[str] | None:

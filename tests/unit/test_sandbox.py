@@ -145,9 +145,9 @@ class _FakeCgroup:
         return self._peak
 
 
-def _run(events=(), *, cgroup=None, result=b"", **state) -> runner._Run:
+def _run(events=(), *, cgroup=None, result=b"", **state) -> runner._SupervisedJob:
     job = LoadJob(root="/m", files=(("m.pt", "torch-zip"),), timeout_s=5, cpu_s=10, memory_bytes=2**30)
-    r = runner._Run(job, Settings(), runner.DEFAULT_ENTRY)
+    r = runner._SupervisedJob(job, Settings(), runner.DEFAULT_ENTRY)
     r.events = [{"ev": "isolated", "iso": {"net_namespace": True}}, *events]
     r.cgroup = cgroup
     r.result_buf = bytearray(result)
@@ -156,7 +156,7 @@ def _run(events=(), *, cgroup=None, result=b"", **state) -> runner._Run:
     return r
 
 
-def _code(r: runner._Run) -> ReasonCode | None:
+def _code(r: runner._SupervisedJob) -> ReasonCode | None:
     res = r.classify()
     assert len(res.findings) == 1, res.findings
     return res.findings[0].code
@@ -285,7 +285,7 @@ def test_a_report_that_contradicts_the_scan_is_a_worker_crash():
         import json as _json
 
         body = _json.dumps({"findings": [], "info": {"model_kind": "state_dict", "layers": layers}}).encode()
-        r = runner._Run(job, Settings(), runner.DEFAULT_ENTRY)
+        r = runner._SupervisedJob(job, Settings(), runner.DEFAULT_ENTRY)
         r.events = [{"ev": "exit", "code": 0}]
         r.result_buf = bytearray(body)
         res = r.classify()
