@@ -263,6 +263,29 @@ def _zip_kind(z: ZipArchive, region: Region, prefix: str | None) -> FileFormat |
     return None
 
 
+#: Records torch looks up by a fixed name (PyTorchStreamReader, torch.load, torch.jit.load, torch.export.load).
+TORCH_RECORDS = ("data.pkl", "constants.pkl", "version", ".data/version", "byteorder", "archive_format",
+                 ".data/serialization_id", ".format_version", ".storage_alignment")
+
+
+def _case_variants(ctx: Ctx, z: ZipArchive, prefix: str | None) -> None:
+    """A record spelled ``Data.Pkl`` is ``data.pkl`` to torch (miniz looks names up ignoring ASCII case)
+    but no record at all to a reader that compares names exactly: the archive has two readings."""
+    if prefix is None:
+        return
+    exact = {e.name for e in z.entries}
+    wanted = {f"{prefix}/{rec}".lower(): f"{prefix}/{rec}" for rec in TORCH_RECORDS}
+    for e in z.entries:
+        canon = wanted.get(e.name.encode("utf-8", "replace").lower().decode("utf-8", "replace"))
+        if canon is not None and e.name != canon and canon not in exact:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"entry {e.name!r} is the record {canon!r} to torch, whose zip reader finds records "
+                    "case-insensitively, but not to a reader that compares names exactly: the archive reads two ways",
+                    "no torch writer produces this; re-save the checkpoint with torch.save and upload the new file",
+                    kind="case")
+            return
+
+
 def _ts_compressible(name: str, prefix: str) -> bool:
     # torch.jit.save deflates the TorchScript sources and their debug pickles (code/...).
     return name.startswith(f"{prefix}/code/")
@@ -291,6 +314,7 @@ def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bo
     prefix = _archive_prefix(z)
     if ctx.nesting == 0:  # the file's own table travels to the worker in its reading
         ctx.fs.zip, ctx.fs.zip_prefix = z, prefix
+    _case_variants(ctx, z, prefix)
     fmt = _zip_kind(z, region, prefix)
     by_name = z.by_name()
     if fmt is FileFormat.TORCH_EXPORT:

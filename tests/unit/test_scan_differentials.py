@@ -1,0 +1,104 @@
+"""Files that read one way to the stage and another way to a serving host's loader
+(tests/corpus/differential_cases.py): each mechanism is shown on the stock reader first (torch's zip
+reader, zipfile, transformers), then the stage refuses the file with the problem named."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt_stage.config import Settings
+from ckpt_stage.domain import ReasonCode
+from ckpt_stage.scan import scan_version
+from tests.corpus import differential_cases as D
+
+S = Settings()
+
+
+def _scan(root: Path, *rels: str):
+    return scan_version(root, list(rels), S)
+
+
+def _blocking(result) -> list[tuple[ReasonCode, str]]:
+    return [(f.code, f.message) for f in result.findings if f.blocking]
+
+
+# -- zip: end-of-central-directory record -------------------------------------------------------------
+
+
+def test_torch_and_zipfile_read_the_archive_in_the_comment(tmp_path):
+    """The mechanism: both take the last end-of-central-directory signature, so the payload's data.pkl
+    is the one they read (nothing is unpickled here)."""
+    path = D.eocd_in_comment(tmp_path / "m.pt", tmp_path / "canary")
+    reader = torch._C.PyTorchFileReader(str(path))
+    assert b"system" in bytes(reader.get_record("data.pkl"))
+    assert b"system" in zipfile.ZipFile(path).read(zipfile.ZipFile(path).namelist()[0])
+
+
+def test_scanner_refuses_a_second_end_record_in_the_comment(tmp_path):
+    D.eocd_in_comment(tmp_path / "m.pt", tmp_path / "canary")
+    got = _blocking(_scan(tmp_path, "m.pt"))
+    assert got and got[0][0] is ReasonCode.CORRUPT_ARCHIVE, got
+    assert "second end-of-central-directory signature" in got[0][1]
+    assert not (tmp_path / "canary").exists()
+
+
+def _with_comment(data: bytes, comment: bytes) -> bytes:
+    eocd = data.rfind(b"PK\x05\x06")
+    return data[:eocd + 20] + struct.pack("<H", len(comment)) + comment
+
+
+@pytest.mark.parametrize("comment, refused", [
+    (b"trained on 2026-12-01", False),  # a plain comment is one reading for everyone
+    (b"PK\x05\x06", True),  # too short for miniz (it takes the real record), zipfile takes it and fails
+    (b"x" * 30 + b"PK\x05\x06" + b"\x00" * 18, True),  # a zero-entry end record ending the file: every reader
+])                                                      # takes it, and its reading is refused
+def test_end_record_siblings(tmp_path, comment, refused):
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    (tmp_path / "m.pt").write_bytes(_with_comment(buf.getvalue(), comment))
+    got = _blocking(_scan(tmp_path, "m.pt"))
+    assert bool(got) is refused, got
+
+
+# -- zip: record names torch matches ignoring case ------------------------------------------------
+
+
+def test_torch_finds_records_ignoring_case(tmp_path):
+    path = D.record_in_other_case(tmp_path / "m.pt")
+    assert set(torch.load(path, weights_only=True)) == {"weight", "bias"}
+
+
+def test_scanner_refuses_a_torch_record_in_another_case(tmp_path):
+    D.record_in_other_case(tmp_path / "m.pt")
+    got = _blocking(_scan(tmp_path, "m.pt"))
+    assert any(c is ReasonCode.CORRUPT_ARCHIVE and "'archive/Data.Pkl' is the record 'archive/data.pkl'" in m
+               for c, m in got), got
+
+
+def test_scanner_refuses_two_names_that_differ_in_case(tmp_path):
+    D.two_records_one_name(tmp_path / "m.pt", tmp_path / "canary")
+    got = _blocking(_scan(tmp_path, "m.pt"))
+    assert any(c is ReasonCode.CORRUPT_ARCHIVE and "differ only in letter case" in m for c, m in got), got
+
+
+def test_case_rules_leave_other_names_alone(tmp_path):
+    """Upper-case letters elsewhere (a TorchScript class path, a storage key) are not a second reading."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("weights/Readme.MD", "x")
+        z.writestr("weights/readme.txt", "y")
+    (tmp_path / "w.zip").write_bytes(buf.getvalue())
+    assert not [f for f in _scan(tmp_path, "w.zip").findings if f.code is ReasonCode.CORRUPT_ARCHIVE]
+
+
+def test_pickle_payload_fixture_really_calls_os_system():
+    """The corpus payload is what it claims (checked without running it)."""
+    data = pickle.dumps(D._System("true"), protocol=2)
+    assert b"system" in data
