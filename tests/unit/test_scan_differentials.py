@@ -98,6 +98,45 @@ def test_case_rules_leave_other_names_alone(tmp_path):
     assert not [f for f in _scan(tmp_path, "w.zip").findings if f.code is ReasonCode.CORRUPT_ARCHIVE]
 
 
+# -- Hugging Face folders --------------------------------------------------------------------------
+
+
+def _run_folder(d: Path):
+    pytest.importorskip("transformers")
+    from tests.unit.test_hf_folder import run
+
+    return run(d)
+
+
+@pytest.mark.parametrize("build", [D.single_beside_shards, D.variant_beside_main, D.bin_beside_safetensors,
+                                   lambda d: D.bin_beside_safetensors(d, shape=True)],
+                         ids=["single-beside-shards", "variant", "bin-values", "bin-shape"])
+def test_every_copy_of_the_weights_is_the_one_validated(tmp_path, build):
+    d = build(tmp_path)
+    decision, findings, _ = _run_folder(d)
+    got = [f for f in findings if f.blocking]
+    assert decision.verdict.value == "quarantine", [f.to_dict() for f in findings]
+    assert any(f.code is ReasonCode.CORRUPT_ARCHIVE and f.detail.get("kind") == "copies-differ"
+               and "transformer.h.0.ln_1.weight" in f.message for f in got), [f.to_dict() for f in got]
+
+
+def test_transformers_serves_the_single_file_over_the_shards(tmp_path):
+    """The mechanism for the first case: from_pretrained loads model.safetensors, not the index's shards."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    d = D.single_beside_shards(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    assert float(model.transformer.h[0].ln_1.weight[0].detach()) == 7.0
+
+
+def test_identical_copies_and_a_rounded_variant_pass(tmp_path):
+    d = D.benign_copies(tmp_path)
+    assert {"model.safetensors", "model.fp16.safetensors", "pytorch_model.bin"} <= {p.name for p in d.iterdir()}
+    decision, findings, _ = _run_folder(d)
+    assert decision.verdict.value == "pass", [f.to_dict() for f in findings if f.blocking]
+
+
 def test_pickle_payload_fixture_really_calls_os_system():
     """The corpus payload is what it claims (checked without running it)."""
     data = pickle.dumps(D._System("true"), protocol=2)
