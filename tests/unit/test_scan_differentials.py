@@ -137,6 +137,15 @@ def test_identical_copies_and_a_rounded_variant_pass(tmp_path):
     assert decision.verdict.value == "pass", [f.to_dict() for f in findings if f.blocking]
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["beside-model", "adapter-only"])
+def test_peft_adapter_is_refused_by_the_scan(tmp_path, alone):
+    pytest.importorskip("transformers")
+    d = D.peft_adapter(tmp_path, alone=alone)
+    rels = sorted(str(p.relative_to(d)) for p in d.iterdir())
+    got = _blocking(scan_version(d, rels, S))
+    assert any(c is ReasonCode.UNSUPPORTED_FORMAT and "attacker/unvetted-base" in m for c, m in got), got
+
+
 def test_pickle_payload_fixture_really_calls_os_system():
     """The corpus payload is what it claims (checked without running it)."""
     data = pickle.dumps(D._System("true"), protocol=2)
