@@ -689,6 +689,15 @@ def _scan_hf_configs(root: Path, paths: Sequence[str], settings: Settings, out: 
             continue
         if posixpath.basename(rel) == ADAPTER_CONFIG:
             _adapter(rel, doc, out)
+        if posixpath.basename(rel) == "config.json" and isinstance(doc, dict) and "transformers_weights" in doc:
+            # modeling_utils._get_resolved_checkpoint_files: a config's transformers_weights overrides the
+            # save_pretrained layout; save_pretrained never writes it (configuration_utils drops it on save).
+            out.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"{rel} sets transformers_weights to {_show(doc['transformers_weights'])}: from_pretrained loads "
+                    "that file instead of model.safetensors (or its index, or pytorch_model.bin), so what is served "
+                    "is chosen by the config rather than by the layout the stage validates",
+                    "remove transformers_weights from config.json (save_pretrained never writes it) and keep one "
+                    "copy of the weights under the names save_pretrained uses", rel, kind="explicit-weights")
         for key, value in _remote_code(doc):
             modules = _referenced_modules(value)
             # "repo--module.Class" pulls code from another Hub repository at load: never allowed.

@@ -191,3 +191,19 @@ def peft_adapter(d: Path, *, alone: bool = False) -> Path:
         "base_model_name_or_path": "attacker/unvetted-base", "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "r": 2, "lora_alpha": 4, "target_modules": ["c_attn"]}))
     return d
+
+
+def explicit_weights_file(d: Path) -> Path:
+    """``transformers_weights`` in config.json (save_pretrained never writes it) makes from_pretrained load
+    the file it names instead of ``model.safetensors``: here a poisoned copy that sorts after it."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.corpus.hf_cases import gpt2_folder
+
+    gpt2_folder(d)
+    save_file(_poison(load_file(str(d / "model.safetensors"))), str(d / "zz-finetuned.safetensors"),
+              metadata={"format": "pt"})
+    doc = json.loads((d / "config.json").read_text())
+    doc["transformers_weights"] = "zz-finetuned.safetensors"
+    (d / "config.json").write_text(json.dumps(doc))
+    return d

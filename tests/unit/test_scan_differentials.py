@@ -146,6 +146,23 @@ def test_peft_adapter_is_refused_by_the_scan(tmp_path, alone):
     assert any(c is ReasonCode.UNSUPPORTED_FORMAT and "attacker/unvetted-base" in m for c, m in got), got
 
 
+def test_transformers_loads_the_file_a_config_names(tmp_path):
+    """The mechanism: ``transformers_weights`` wins over model.safetensors."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(D.explicit_weights_file(tmp_path))
+    assert float(model.transformer.h[0].ln_1.weight[0].detach()) == 7.0
+
+
+def test_scan_refuses_a_config_that_names_its_weights_file(tmp_path):
+    pytest.importorskip("transformers")
+    d = D.explicit_weights_file(tmp_path)
+    got = _blocking(scan_version(d, sorted(p.name for p in d.iterdir()), S))
+    assert any(c is ReasonCode.CORRUPT_ARCHIVE and "transformers_weights" in m and "zz-finetuned" in m
+               for c, m in got), got
+
+
 def test_pickle_payload_fixture_really_calls_os_system():
     """The corpus payload is what it claims (checked without running it)."""
     data = pickle.dumps(D._System("true"), protocol=2)
