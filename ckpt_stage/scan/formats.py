@@ -16,7 +16,17 @@ from ckpt_stage.domain import FileFormat, ReasonCode
 from ckpt_stage.scan._common import HINT_CORRUPT, HINT_NOT_CKPT, FileScan, Region, human
 from ckpt_stage.scan import budget
 from ckpt_stage.scan import pt2 as pt2_grammar
-from ckpt_stage.scan.archives import DEFLATED, STORED, ZipArchive, ZipEntry, gaps, inflate, read_entry, read_zip
+from ckpt_stage.scan.archives import (
+    DEFLATED,
+    STORED,
+    U32,
+    ZipArchive,
+    ZipEntry,
+    gaps,
+    inflate,
+    read_entry,
+    read_zip,
+)
 from ckpt_stage.scan.pickles import (
     LEGACY_TORCH_MAGIC,
     MAX_STREAMS,
@@ -390,6 +400,8 @@ def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bo
         # pickles torch reads at load time are held to their records.
         if reports is not None and rel in ("data.pkl", "constants.pkl"):
             _check_storages(ctx, reports, records, folder, label=e.name)
+            if fmt is FileFormat.TORCH_ZIP and rel == "data.pkl":
+                _check_computed_offsets(ctx, region, z, prefix, reports)
         for r in reports or ():
             for sd in r.storages:
                 if sd.key in records and (sd.numel is None or sd.itemsize is None
@@ -527,6 +539,62 @@ def _check_storages(ctx: Ctx, reports: list[StreamReport], records: dict[str, in
                 continue
             nbytes[s.key] = want
     _check_tensors(ctx, [t for r in reports for t in r.tensors], nbytes, label)
+
+
+def no_read_offset(cursor: int, name_len: int, size: int, alignment: int) -> int:
+    """Where torch expects the data of a record whose local header starts at ``cursor``
+    (``PyTorchStreamReader.get_record_offset_no_read``: miniz's header, torch's ``FB`` padding field up to
+    ``alignment``, zip64 fields when the size or offset needs them)."""
+    start = cursor + 30 + name_len + 4
+    if size >= U32 or cursor >= U32:
+        start += 4 + (16 if size >= U32 else 0) + (8 if cursor >= U32 else 0)
+    return start + (-start % alignment)
+
+
+def _check_computed_offsets(ctx: Ctx, region: Region, z: ZipArchive, prefix: str,
+                            reports: list[StreamReport]) -> None:
+    """``torch.load(mmap=True)`` with ``torch.utils.serialization.config.load.calculate_storage_offsets``
+    (a documented speed-up) does not ask the central directory where a storage lies: it computes each
+    offset from the previous storage's, in the order ``data.pkl`` first uses them (serialization.py
+    ``_get_offset``), assuming torch.save's layout. A record moved (storages written in another order,
+    another padding, no data descriptor) is then other bytes to such a host than to every other reader:
+    the offsets must be the ones torch computes."""
+    by_name = z.by_name()
+    version = by_name.get(f"{prefix}/.format_version")
+    raw = read_entry(region, version, 64) if version is not None else None
+    if raw is None or raw < b"1":  # torch: ``version >= b"1"`` (bytes), else it reads the directory
+        return
+    alignment = 64
+    align = by_name.get(f"{prefix}/.storage_alignment")
+    if align is not None:
+        try:
+            alignment = int(read_entry(region, align, 64) or b"")
+        except ValueError:
+            alignment = 0
+        if alignment < 1:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"record {prefix}/.storage_alignment is not a positive number",
+                    "re-save the checkpoint with torch.save and upload the new file")
+            return
+    cursor: int | None = None
+    for key in dict.fromkeys(s.key for r in reports for s in r.storages):
+        e = by_name.get(f"{prefix}/data/{key}")
+        if e is None or not e.readable or (cursor is None and key != "0"):
+            return  # reported elsewhere, or torch refuses to compute (its first storage must be "0")
+        if cursor is None:
+            header, expected = e.header_offset, e.data_offset
+        else:
+            header, expected = cursor, no_read_offset(cursor, len(e.raw_name), e.usize, alignment)
+        if expected != e.data_offset:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"storage record {e.name!r} lies at offset {e.data_offset:,}, but torch.load(mmap=True) with "
+                    f"calculate_storage_offsets computes {expected:,} from the order data.pkl uses its storages: a "
+                    "serving host with that setting reads other bytes for its tensor",
+                    "re-save the checkpoint with torch.save (it writes storages in the order its pickle uses them) "
+                    "and upload the new file", kind="computed-offsets")
+            return
+        cursor = expected + e.usize
+        if e.usize > 0:
+            cursor += 24 if header >= U32 or e.usize >= U32 else 16
 
 
 def _scan_nested_entry(region: Region, ctx: Ctx, e: ZipEntry, *, require_known: bool,

@@ -207,3 +207,20 @@ def explicit_weights_file(d: Path) -> Path:
     doc["transformers_weights"] = "zz-finetuned.safetensors"
     (d / "config.json").write_text(json.dumps(doc))
     return d
+
+
+def storages_out_of_order(dest: Path) -> Path:
+    """torch's own writer, storages written 0, 2, 1 while data.pkl uses them 0, 1, 2 (same sizes): every
+    reader of the central directory gets a, b, c; ``torch.load(mmap=True)`` with
+    ``calculate_storage_offsets`` computes the offsets in pickle order and serves b and c swapped."""
+    buf = io.BytesIO()
+    torch.save({k: torch.full((4,), v) for k, v in (("a", 1.0), ("b", 2.0), ("c", 3.0))}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    prefix = src.namelist()[0].split("/")[0]
+    records = {n[len(prefix) + 1:]: src.read(n) for n in src.namelist()}
+    writer = torch._C.PyTorchFileWriter(str(dest))
+    order = ["data.pkl", "data/0", "data/2", "data/1"]
+    for rec in order + [r for r in records if r not in order and r != ".data/serialization_id"]:
+        writer.write_record(rec, records[rec], len(records[rec]))
+    writer.write_end_of_file()
+    return dest

@@ -98,6 +98,60 @@ def test_case_rules_leave_other_names_alone(tmp_path):
     assert not [f for f in _scan(tmp_path, "w.zip").findings if f.code is ReasonCode.CORRUPT_ARCHIVE]
 
 
+# -- zip: storage offsets torch computes instead of reading them ---------------------------------
+
+
+def test_mmap_with_computed_offsets_reads_other_bytes(tmp_path):
+    path = D.storages_out_of_order(tmp_path / "m.pt")
+    assert float(torch.load(path, weights_only=True, mmap=True)["b"][0]) == 2.0
+    config = torch.utils.serialization.config.load
+    before = config.calculate_storage_offsets
+    config.calculate_storage_offsets = True
+    try:
+        assert float(torch.load(path, weights_only=True, mmap=True)["b"][0]) == 3.0
+    finally:
+        config.calculate_storage_offsets = before
+
+
+def test_scanner_refuses_storages_where_torch_would_not_compute_them(tmp_path):
+    D.storages_out_of_order(tmp_path / "m.pt")
+    got = _blocking(_scan(tmp_path, "m.pt"))
+    assert any(c is ReasonCode.CORRUPT_ARCHIVE and "calculate_storage_offsets" in m and "data/1" in m
+               for c, m in got), got
+
+
+def test_offset_formula_is_torchs(tmp_path):
+    from ckpt_stage.scan.formats import no_read_offset
+
+    path = D.storages_out_of_order(tmp_path / "m.pt")
+    reader = torch._C.PyTorchFileReader(str(path))
+    name_len = len(f"{path.stem}/data/1")
+    for cursor in (0, 1, 63, 64, 1000, 2**32 - 40, 2**32 + 3, 2**41 + 7):
+        for size in (0, 16, 2**32 - 1, 2**32, 2**40):
+            for alignment in (1, 3, 64, 4096):
+                assert no_read_offset(cursor, name_len, size, alignment) == \
+                    reader.get_record_offset_no_read(cursor, "data/1", size, alignment)
+
+
+def _shared_views():
+    base = torch.arange(24, dtype=torch.float32)
+    return {"whole": base, "view": base[4:12].view(2, 4), "again": base}
+
+
+@pytest.mark.parametrize("obj", [
+    lambda: torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)).state_dict(),
+    _shared_views,
+    lambda: {"empty": torch.empty(0), "one": torch.ones(1), "half": torch.ones(3, dtype=torch.float16),
+             "ints": torch.arange(5), "bool": torch.tensor([True, False]), "nested": {"x": torch.zeros(2, 2)}},
+    lambda: {f"t{i}": torch.full((i + 1,), float(i)) for i in range(40)},
+    lambda: torch.nn.Linear(4, 2),
+], ids=["sequential", "shared-views", "dtypes-empty-nested", "forty", "whole-module"])
+def test_torch_save_layouts_pass_the_offset_rule(tmp_path, obj):
+    torch.save(obj(), tmp_path / "m.pt")
+    findings = [f for f in _scan(tmp_path, "m.pt").findings if f.detail.get("kind") == "computed-offsets"]
+    assert not findings, [f.message for f in findings]
+
+
 # -- Hugging Face folders --------------------------------------------------------------------------
 
 
