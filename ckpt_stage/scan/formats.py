@@ -965,13 +965,41 @@ def scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tup
     seconds = budget.allowance(ctx.settings.scan_deadline_s, region.size) if ctx.settings.scan_deadline_s else 0
     try:
         with budget.deadline(seconds):
-            return _scan_region(region, ctx, path, mlflow_dir=mlflow_dir)
+            fmt, counts = _scan_region(region, ctx, path, mlflow_dir=mlflow_dir)
+            _name_and_content(ctx, path, fmt)
+            return fmt, counts
     except budget.ScanDeadline as exc:
         ctx.add(ReasonCode.RESOURCE_LIMIT,
                 f"{exc} ({human(region.size)} file, CKPT_STAGE_SCAN_DEADLINE_S={ctx.settings.scan_deadline_s:g} "
                 f"plus 1 s per {human(budget.BYTES_PER_SECOND)}); what was found before it is listed",
                 HINT_SCAN_DEADLINE)
         return FileFormat.UNKNOWN, True
+
+
+#: Formats torch.load reads by content: a file of one of these named ``*.safetensors`` is another file to it.
+_TORCH_LOAD_FORMATS = frozenset({FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY, FileFormat.PICKLE,
+                                 FileFormat.TORCHSCRIPT, FileFormat.TORCH_EXPORT})
+
+
+def _name_and_content(ctx: Ctx, path: str, fmt: FileFormat) -> None:
+    """torch.load (2.13, ``serialization.load``) hands a path ending in ``.safetensors`` to the safetensors
+    reader whatever it holds, and reads any other path by its content; transformers picks its reader by the
+    same suffix. The stage reads by content, so the name and the content must agree."""
+    named = path.endswith(".safetensors")
+    if named and fmt in _TORCH_LOAD_FORMATS:
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                f"the file is named .safetensors but holds a {fmt.value} file: torch.load and transformers read "
+                "a .safetensors path with the safetensors reader, the stage reads the content, so the two "
+                "would load different things (here: nothing, on a serving host)",
+                "name the file for what it holds (torch.save output: .pt or .bin), or write it with "
+                "safetensors.torch.save_file", kind="name-content")
+    elif fmt is FileFormat.SAFETENSORS and not named:
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                f"the file holds safetensors but is named {posixpath.basename(path)!r}: torch.load and "
+                "transformers read a path that does not end in .safetensors as a torch.save file (a pickle), "
+                "so a serving host would not load what the stage validated",
+                "rename the file to end in .safetensors (model.safetensors for Hugging Face folders)",
+                kind="name-content")
 
 
 def _scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tuple[FileFormat, bool]:

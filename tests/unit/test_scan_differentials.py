@@ -152,6 +152,34 @@ def test_torch_save_layouts_pass_the_offset_rule(tmp_path, obj):
     assert not findings, [f.message for f in findings]
 
 
+# -- a name that picks the reader --------------------------------------------------------------------
+
+
+def test_torch_load_picks_its_reader_by_the_safetensors_suffix(tmp_path):
+    """torch 2.13's torch.load hands a path ending in .safetensors to the safetensors reader, whatever it
+    holds; the same bytes under another name are read by content."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(Exception, match="header"):
+        torch.load(tmp_path / "model.safetensors", weights_only=True)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model.pt"))
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "model.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("name, writer", [
+    ("model.safetensors", lambda p: torch.save({"w": torch.ones(2)}, p)),
+    ("model.safetensors", lambda p: torch.save({"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False)),
+    ("pytorch_model.bin", lambda p: __import__("safetensors.torch").torch.save_file({"w": torch.ones(2)}, str(p))),
+    ("model.pt", lambda p: __import__("safetensors.torch").torch.save_file({"w": torch.ones(2)}, str(p))),
+], ids=["zip-named-safetensors", "legacy-named-safetensors", "safetensors-named-bin", "safetensors-named-pt"])
+def test_scanner_refuses_a_name_that_contradicts_the_content(tmp_path, name, writer):
+    writer(tmp_path / name)
+    got = _blocking(_scan(tmp_path, name))
+    assert any(c is ReasonCode.CORRUPT_ARCHIVE and ".safetensors" in m for c, m in got), got
+
+
 # -- Hugging Face folders --------------------------------------------------------------------------
 
 
