@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import posixpath
 import struct
+import tarfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -1002,10 +1003,32 @@ def _name_and_content(ctx: Ctx, path: str, fmt: FileFormat) -> None:
                 kind="name-content")
 
 
+def _tar_header(region: Region) -> bool:
+    """The first 512 bytes are a tar header that Python's tarfile accepts (checksum included)."""
+    block = region.read(0, 512)
+    if len(block) < 512:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except (tarfile.TarError, ValueError, UnicodeError):
+        return False
+    return True
+
+
 def _scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tuple[FileFormat, bool]:
     claimed = claims_checkpoint(path, mlflow_dir=mlflow_dir)
     kind, head = sniff(region)
     ctx.fs.container = kind.value
+    if kind not in (Kind.ZIP, Kind.TAR) and not path.endswith(".safetensors") and _tar_header(region):
+        # torch.load tries a non-zip file as a legacy tar checkpoint before its pickle streams
+        # (serialization.py legacy_load): with weights_only=False (MLflow's pickle flavor) it unpickles the
+        # tar's members, wherever they lie (inside a string, inside a storage's raw bytes).
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                f"the file reads as {describe(kind, head)} to the scan but its first 512 bytes are also a valid tar "
+                "header: torch.load reads it as a legacy tar checkpoint first and unpickles the tar's members, "
+                "which are not the pickle streams the scan read: a file with two meanings is not loaded",
+                "no torch writer produces this; re-save the weights with torch.save(model.state_dict(), path) or "
+                "as safetensors and upload the new file", content="tar-polyglot")
     if kind is Kind.SAFETENSORS:
         polyglot = live_pickle(region, ctx.settings)
         if polyglot is not None:

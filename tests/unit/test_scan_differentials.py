@@ -152,6 +152,38 @@ def test_torch_save_layouts_pass_the_offset_rule(tmp_path, obj):
     assert not findings, [f.message for f in findings]
 
 
+# -- a legacy torch file that is also a tar ------------------------------------------------------------
+
+
+def test_torch_load_reads_a_legacy_file_as_tar_first(tmp_path):
+    """The mechanism: the five legacy streams are fine, yet torch.load(weights_only=False) opens the tar and
+    unpickles its ``storages`` member (run in a subprocess; the payload only creates the canary)."""
+    import subprocess
+    import sys
+
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    path = D.legacy_torch_tar(tmp_path / "model.pth", canary)
+    code = f"import torch\ntry:\n    torch.load({str(path)!r}, weights_only=False)\nexcept Exception:\n    pass\n"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=tmp_path)
+    assert (canary / "tar").exists()
+
+
+def test_scanner_refuses_a_legacy_file_that_is_also_a_tar(tmp_path):
+    canary = tmp_path / "canary"
+    D.legacy_torch_tar(tmp_path / "model.pth", canary)
+    got = _blocking(_scan(tmp_path, "model.pth"))
+    assert any(c is ReasonCode.CORRUPT_ARCHIVE and "valid tar header" in m for c, m in got), got
+    assert not canary.exists()
+
+
+def test_real_legacy_files_are_not_tar_headers(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "a.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "b.txt").write_text("0000644 " * 64)
+    result = _scan(tmp_path, "a.pt", "b.txt")
+    assert not [f for f in result.findings if f.detail.get("content") == "tar-polyglot"]
+
+
 # -- a name that picks the reader --------------------------------------------------------------------
 
 
