@@ -350,6 +350,49 @@ def _count(t: torch.Tensor, fn) -> int:
     return total
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal when the dtypes match; for two floating dtypes, the wider copy rounded to the
+    narrower one equals it (``model.fp16.safetensors`` beside ``model.safetensors`` is one model)."""
+    if a.dtype != b.dtype:
+        if not (a.is_floating_point() and b.is_floating_point()):
+            return False
+        if a.element_size() < b.element_size():
+            a, b = b, a
+        for pa, pb in zip(_pieces(a), _pieces(b), strict=True):
+            if not torch.equal(pa.to(pb.dtype).view(torch.uint8), pb.view(torch.uint8)):
+                return False
+        return True
+    for pa, pb in zip(_pieces(a), _pieces(b), strict=True):
+        if not torch.equal(pa.view(torch.uint8), pb.view(torch.uint8)):
+            return False
+    return True
+
+
+def differing(used: Mapping[str, Any], copy: Mapping[str, Any]) -> list[str]:
+    """Names whose tensor in ``copy`` is not the one in ``used``: another shape, or other values.
+
+    A version that holds the same weights twice (``model.safetensors`` and ``pytorch_model.bin``, a
+    ``model.safetensors`` beside the shards of ``model.safetensors.index.json``, a ``model.fp16``
+    variant) is validated once, but serving hosts pick one copy by their own rules (``from_pretrained``
+    prefers the single file to the index, ``use_safetensors=False`` takes the ``.bin``, ``variant=``
+    the variant): every copy must therefore be the weights that were checked."""
+    out: list[str] = []
+    for name, t in copy.items():
+        u = used.get(name)
+        if not isinstance(t, torch.Tensor) or not isinstance(u, torch.Tensor):
+            if t is not u:
+                out.append(name)
+            continue
+        try:
+            same = (t.shape == u.shape and t.layout == u.layout == torch.strided and "meta" not in
+                    (t.device.type, u.device.type) and _same_values(u.contiguous(), t.contiguous()))
+        except (RuntimeError, TypeError):
+            same = False
+        if not same:
+            out.append(name)
+    return out
+
+
 def nonfinite(state: Mapping[str, Any], *, file: str | None,
               norms: dict[str, float] | None = None) -> Finding | None:
     """NaN/Inf in any floating tensor, checked a bounded piece at a time (no copy of a tensor, let alone

@@ -498,6 +498,10 @@ def _load_torch(run: _Run, rel: str, fmt: FileFormat) -> Any:
         return None
 
 
+_COPIES_HINT = ("keep one copy of the weights in the version (delete the other file), or write every copy from the "
+                "same model in one save (save_pretrained, safetensors' convert)")
+
+
 def _merge(run: _Run, found: list[tuple[str, checks.Weights]],
            indexed: set[str] | frozenset[str] = frozenset()) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Shards of one state_dict merge; a second copy of the same weights (``model.safetensors`` next to
@@ -512,9 +516,19 @@ def _merge(run: _Run, found: list[tuple[str, checks.Weights]],
             run.extend(checks.nonfinite({f"{key}.{k}": v for k, v in copy.items()}, file=rel))
         overlap = merged.keys() & w.state.keys()
         if overlap and set(w.state) <= set(merged):
+            run.extend(checks.nonfinite(w.state, file=rel))
+            other = checks.differing(merged, w.state)
+            if other:
+                run.add(ReasonCode.CORRUPT_ARCHIVE,
+                        f"{rel} holds another copy of the weights read from {checks.listing(used)}, but "
+                        f"{checks.count(len(other), 'tensor')} {'differs' if len(other) == 1 else 'differ'} ({checks.listing(sorted(other))}): serving "
+                        "hosts choose one copy by their own rules (from_pretrained prefers model.safetensors to "
+                        "sharded weights, use_safetensors=False loads pytorch_model.bin, variant= a variant), so "
+                        "the copy validated need not be the copy served", _COPIES_HINT, rel, kind="copies-differ",
+                        tensors=sorted(other)[:50])
+                continue
             run.add(None, f"{rel} repeats weights already read from {checks.listing(used)}; not merged",
                     file=rel, severity=Severity.INFO)
-            run.extend(checks.nonfinite(w.state, file=rel))
             continue
         if overlap and not (rel in indexed and set(used) <= indexed):  # an index's shards: _check_indexes says it
             run.add(ReasonCode.ARCHITECTURE_MISMATCH,

@@ -102,15 +102,26 @@ def _find_eocd(region: Region, z: ZipArchive) -> int | None:
         return None
     tail_len = min(size, 22 + U16)
     tail = region.read(size - tail_len, tail_len)
+    # torch's miniz takes the last signature with at least 22 bytes after it, Python's zipfile the last
+    # signature: a signature inside the comment of the real end record (or in data appended after it)
+    # gives them another central directory than the one a reader that checks the comment length finds.
+    # Only the last signature, ending the file exactly with its comment, is one reading for all three.
     pos = tail.rfind(EOCD_SIG)
-    seen_any = pos >= 0
-    while pos >= 0:
-        if pos + 22 <= len(tail):
-            (comment_len,) = struct.unpack_from("<H", tail, pos + 20)
-            if pos + 22 + comment_len == len(tail):
-                return size - tail_len + pos
-        pos = tail.rfind(EOCD_SIG, 0, pos)
-    if seen_any:
+    if pos >= 0 and pos + 22 <= len(tail):
+        (comment_len,) = struct.unpack_from("<H", tail, pos + 20)
+        if pos + 22 + comment_len == len(tail):
+            return size - tail_len + pos
+    earlier = tail.rfind(EOCD_SIG, 0, max(pos, 0))
+    while earlier >= 0:
+        (comment_len,) = struct.unpack_from("<H", tail, earlier + 20) if earlier + 22 <= len(tail) else (-1,)
+        if earlier + 22 + comment_len == len(tail):
+            z.problem(ReasonCode.CORRUPT_ARCHIVE, "eocd",
+                      f"the archive's comment holds a second end-of-central-directory signature "
+                      f"({len(tail) - pos:,} bytes before the end): torch's zip reader and Python's zipfile take "
+                      "that one and read another central directory than the real end record names")
+            return None
+        earlier = tail.rfind(EOCD_SIG, 0, earlier)
+    if pos >= 0:
         z.problem(ReasonCode.CORRUPT_ARCHIVE, "truncated",
                   "the end-of-central-directory record does not end the file (truncated comment "
                   "or data appended after the archive)")
@@ -216,6 +227,7 @@ def read_zip(region: Region, settings: Settings, *, check_crc: bool = True) -> Z
     cd = region.read(cd_offset, cd_size)
     i = 0
     names: dict[str, int] = {}
+    folded: dict[bytes, str] = {}
     while i < len(cd):
         if not len(z.entries) % 1024:
             budget.tick()
@@ -252,7 +264,14 @@ def read_zip(region: Region, settings: Settings, *, check_crc: bool = True) -> Z
         if name in names:
             z.problem(ReasonCode.CORRUPT_ARCHIVE, "duplicate",
                       f"two entries are named {name!r}: readers disagree on which one counts", name)
+        elif raw_name.lower() in folded:
+            # miniz (torch's reader) looks records up ignoring ASCII case: which of the two it returns
+            # depends on the directory's order, not on the name the scan read.
+            z.problem(ReasonCode.CORRUPT_ARCHIVE, "duplicate",
+                      f"entries {folded[raw_name.lower()]!r} and {name!r} differ only in letter case: torch's zip "
+                      "reader finds records case-insensitively, so readers disagree on which one counts", name)
         names[name] = len(z.entries) - 1
+        folded.setdefault(raw_name.lower(), name)
         if len(z.entries) > n_total:
             break
     if len(z.entries) != n_total:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import posixpath
 import struct
+import tarfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,17 @@ from ckpt_stage.domain import FileFormat, ReasonCode
 from ckpt_stage.scan._common import HINT_CORRUPT, HINT_NOT_CKPT, FileScan, Region, human
 from ckpt_stage.scan import budget
 from ckpt_stage.scan import pt2 as pt2_grammar
-from ckpt_stage.scan.archives import DEFLATED, STORED, ZipArchive, ZipEntry, gaps, inflate, read_entry, read_zip
+from ckpt_stage.scan.archives import (
+    DEFLATED,
+    STORED,
+    U32,
+    ZipArchive,
+    ZipEntry,
+    gaps,
+    inflate,
+    read_entry,
+    read_zip,
+)
 from ckpt_stage.scan.pickles import (
     LEGACY_TORCH_MAGIC,
     MAX_STREAMS,
@@ -263,6 +274,29 @@ def _zip_kind(z: ZipArchive, region: Region, prefix: str | None) -> FileFormat |
     return None
 
 
+#: Records torch looks up by a fixed name (PyTorchStreamReader, torch.load, torch.jit.load, torch.export.load).
+TORCH_RECORDS = ("data.pkl", "constants.pkl", "version", ".data/version", "byteorder", "archive_format",
+                 ".data/serialization_id", ".format_version", ".storage_alignment")
+
+
+def _case_variants(ctx: Ctx, z: ZipArchive, prefix: str | None) -> None:
+    """A record spelled ``Data.Pkl`` is ``data.pkl`` to torch (miniz looks names up ignoring ASCII case)
+    but no record at all to a reader that compares names exactly: the archive has two readings."""
+    if prefix is None:
+        return
+    exact = {e.name for e in z.entries}
+    wanted = {f"{prefix}/{rec}".lower(): f"{prefix}/{rec}" for rec in TORCH_RECORDS}
+    for e in z.entries:
+        canon = wanted.get(e.name.encode("utf-8", "replace").lower().decode("utf-8", "replace"))
+        if canon is not None and e.name != canon and canon not in exact:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"entry {e.name!r} is the record {canon!r} to torch, whose zip reader finds records "
+                    "case-insensitively, but not to a reader that compares names exactly: the archive reads two ways",
+                    "no torch writer produces this; re-save the checkpoint with torch.save and upload the new file",
+                    kind="case")
+            return
+
+
 def _ts_compressible(name: str, prefix: str) -> bool:
     # torch.jit.save deflates the TorchScript sources and their debug pickles (code/...).
     return name.startswith(f"{prefix}/code/")
@@ -291,6 +325,7 @@ def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bo
     prefix = _archive_prefix(z)
     if ctx.nesting == 0:  # the file's own table travels to the worker in its reading
         ctx.fs.zip, ctx.fs.zip_prefix = z, prefix
+    _case_variants(ctx, z, prefix)
     fmt = _zip_kind(z, region, prefix)
     by_name = z.by_name()
     if fmt is FileFormat.TORCH_EXPORT:
@@ -366,6 +401,8 @@ def scan_zip(region: Region, ctx: Ctx, *, claimed: bool) -> tuple[FileFormat, bo
         # pickles torch reads at load time are held to their records.
         if reports is not None and rel in ("data.pkl", "constants.pkl"):
             _check_storages(ctx, reports, records, folder, label=e.name)
+            if fmt is FileFormat.TORCH_ZIP and rel == "data.pkl":
+                _check_computed_offsets(ctx, region, z, prefix, reports)
         for r in reports or ():
             for sd in r.storages:
                 if sd.key in records and (sd.numel is None or sd.itemsize is None
@@ -503,6 +540,62 @@ def _check_storages(ctx: Ctx, reports: list[StreamReport], records: dict[str, in
                 continue
             nbytes[s.key] = want
     _check_tensors(ctx, [t for r in reports for t in r.tensors], nbytes, label)
+
+
+def no_read_offset(cursor: int, name_len: int, size: int, alignment: int) -> int:
+    """Where torch expects the data of a record whose local header starts at ``cursor``
+    (``PyTorchStreamReader.get_record_offset_no_read``: miniz's header, torch's ``FB`` padding field up to
+    ``alignment``, zip64 fields when the size or offset needs them)."""
+    start = cursor + 30 + name_len + 4
+    if size >= U32 or cursor >= U32:
+        start += 4 + (16 if size >= U32 else 0) + (8 if cursor >= U32 else 0)
+    return start + (-start % alignment)
+
+
+def _check_computed_offsets(ctx: Ctx, region: Region, z: ZipArchive, prefix: str,
+                            reports: list[StreamReport]) -> None:
+    """``torch.load(mmap=True)`` with ``torch.utils.serialization.config.load.calculate_storage_offsets``
+    (a documented speed-up) does not ask the central directory where a storage lies: it computes each
+    offset from the previous storage's, in the order ``data.pkl`` first uses them (serialization.py
+    ``_get_offset``), assuming torch.save's layout. A record moved (storages written in another order,
+    another padding, no data descriptor) is then other bytes to such a host than to every other reader:
+    the offsets must be the ones torch computes."""
+    by_name = z.by_name()
+    version = by_name.get(f"{prefix}/.format_version")
+    raw = read_entry(region, version, 64) if version is not None else None
+    if raw is None or raw < b"1":  # torch: ``version >= b"1"`` (bytes), else it reads the directory
+        return
+    alignment = 64
+    align = by_name.get(f"{prefix}/.storage_alignment")
+    if align is not None:
+        try:
+            alignment = int(read_entry(region, align, 64) or b"")
+        except ValueError:
+            alignment = 0
+        if alignment < 1:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE, f"record {prefix}/.storage_alignment is not a positive number",
+                    "re-save the checkpoint with torch.save and upload the new file")
+            return
+    cursor: int | None = None
+    for key in dict.fromkeys(s.key for r in reports for s in r.storages):
+        e = by_name.get(f"{prefix}/data/{key}")
+        if e is None or not e.readable or (cursor is None and key != "0"):
+            return  # reported elsewhere, or torch refuses to compute (its first storage must be "0")
+        if cursor is None:
+            header, expected = e.header_offset, e.data_offset
+        else:
+            header, expected = cursor, no_read_offset(cursor, len(e.raw_name), e.usize, alignment)
+        if expected != e.data_offset:
+            ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"storage record {e.name!r} lies at offset {e.data_offset:,}, but torch.load(mmap=True) with "
+                    f"calculate_storage_offsets computes {expected:,} from the order data.pkl uses its storages: a "
+                    "serving host with that setting reads other bytes for its tensor",
+                    "re-save the checkpoint with torch.save (it writes storages in the order its pickle uses them) "
+                    "and upload the new file", kind="computed-offsets")
+            return
+        cursor = expected + e.usize
+        if e.usize > 0:
+            cursor += 24 if header >= U32 or e.usize >= U32 else 16
 
 
 def _scan_nested_entry(region: Region, ctx: Ctx, e: ZipEntry, *, require_known: bool,
@@ -873,7 +966,9 @@ def scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tup
     seconds = budget.allowance(ctx.settings.scan_deadline_s, region.size) if ctx.settings.scan_deadline_s else 0
     try:
         with budget.deadline(seconds):
-            return _scan_region(region, ctx, path, mlflow_dir=mlflow_dir)
+            fmt, counts = _scan_region(region, ctx, path, mlflow_dir=mlflow_dir)
+            _name_and_content(ctx, path, fmt)
+            return fmt, counts
     except budget.ScanDeadline as exc:
         ctx.add(ReasonCode.RESOURCE_LIMIT,
                 f"{exc} ({human(region.size)} file, CKPT_STAGE_SCAN_DEADLINE_S={ctx.settings.scan_deadline_s:g} "
@@ -882,10 +977,58 @@ def scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tup
         return FileFormat.UNKNOWN, True
 
 
+#: Formats torch.load reads by content: a file of one of these named ``*.safetensors`` is another file to it.
+_TORCH_LOAD_FORMATS = frozenset({FileFormat.TORCH_ZIP, FileFormat.TORCH_LEGACY, FileFormat.PICKLE,
+                                 FileFormat.TORCHSCRIPT, FileFormat.TORCH_EXPORT})
+
+
+def _name_and_content(ctx: Ctx, path: str, fmt: FileFormat) -> None:
+    """torch.load (2.13, ``serialization.load``) hands a path ending in ``.safetensors`` to the safetensors
+    reader whatever it holds, and reads any other path by its content; transformers picks its reader by the
+    same suffix. The stage reads by content, so the name and the content must agree."""
+    named = path.endswith(".safetensors")
+    if named and fmt in _TORCH_LOAD_FORMATS:
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                f"the file is named .safetensors but holds a {fmt.value} file: torch.load and transformers read "
+                "a .safetensors path with the safetensors reader, the stage reads the content, so the two "
+                "would load different things (here: nothing, on a serving host)",
+                "name the file for what it holds (torch.save output: .pt or .bin), or write it with "
+                "safetensors.torch.save_file", kind="name-content")
+    elif fmt is FileFormat.SAFETENSORS and not named:
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                f"the file holds safetensors but is named {posixpath.basename(path)!r}: torch.load and "
+                "transformers read a path that does not end in .safetensors as a torch.save file (a pickle), "
+                "so a serving host would not load what the stage validated",
+                "rename the file to end in .safetensors (model.safetensors for Hugging Face folders)",
+                kind="name-content")
+
+
+def _tar_header(region: Region) -> bool:
+    """The first 512 bytes are a tar header that Python's tarfile accepts (checksum included)."""
+    block = region.read(0, 512)
+    if len(block) < 512:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except (tarfile.TarError, ValueError, UnicodeError):
+        return False
+    return True
+
+
 def _scan_region(region: Region, ctx: Ctx, path: str, *, mlflow_dir: bool) -> tuple[FileFormat, bool]:
     claimed = claims_checkpoint(path, mlflow_dir=mlflow_dir)
     kind, head = sniff(region)
     ctx.fs.container = kind.value
+    if kind not in (Kind.ZIP, Kind.TAR) and not path.endswith(".safetensors") and _tar_header(region):
+        # torch.load tries a non-zip file as a legacy tar checkpoint before its pickle streams
+        # (serialization.py legacy_load): with weights_only=False (MLflow's pickle flavor) it unpickles the
+        # tar's members, wherever they lie (inside a string, inside a storage's raw bytes).
+        ctx.add(ReasonCode.CORRUPT_ARCHIVE,
+                f"the file reads as {describe(kind, head)} to the scan but its first 512 bytes are also a valid tar "
+                "header: torch.load reads it as a legacy tar checkpoint first and unpickles the tar's members, "
+                "which are not the pickle streams the scan read: a file with two meanings is not loaded",
+                "no torch writer produces this; re-save the weights with torch.save(model.state_dict(), path) or "
+                "as safetensors and upload the new file", content="tar-polyglot")
     if kind is Kind.SAFETENSORS:
         polyglot = live_pickle(region, ctx.settings)
         if polyglot is not None:

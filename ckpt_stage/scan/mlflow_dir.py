@@ -649,6 +649,23 @@ def _referenced_modules(value: Any) -> list[str]:
     return out
 
 
+#: A PEFT adapter's config. With peft installed, transformers' ``from_pretrained`` finds it in the folder
+#: (``integrations/peft.py`` ``maybe_load_adapters``): beside a config.json it loads the folder's model and
+#: then applies the adapter's weights on top; alone, it loads ``base_model_name_or_path`` (a Hub id or any
+#: local path) as the model. Either way the model served is not the weights the stage validated.
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _adapter(rel: str, doc: Any, out: CodeScan) -> None:
+    base = doc.get("base_model_name_or_path") if isinstance(doc, dict) else None
+    named = f" names its base model {_show(base)} and" if base else ""
+    out.add(ReasonCode.UNSUPPORTED_FORMAT,
+            f"{rel} is a PEFT adapter config: it{named} makes from_pretrained (with peft installed) load a base "
+            "model and apply this adapter on top, so the model served is not the weights the stage validates",
+            "merge the adapter into its base model (peft: model.merge_and_unload()) and register the merged "
+            "model saved with save_pretrained", rel, kind="peft-adapter")
+
+
 def _scan_hf_configs(root: Path, paths: Sequence[str], settings: Settings, out: CodeScan) -> None:
     for rel in paths:
         if not _is_hf_config(rel):
@@ -670,6 +687,17 @@ def _scan_hf_configs(root: Path, paths: Sequence[str], settings: Settings, out: 
                     f"{rel} nests too deeply for the stage to read, so it cannot be checked for auto_map remote code",
                     "save the config with save_pretrained (Hugging Face configs are a few levels deep)", rel)
             continue
+        if posixpath.basename(rel) == ADAPTER_CONFIG:
+            _adapter(rel, doc, out)
+        if posixpath.basename(rel) == "config.json" and isinstance(doc, dict) and "transformers_weights" in doc:
+            # modeling_utils._get_resolved_checkpoint_files: a config's transformers_weights overrides the
+            # save_pretrained layout; save_pretrained never writes it (configuration_utils drops it on save).
+            out.add(ReasonCode.CORRUPT_ARCHIVE,
+                    f"{rel} sets transformers_weights to {_show(doc['transformers_weights'])}: from_pretrained loads "
+                    "that file instead of model.safetensors (or its index, or pytorch_model.bin), so what is served "
+                    "is chosen by the config rather than by the layout the stage validates",
+                    "remove transformers_weights from config.json (save_pretrained never writes it) and keep one "
+                    "copy of the weights under the names save_pretrained uses", rel, kind="explicit-weights")
         for key, value in _remote_code(doc):
             modules = _referenced_modules(value)
             # "repo--module.Class" pulls code from another Hub repository at load: never allowed.

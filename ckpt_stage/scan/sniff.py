@@ -1,5 +1,6 @@
 """What a file is, from its first bytes (never from its name: a pickle named ``.bin`` or
-``config.json`` is a pickle; torch.load itself ignores extensions).
+``config.json`` is a pickle; torch.load reads any path by content, except that torch 2.13 hands a path
+ending in ``.safetensors`` to the safetensors reader: ``formats._name_and_content`` holds the two together).
 
 ``sniff`` returns a coarse kind; the format-specific readers then verify the structure (a file
 that merely starts with ``PK\\x03\\x04`` is not yet a torch archive).

@@ -13,9 +13,11 @@ import atexit
 import json
 import os
 import shutil
+import struct
 import tempfile
 import threading
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -101,15 +103,28 @@ def build_cuda_saved(workdir: Path, canary: Path) -> Built:
 
 def build_format_too_new(workdir: Path, canary: Path) -> Built:
     """A torch zip whose ``version`` record says 99 (this torch reads up to 10)."""
-    src = _save(workdir, "src.pt", _linear_sd())
-    path = workdir / "model.pt"
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
-        for info in zin.infolist():
-            data = zin.read(info)
-            if info.filename.endswith("/version") and info.filename.count("/") == 1:
-                data = b"99\n"
-            zout.writestr(info.filename, data)
-    src.unlink()
+    path = _save(workdir, "model.pt", _linear_sd())
+    # Patched in place (torch writes b"3\n"; b"99" has the same length), CRCs updated: the layout stays
+    # torch's own (a rewrite with zipfile moves the storages, which is refused for its own reason).
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zin:
+        info = next(i for i in zin.infolist() if i.filename.endswith("/version") and i.filename.count("/") == 1)
+        assert zin.read(info) == b"3\n"
+    name = info.filename.encode()
+    (lextra,) = struct.unpack_from("<H", data, info.header_offset + 28)
+    start = info.header_offset + 30 + len(name) + lextra
+    data[start:start + 2] = b"99"
+    crc = struct.pack("<I", zlib.crc32(b"99"))
+    data[info.header_offset + 14:info.header_offset + 18] = crc
+    desc = start + 2 + (4 if data[start + 2:start + 6] == b"PK\x07\x08" else 0)  # torch writes data descriptors
+    data[desc:desc + 4] = crc
+    pos = data.find(b"PK\x01\x02")
+    while pos >= 0:
+        (nlen,) = struct.unpack_from("<H", data, pos + 28)
+        if data[pos + 46:pos + 46 + nlen] == name:
+            data[pos + 16:pos + 20] = crc
+        pos = data.find(b"PK\x01\x02", pos + 4)
+    path.write_bytes(bytes(data))
     return Built([path], arch=LINEAR, arch_kwargs=dict(LINEAR_KW))
 
 
