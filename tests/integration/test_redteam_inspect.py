@@ -31,7 +31,9 @@ def test_program_record_not_named_json_is_quarantined(case, pt2_sources, tmp_pat
     path = case.build(pt2_sources[0], tmp_path / "model.pt2", canary)
     report, code = inspect_json(path, tmp_path, monkeypatch)
     assert (report["verdict"], code) == ("quarantine", 1), report["reasons"]
-    assert {r["code"] for r in report["reasons"]} == {"UNSAFE_CODE"}, report["reasons"]
+    codes = {r["code"] for r in report["reasons"]}
+    # A record beside one that differs only in case is also CORRUPT_ARCHIVE (torch's reader folds case).
+    assert "UNSAFE_CODE" in codes and codes <= {"UNSAFE_CODE", "CORRUPT_ARCHIVE"}, report["reasons"]
     assert any(f"models/{case.record}" in r["message"] for r in report["reasons"]), report["reasons"]
     assert not canary.exists()
 
