@@ -588,7 +588,7 @@ def validate_version(
             arch, arch_kwargs, tag_findings = _arch_from_tags(state)
             t = time.perf_counter()
             try:
-                loc = resolve_artifact_uri(registry.download_uri(ref), settings)
+                loc = resolve_artifact_uri(_download_uri(registry, state), settings)
                 remote = storage.list_files(loc)
                 # Sizes from the listing first: a file too big for every worker is never downloaded.
                 too_big = _oversized(workdir, [f.rel for f in remote], settings, {f.rel: f.size for f in remote})
@@ -630,12 +630,11 @@ def validate_version(
         # lease that ran out while this attempt was cut off from MLflow) records its own complete verdict;
         # this attempt then records nothing. The attempt number is taken now, from every recorded run, so
         # overlapping attempts do not share one.
-        now = registry.get(ref)
+        now, runs = registry.state_and_attempts(ref)
         rival = now.tags.get(LEASE_OWNER, "")
         if rival not in ("", owner) and (now.lease_until or now_utc()) > now_utc():
             log.warning("%s: %s took the lease over while this attempt ran; leaving the verdict to it", ref, rival)
             return Outcome(None, skipped=f"{ref}: another worker ({rival}) took the lease over; its verdict stands")
-        runs = registry.attempts(ref)
         attempt = registry.next_attempt(ref, now, runs=runs)
         if ReasonCode.WORKER_LOST in decision.codes:
             findings = worker_lost_in_a_row(findings, runs, settings.worker_lost_limit)
@@ -754,6 +753,18 @@ def fetch_listed(
     )
 
 
+_S3_SCHEMES = ("s3://", "s3a://", "s3n://")
+
+
+def _download_uri(registry: Registry, state: VersionState) -> str:
+    """Where the version's files are. MLflow's registry answers a version's own source when that is a
+    storage URI (it resolves only ``models:/`` sources to another location), so an S3 source, read with
+    the claim, is used as it is; any other asks the registry."""
+    if state.source.startswith(_S3_SCHEMES):
+        return state.source
+    return registry.download_uri(state.ref)
+
+
 def _with_origin(info: FileInfo, listed: dict[str, RemoteFile]) -> FileInfo:
     rf = listed.get(info.path)
     if rf is None:
@@ -770,11 +781,11 @@ def _drift(registry: Registry, ref: VersionRef, checked: Checked, settings: Sett
     from ckpt_stage import drift
 
     try:
-        promoted = registry.alias_version(ref.name)
-        if promoted is None or promoted == ref.version:
+        held = registry.alias_state(ref.name)  # the holder's tags come with it: no second read
+        if held is None or held.ref.version == ref.version:
             return []
-        prev_state = registry.get(VersionRef(ref.name, promoted))
-        run_id = prev_state.tags.get(RUN_ID)
+        promoted = held.ref.version
+        run_id = held.tags.get(RUN_ID)
         prev = registry.report_of(run_id) if run_id else None
         layers = ((prev or {}).get("model_info") or {}).get("layers")
         return drift.compare(layers, current, promoted, max_change=settings.drift_max_change)

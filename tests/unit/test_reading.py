@@ -376,6 +376,9 @@ class _Registry:
     def attempts(self, ref):
         return []
 
+    def state_and_attempts(self, ref):
+        return self.get(ref), self.attempts(ref)
+
     def next_attempt(self, ref, state, *, runs=None):
         return 1
 

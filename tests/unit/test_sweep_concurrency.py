@@ -45,37 +45,48 @@ def test_sweep_concurrency_setting(monkeypatch):
 
 
 class _ArtifactClient:
-    """Just the MLflow client call ``report_of`` makes, counting downloads."""
+    """Just the MLflow client call ``report_of`` makes (the run, for its artifact location), counted;
+    the reports lie in a local artifact store."""
 
-    def __init__(self, reports):
-        self.reports, self.downloads = reports, 0
-
-    def download_artifacts(self, run_id, path, dst):
+    def __init__(self, root, reports):
         import json
-        import os
 
-        self.downloads += 1
-        if run_id not in self.reports:
-            raise OSError("no such artifact")
-        out = os.path.join(dst, path)
-        with open(out, "w") as fh:
-            json.dump(self.reports[run_id], fh)
-        return out
+        self.root, self.reads = root, 0
+        for run_id, report in reports.items():
+            (root / run_id).mkdir()
+            (root / run_id / "report.json").write_text(json.dumps(report))
+
+    def get_run(self, run_id):
+        from types import SimpleNamespace
+
+        self.reads += 1
+        return SimpleNamespace(info=SimpleNamespace(artifact_uri=(self.root / run_id).as_uri()))
 
 
-def test_report_of_reads_each_run_once():
+def test_report_of_reads_each_run_once(tmp_path):
     """An attempt's report.json never changes once written: a sweep reads the promoted version's
     report (for drift) once, not once per validated version; a missing one is asked for again."""
     from ckpt_stage.registry import Registry
 
-    client = _ArtifactClient({"r1": {"verdict": "pass", "model_info": {"layers": [1]}}})
+    client = _ArtifactClient(tmp_path, {"r1": {"verdict": "pass", "model_info": {"layers": [1]}}})
     reg = Registry(Settings(), client=client)
     first = reg.report_of("r1")
     first["verdict"] = "changed by a caller"
     assert reg.report_of("r1") == {"verdict": "pass", "model_info": {"layers": [1]}}
-    assert client.downloads == 1
+    assert client.reads == 1
     assert reg.report_of("missing") is None and reg.report_of("missing") is None
-    assert client.downloads == 3
+    assert client.reads == 3
+
+
+def test_a_report_this_adapter_wrote_is_not_read_back(tmp_path):
+    """The next version of a model in a sweep compares against the report the previous verdict wrote:
+    kept from the writing, no request."""
+    from ckpt_stage.registry import Registry
+
+    client = _ArtifactClient(tmp_path, {})
+    reg = Registry(Settings(), client=client)
+    reg._remember_report("r2", {"verdict": "pass"})
+    assert reg.report_of("r2") == {"verdict": "pass"} and client.reads == 0
 
 
 def test_prompt_check_once_per_model_name():
