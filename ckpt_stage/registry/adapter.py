@@ -50,7 +50,8 @@ from ckpt_stage.registry.tags import (
 
 log = logging.getLogger(__name__)
 
-PAGE = 200
+PAGE = 1000
+"""Versions per search request (MLflow pages by offset: fewer, larger pages cost the server less in all)."""
 
 # Statuses that are a verdict: a claim that finds one of them recorded meanwhile gives up.
 _DECIDED = (Status.PROMOTED, Status.QUARANTINED)
@@ -602,12 +603,26 @@ class Registry:
         by_model: dict[str, list[VersionState]] = {}
         for st in states:
             by_model.setdefault(st.ref.name, []).append(st)
+        # A version listing carries no aliases (MLflow 3.17's search leaves them empty): every model's alias
+        # comes from one listing of the registered models instead, so only models whose alias is wrong are
+        # synced (an idle sweep then costs the two listings, not two requests per model).
+        held: dict[str, list[str]] | None = None
+        try:
+            pairs = self.alias_holders()
+        except CkptStageError as exc:
+            log.warning("could not list the models' aliases (%s); checking every model's alias", exc)
+        else:
+            held = {}
+            for (model, version), aliases in pairs.items():
+                if self.settings.alias in aliases:
+                    held.setdefault(model, []).append(version)
         wanted = set(touched)
         leftovers: list[VersionRef] = []
         for model, versions in by_model.items():
             promoted = [int(v.ref.version) for v in versions if v.status is Status.PROMOTED and v.ref.version.isdigit()]
             target = str(max(promoted)) if promoted else None
-            holders = [v.ref.version for v in versions if self.settings.alias in v.aliases]
+            holders = ([v.ref.version for v in versions if self.settings.alias in v.aliases] if held is None
+                       else held.get(model, []))
             if holders != ([target] if target else []):
                 wanted.add(model)
             stale = [v.ref for v in versions if v.status is Status.PROMOTED and (LEASE_OWNER in v.tags or LEASE_UNTIL in v.tags)]

@@ -110,3 +110,45 @@ def test_prompt_check_once_per_model_name():
         with pytest.raises(ValueError):
             client._raise_if_prompt("a-prompt")
     assert calls == ["m", "n", "a-prompt", "a-prompt"]
+
+
+def test_an_idle_reconcile_syncs_only_models_whose_alias_is_wrong():
+    """MLflow's version search carries no aliases; the sweep's repair reads every model's alias from one
+    listing of the registered models and syncs only a model whose alias is not on its highest promoted
+    version (an idle sweep costs its listings, not two requests per model)."""
+    from types import SimpleNamespace
+
+    from ckpt_stage.registry import STATUS, Registry, VersionState
+
+    class Page(list):
+        token = None
+
+    class Client:
+        def __init__(self):
+            self.calls = []
+
+        def search_registered_models(self, **k):
+            self.calls.append("models")
+            return Page([SimpleNamespace(name="ok", aliases={"validated": "2", "champion": "1"}),
+                         SimpleNamespace(name="wrong", aliases={"validated": "1"})])
+
+        def search_model_versions(self, filter_string=None, **k):
+            self.calls.append(f"versions {filter_string}")
+            return Page([SimpleNamespace(name="wrong", version=v, tags={STATUS: "promoted"}, source="", run_id=None,
+                                         creation_timestamp=0, aliases=[]) for v in ("1", "2")])
+
+        def get_model_version_by_alias(self, name, alias):
+            self.calls.append(f"alias {name}")
+            return SimpleNamespace(name=name, version="1", tags={}, source="", run_id=None, creation_timestamp=0,
+                                   aliases=[alias])
+
+        def set_registered_model_alias(self, name, alias, version):
+            self.calls.append(f"set {name} {version}")
+
+    from ckpt_stage.domain import VersionRef
+
+    listing = [VersionState(VersionRef(m, v), tags={STATUS: "promoted"}) for m in ("ok", "wrong") for v in ("1", "2")]
+    client = Client()
+    assert Registry(Settings(), client=client).reconcile(listing) == {"wrong": "2"}
+    assert client.calls[0] == "models" and "set wrong 2" in client.calls
+    assert not any("ok" in c for c in client.calls)
