@@ -62,6 +62,7 @@ from ckpt_stage.scan.estimate import oversized_files
 from ckpt_stage.scan.pickles import torch_legacy_tensors, torch_zip_tensors
 from ckpt_stage.scan.reading import Reading, stamp_of
 from ckpt_stage.storage import (
+    Listing,
     LocalFile,
     RemoteFile,
     S3Location,
@@ -549,6 +550,7 @@ def validate_version(
     owner: str | None = None,
     progress: Progress | None = None,
     origin: dict[str, Any] | None = None,
+    listing: Listing | None = None,
 ) -> Outcome:
     """Validate one registered version end to end and record the verdict in MLflow.
 
@@ -558,7 +560,10 @@ def validate_version(
     when that much could still be written, else ``validating`` under a lease that runs out within
     ``lease_s``. Only bad input (an unknown version: ``UsageError``; a broken setting: ``ConfigError``)
     raises. ``origin`` says who ran the attempt (``{"airflow": {dag_id, run_id, task_id, map_index,
-    try_number}}``); it goes into the report and the attempt's run tags.
+    try_number}}``); it goes into the report and the attempt's run tags. ``listing``: the version's objects
+    as the DAG's plan task listed them, used instead of listing again while it is at most
+    ``PLANNED_LISTING_MAX_AGE_S`` old (the download still gets exactly the listed objects, and lists again
+    when one changed since).
     """
     registry = registry or Registry(settings)
     storage = storage or S3Storage(settings)
@@ -588,8 +593,11 @@ def validate_version(
             arch, arch_kwargs, tag_findings = _arch_from_tags(state)
             t = time.perf_counter()
             try:
-                loc = resolve_artifact_uri(_download_uri(registry, state), settings)
-                remote = storage.list_files(loc)
+                if listing is not None and 0 <= listing.age_s() <= PLANNED_LISTING_MAX_AGE_S:
+                    loc, remote = resolve_artifact_uri(listing.uri, settings), list(listing.files)
+                else:
+                    loc = resolve_artifact_uri(_download_uri(registry, state), settings)
+                    remote = storage.list_files(loc)
                 # Sizes from the listing first: a file too big for every worker is never downloaded.
                 too_big = _oversized(workdir, [f.rel for f in remote], settings, {f.rel: f.size for f in remote})
                 if too_big is not None:
@@ -721,6 +729,10 @@ def _unrecorded(ref: VersionRef, exc: BaseException, *, attempt: int, what: str)
     report = build_report(None, decision, model=ref, attempt=attempt, findings=[finding], timings={})
     return Outcome(report, recorded=False)
 
+
+PLANNED_LISTING_MAX_AGE_S = 300.0
+"""A listing handed along by the plan task is used up to this old; a task that waited longer in its
+queue lists again (a file added to a version's location later is then part of its verdict)."""
 
 # A version whose objects keep changing while it is downloaded is being written to: give up after a few
 # fresh listings with a retryable error (the next sweep tries again), never a verdict on mixed bytes.
