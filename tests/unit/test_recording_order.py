@@ -132,3 +132,24 @@ def test_a_rivals_lease_is_left_alone(tmp_path):
     reg.record(_report(Verdict.PASS), Decision(Verdict.PASS, ()), digest="d", owner="me")
     assert client.tags[LEASE_OWNER] == "rival"
     assert not any(name.startswith("delete") for name, *_ in client.log)
+
+
+def test_a_failed_tag_write_keeps_the_status_unwritten(tmp_path):
+    """One of the concurrent tag writes fails: the others run to their end, the failure is raised, and the
+    status is never written (the version stays eligible; its lease runs out)."""
+    from ckpt_stage.errors import RegistryUnavailable
+    from ckpt_stage.registry import RUN_ID
+
+    class Failing(_Client):
+        def set_model_version_tag(self, name, version, key, value):
+            if key == RUN_ID:
+                self._call("tag failed")
+                raise ConnectionError("MLflow went away")
+            super().set_model_version_tag(name, version, key, value)
+
+    client = Failing(tmp_path, "me")
+    with pytest.raises(RegistryUnavailable):
+        Registry(Settings(), client=client).record(_report(Verdict.PASS), Decision(Verdict.PASS, ()), digest="d",
+                                                   owner="me")
+    assert STATUS not in client.tags and client.tags[LEASE_OWNER] == "me"
+    assert len([n for n, *_ in client.log if n.startswith("tag ")]) == 7  # six landed, one failed
