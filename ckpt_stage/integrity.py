@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,13 @@ def _location(manifest: Manifest, state: VersionState, registry: Registry, setti
 def recheck_version(state: VersionState, *, settings: Settings, registry: Registry,
                     storage: S3Storage) -> RecheckResult:
     """Compare one promoted version's objects with its manifest; quarantine it on any difference."""
+    return _settle(state, *_compare(state, settings=settings, registry=registry, storage=storage),
+                   registry=registry)
+
+
+def _compare(state: VersionState, *, settings: Settings, registry: Registry,
+             storage: S3Storage) -> tuple[Manifest, list[Difference]]:
+    """The reading half of a re-check (manifest, S3 listing): it writes nothing."""
     manifest = manifest_of(state, registry, settings)
     if not manifest.digest_ok:
         diffs = [Difference("report.json", "changed",
@@ -215,6 +223,11 @@ def recheck_version(state: VersionState, *, settings: Settings, registry: Regist
         except ArtifactMissing:
             listing = []
         diffs = compare_listing(manifest, listing)
+    return manifest, diffs
+
+
+def _settle(state: VersionState, manifest: Manifest, diffs: list[Difference], *, registry: Registry) -> RecheckResult:
+    """The writing half: a version whose objects differ is quarantined."""
     if not diffs:
         return RecheckResult(state.ref, "same")
     summary = mismatch_summary(manifest, diffs)
@@ -222,6 +235,10 @@ def recheck_version(state: VersionState, *, settings: Settings, registry: Regist
     done = registry.quarantine_promoted(state.ref, codes=ReasonCode.INTEGRITY_MISMATCH.value, summary=summary,
                                         expect_run_id=manifest.run_id)
     return RecheckResult(state.ref, "quarantined" if done else "skipped", tuple(diffs), summary)
+
+
+RECHECK_CONCURRENCY = 8
+"""Promoted versions whose objects a re-check pass lists at once."""
 
 
 def recheck_promoted(
@@ -240,17 +257,32 @@ def recheck_promoted(
     registry = registry or Registry(settings)
     storage = storage or S3Storage(settings)
     out: list[RecheckResult] = []
-    for state in registry.promoted(model=model):
+    states = registry.promoted(model=model)
+
+    def compare(state: VersionState) -> tuple[Manifest, list[Difference]] | BaseException:
         try:
-            result = recheck_version(state, settings=settings, registry=registry, storage=storage)
-        except (UsageError, ConfigError):
-            raise
-        except CkptStageError as exc:
-            log.warning("re-check of %s skipped: %s", state.ref, exc)
-            result = RecheckResult(state.ref, "error", message=f"{exc.code.value}: {exc.message}")
-        if on_result:
-            on_result(result)
-        out.append(result)
+            return _compare(state, settings=settings, registry=registry, storage=storage)
+        except Exception as exc:  # noqa: BLE001 - handed to the loop below, in the work list's order
+            return exc
+
+    # The reading half (one S3 listing per version; the manifest from the local cache after the first pass)
+    # runs RECHECK_CONCURRENCY at a time; the quarantines are written one after the other, in order, so two
+    # of one model never move its alias at once.
+    with ThreadPoolExecutor(max_workers=max(1, min(RECHECK_CONCURRENCY, len(states)))) as pool:
+        compared = pool.map(compare, states)
+        for state, found in zip(states, compared, strict=True):
+            try:
+                if isinstance(found, BaseException):
+                    raise found
+                result = _settle(state, *found, registry=registry)
+            except (UsageError, ConfigError):
+                raise
+            except CkptStageError as exc:
+                log.warning("re-check of %s skipped: %s", state.ref, exc)
+                result = RecheckResult(state.ref, "error", message=f"{exc.code.value}: {exc.message}")
+            if on_result:
+                on_result(result)
+            out.append(result)
     return out
 
 

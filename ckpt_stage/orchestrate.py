@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ckpt_stage.errors import TRANSIENT_CODES, CkptStageError, RerunTooLarge, Us
 if TYPE_CHECKING:
     from ckpt_stage.pipeline import Outcome
     from ckpt_stage.registry import Registry, VersionState
+    from ckpt_stage.storage import Listing
 
 log = logging.getLogger(__name__)
 
@@ -236,17 +238,24 @@ def select_for_rerun(registry: VersionReader, params: Mapping[str, Any], *, limi
 
 
 # -- sizing -------------------------------------------------------------------------------------------
-def estimate_bytes(ref: VersionRef, *, settings: Settings, registry: SourceResolver, storage: Any) -> int | None:
-    """The cheapest estimate before a download: the sum of the version's S3 object sizes (None: unknown)."""
-    from ckpt_stage.storage import resolve_artifact_uri
+def list_version(ref: VersionRef, *, settings: Settings, registry: SourceResolver, storage: Any) -> Listing | None:
+    """The version's objects (None: they cannot be listed now). Their sizes plan the version; the listing
+    itself goes to the validation, which then does not list them again."""
+    from ckpt_stage.storage import Listing, resolve_artifact_uri
 
     try:
-        loc = resolve_artifact_uri(registry.download_uri(ref), settings)
-        return sum(f.size for f in storage.list_files(loc))
+        uri = registry.download_uri(ref)
+        return Listing(uri, tuple(storage.list_files(resolve_artifact_uri(uri, settings))), time.time())
     except CkptStageError as exc:
         # The validation itself records the proper verdict (ARTIFACT_MISSING, STORAGE_*); sizing only plans.
         log.info("cannot size %s before validating it (%s: %s)", ref, exc.code.value, exc)
         return None
+
+
+def estimate_bytes(ref: VersionRef, *, settings: Settings, registry: SourceResolver, storage: Any) -> int | None:
+    """The cheapest estimate before a download: the sum of the version's S3 object sizes (None: unknown)."""
+    listing = list_version(ref, settings=settings, registry=registry, storage=storage)
+    return listing.size if listing is not None else None
 
 
 def planned_memory(s3_bytes: int) -> int:
@@ -275,18 +284,23 @@ def route(estimated_bytes: int | None, settings: Settings) -> WorkerClass:
 
 
 def plan(refs: Sequence[VersionRef], settings: Settings,
-         estimate: Callable[[VersionRef], int | None]) -> list[dict[str, Any]]:
+         estimate: Callable[[VersionRef], int | Listing | None]) -> list[dict[str, Any]]:
     """Size each version and route it: ``[{name, version, s3_bytes, estimated_bytes, worker_class, queue,
     over_budget}]`` (``estimated_bytes``: ``planned_memory`` of the S3 bytes; ``over_budget``: above the
-    largest class, to be refused unloaded)."""
+    largest class, to be refused unloaded). ``estimate`` gives a size, or the version's ``Listing``: then
+    the item carries it as ``listing`` (up to ``Listing.MAX_FILES`` objects) for the validation to use."""
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(refs)))) as pool:
         sizes = list(pool.map(estimate, refs))
     out = []
-    for ref, size in zip(refs, sizes, strict=True):
+    for ref, found in zip(refs, sizes, strict=True):
+        size = found if found is None or isinstance(found, int) else found.size
         need = planned_memory(size) if size is not None else None
         wc = route(need, settings)
-        out.append({**ref.to_dict(), "s3_bytes": size, "estimated_bytes": need, "worker_class": wc.name,
-                    "queue": wc.queue, "over_budget": need is not None and need > settings.largest_class.memory_bytes})
+        item: dict[str, Any] = {**ref.to_dict(), "s3_bytes": size, "estimated_bytes": need, "worker_class": wc.name,
+                "queue": wc.queue, "over_budget": need is not None and need > settings.largest_class.memory_bytes}
+        if found is not None and not isinstance(found, int) and len(found.files) <= found.MAX_FILES:
+            item["listing"] = found.to_dict()
+        out.append(item)
     return out
 
 
@@ -302,7 +316,7 @@ def plan_versions(refs: Sequence[VersionRef], settings: Settings) -> list[dict[s
     # Sizing must not stall the run: few quick tries; the validation has the full retry budget.
     storage = S3Storage(settings.replace(s3_attempts=min(2, settings.s3_attempts),
                                          s3_deadline_s=min(15.0, settings.s3_deadline_s)))
-    return plan(refs, settings, lambda r: estimate_bytes(r, settings=settings, registry=registry, storage=storage))
+    return plan(refs, settings, lambda r: list_version(r, settings=settings, registry=registry, storage=storage))
 
 
 # -- one version ----------------------------------------------------------------------------------------
@@ -351,6 +365,7 @@ def validation_task(ref: Mapping[str, Any], *, force: bool, settings: Settings,
     """
     from ckpt_stage.pipeline import validate_version
     from ckpt_stage.registry import LEASE_OWNER, Registry
+    from ckpt_stage.storage import Listing
 
     registry = registry or Registry(settings)
     vref = VersionRef(str(ref["name"]), str(ref["version"]))
@@ -362,8 +377,12 @@ def validation_task(ref: Mapping[str, Any], *, force: bool, settings: Settings,
         ours = owner is not None and state.status is Status.VALIDATING and state.tags.get(LEASE_OWNER) == owner
         if not state.needs_validation() and not ours:
             return {**vref.to_dict(), "skipped": f"already {state.status.value if state.status else '-'}"}
+    extra: dict[str, Any] = {}
+    listing = Listing.from_dict(ref.get("listing"))
+    if listing is not None:  # the plan task's listing: the objects are not listed again
+        extra["listing"] = listing
     return task_result(validate_version(vref, settings=settings, registry=registry, force=force, owner=owner,
-                                  origin={"airflow": dict(airflow)} if airflow else None))
+                                  origin={"airflow": dict(airflow)} if airflow else None, **extra))
 
 
 def task_owner(context: Mapping[str, Any]) -> str:

@@ -62,6 +62,7 @@ from ckpt_stage.scan.estimate import oversized_files
 from ckpt_stage.scan.pickles import torch_legacy_tensors, torch_zip_tensors
 from ckpt_stage.scan.reading import Reading, stamp_of
 from ckpt_stage.storage import (
+    Listing,
     LocalFile,
     RemoteFile,
     S3Location,
@@ -549,6 +550,7 @@ def validate_version(
     owner: str | None = None,
     progress: Progress | None = None,
     origin: dict[str, Any] | None = None,
+    listing: Listing | None = None,
 ) -> Outcome:
     """Validate one registered version end to end and record the verdict in MLflow.
 
@@ -558,7 +560,10 @@ def validate_version(
     when that much could still be written, else ``validating`` under a lease that runs out within
     ``lease_s``. Only bad input (an unknown version: ``UsageError``; a broken setting: ``ConfigError``)
     raises. ``origin`` says who ran the attempt (``{"airflow": {dag_id, run_id, task_id, map_index,
-    try_number}}``); it goes into the report and the attempt's run tags.
+    try_number}}``); it goes into the report and the attempt's run tags. ``listing``: the version's objects
+    as the DAG's plan task listed them, used instead of listing again while it is at most
+    ``PLANNED_LISTING_MAX_AGE_S`` old (the download still gets exactly the listed objects, and lists again
+    when one changed since).
     """
     registry = registry or Registry(settings)
     storage = storage or S3Storage(settings)
@@ -588,8 +593,11 @@ def validate_version(
             arch, arch_kwargs, tag_findings = _arch_from_tags(state)
             t = time.perf_counter()
             try:
-                loc = resolve_artifact_uri(registry.download_uri(ref), settings)
-                remote = storage.list_files(loc)
+                if listing is not None and 0 <= listing.age_s() <= PLANNED_LISTING_MAX_AGE_S:
+                    loc, remote = resolve_artifact_uri(listing.uri, settings), list(listing.files)
+                else:
+                    loc = resolve_artifact_uri(_download_uri(registry, state), settings)
+                    remote = storage.list_files(loc)
                 # Sizes from the listing first: a file too big for every worker is never downloaded.
                 too_big = _oversized(workdir, [f.rel for f in remote], settings, {f.rel: f.size for f in remote})
                 if too_big is not None:
@@ -630,12 +638,11 @@ def validate_version(
         # lease that ran out while this attempt was cut off from MLflow) records its own complete verdict;
         # this attempt then records nothing. The attempt number is taken now, from every recorded run, so
         # overlapping attempts do not share one.
-        now = registry.get(ref)
+        now, runs = registry.state_and_attempts(ref)
         rival = now.tags.get(LEASE_OWNER, "")
         if rival not in ("", owner) and (now.lease_until or now_utc()) > now_utc():
             log.warning("%s: %s took the lease over while this attempt ran; leaving the verdict to it", ref, rival)
             return Outcome(None, skipped=f"{ref}: another worker ({rival}) took the lease over; its verdict stands")
-        runs = registry.attempts(ref)
         attempt = registry.next_attempt(ref, now, runs=runs)
         if ReasonCode.WORKER_LOST in decision.codes:
             findings = worker_lost_in_a_row(findings, runs, settings.worker_lost_limit)
@@ -723,6 +730,10 @@ def _unrecorded(ref: VersionRef, exc: BaseException, *, attempt: int, what: str)
     return Outcome(report, recorded=False)
 
 
+PLANNED_LISTING_MAX_AGE_S = 300.0
+"""A listing handed along by the plan task is used up to this old; a task that waited longer in its
+queue lists again (a file added to a version's location later is then part of its verdict)."""
+
 # A version whose objects keep changing while it is downloaded is being written to: give up after a few
 # fresh listings with a retryable error (the next sweep tries again), never a verdict on mixed bytes.
 LISTING_ATTEMPTS = 3
@@ -754,6 +765,18 @@ def fetch_listed(
     )
 
 
+_S3_SCHEMES = ("s3://", "s3a://", "s3n://")
+
+
+def _download_uri(registry: Registry, state: VersionState) -> str:
+    """Where the version's files are. MLflow's registry answers a version's own source when that is a
+    storage URI (it resolves only ``models:/`` sources to another location), so an S3 source, read with
+    the claim, is used as it is; any other asks the registry."""
+    if state.source.startswith(_S3_SCHEMES):
+        return state.source
+    return registry.download_uri(state.ref)
+
+
 def _with_origin(info: FileInfo, listed: dict[str, RemoteFile]) -> FileInfo:
     rf = listed.get(info.path)
     if rf is None:
@@ -770,11 +793,11 @@ def _drift(registry: Registry, ref: VersionRef, checked: Checked, settings: Sett
     from ckpt_stage import drift
 
     try:
-        promoted = registry.alias_version(ref.name)
-        if promoted is None or promoted == ref.version:
+        held = registry.alias_state(ref.name)  # the holder's tags come with it: no second read
+        if held is None or held.ref.version == ref.version:
             return []
-        prev_state = registry.get(VersionRef(ref.name, promoted))
-        run_id = prev_state.tags.get(RUN_ID)
+        promoted = held.ref.version
+        run_id = held.tags.get(RUN_ID)
         prev = registry.report_of(run_id) if run_id else None
         layers = ((prev or {}).get("model_info") or {}).get("layers")
         return drift.compare(layers, current, promoted, max_change=settings.drift_max_change)

@@ -101,6 +101,43 @@ class RemoteFile:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """A version's objects as one listing saw them, with where and when: the DAG's ``plan`` task sizes the
+    version from it and hands it to the validation, which downloads exactly these objects (by VersionId or
+    ETag; ``pipeline.fetch_listed`` lists again when one changed since) instead of listing them again."""
+
+    uri: str
+    files: tuple[RemoteFile, ...]
+    listed_at: float
+    """``time.time()`` of the listing."""
+
+    MAX_FILES = 64
+    """A listing handed along at most this long (it travels in an Airflow XCom): a bigger one is listed
+    again where it is validated."""
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def age_s(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.listed_at
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri, "listed_at": self.listed_at,
+                "files": [[f.key, f.rel, f.size, f.etag, f.version_id] for f in self.files]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Listing | None:
+        """The listing ``to_dict`` gave, or None for anything else (an older plan's item, a malformed one)."""
+        try:
+            files = tuple(RemoteFile(str(k), str(r), int(n), str(e or ""), None if v is None else str(v))
+                          for k, r, n, e, v in data["files"])
+            return cls(str(data["uri"]), files, float(data["listed_at"])) if files else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
 class LocalFile:
     rel: str
     path: Path

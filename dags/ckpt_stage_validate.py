@@ -7,9 +7,10 @@ no status, ``pending``, ``error``, or ``validating`` with an expired lease. Webh
 drops a delivery after 3 retries and never redelivers); the sweep loses nothing.
 
 Tasks: ``discover`` (the triggering events' versions that still need a verdict, plus the sweep's) →
-``plan`` (sum of each version's S3 object sizes → worker class) → per class ``batch_<class>`` →
-``validate_<class>``, one mapped task instance per version in the class's pool and queue, so each
-version has its own log, state and retries.
+``plan`` (sum of each version's S3 object sizes → worker class; the listing goes along, so the
+validation does not list the objects again) → per class ``batch_<class>`` → ``validate_<class>``, one
+mapped task instance per version in the class's pool and queue, so each version has its own log, state
+and retries.
 
 Under the CeleryExecutor each class has its queue (``ckpt-small``, ``ckpt-large`` by default, or as
 ``CKPT_STAGE_WORKER_CLASSES`` names them): start ``airflow celery worker --queues ckpt-large`` on hosts with

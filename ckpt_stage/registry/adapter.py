@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ckpt_stage.config import Settings
@@ -50,7 +50,8 @@ from ckpt_stage.registry.tags import (
 
 log = logging.getLogger(__name__)
 
-PAGE = 200
+PAGE = 1000
+"""Versions per search request (MLflow pages by offset: fewer, larger pages cost the server less in all)."""
 
 # Statuses that are a verdict: a claim that finds one of them recorded meanwhile gives up.
 _DECIDED = (Status.PROMOTED, Status.QUARANTINED)
@@ -165,6 +166,25 @@ def _prompt_check_once(client: Any) -> Any:
     return client
 
 
+def concurrently(*calls: Callable[[], Any]) -> list[Any]:
+    """Run independent registry calls at once (each already translated), results in order. Every call
+    runs to its end; the first failure (in the order given) is raised after all finished, so nothing
+    is left in flight behind the caller. One call runs inline."""
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(calls), PARALLEL_WRITES), thread_name_prefix="ckpt-mlflow") as pool:
+        futures = [pool.submit(call) for call in calls]
+    for f in futures:
+        f.result()  # the first failure, in the order given
+    return [f.result() for f in futures]
+
+
+PARALLEL_WRITES = 8
+"""MLflow requests of one attempt in flight at once (independent tag writes, reads; MLflow's HTTP
+pool holds 10 connections per host by default)."""
+
 REPORT_CACHE = 64
 """Reports kept in memory per Registry (each a few KB; a model's promoted version is read by every
 validation of the model in a sweep)."""
@@ -178,6 +198,7 @@ class Registry:
         self._client = client
         self._tracking_uri = tracking_uri
         self._experiment_id: str | None = None
+        self._lock = threading.Lock()
         self._reports: dict[str, dict[str, Any]] = {}
         """report.json by run id: an attempt's report is written once, with its run, and never again,
         so one sweep reads the promoted version's report (drift) once, not once per version."""
@@ -195,6 +216,11 @@ class Registry:
     def get(self, ref: VersionRef) -> VersionState:
         with translate(f"model {ref.name!r} version {ref.version}"):
             return _state(self.client.get_model_version(ref.name, ref.version))
+
+    def state_and_attempts(self, ref: VersionRef) -> tuple[VersionState, list[dict[str, Any]]]:
+        """``get(ref)`` and ``attempts(ref)``, read at once."""
+        state, runs = concurrently(lambda: self.get(ref), lambda: self.attempts(ref))
+        return state, runs
 
     def download_uri(self, ref: VersionRef) -> str:
         with translate(f"resolving the files of {ref}"):
@@ -243,10 +269,16 @@ class Registry:
 
     def alias_version(self, model: str, alias: str | None = None) -> str | None:
         """The version ``alias`` (default: the stage's alias) points at, or None when it is not set."""
+        held = self.alias_state(model, alias)
+        return held.ref.version if held is not None else None
+
+    def alias_state(self, model: str, alias: str | None = None) -> VersionState | None:
+        """The version ``alias`` (default: the stage's alias) points at, with its tags (one request), or
+        None when it is not set."""
         alias = alias or self.settings.alias
         with translate(f"reading alias {alias!r} of {model!r}"):
             try:
-                return str(self.client.get_model_version_by_alias(model, alias).version)
+                return _state(self.client.get_model_version_by_alias(model, alias))
             except Exception as exc:  # noqa: BLE001 - no alias is a normal state
                 if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower():
                     return None
@@ -282,8 +314,13 @@ class Registry:
         self._write_retrying_conflicts(ref, {LEASE_UNTIL: iso(until), LEASE_OWNER: owner})
         # A rival that read before our ticket landed writes its own at most its read-to-write time later;
         # under the same load that is about ours, so wait that long (twice, at least 0.25 s) before the
-        # re-read: then a rival's later ticket is seen here and this claim gives way.
-        time.sleep(max(0.25, 2 * (time.monotonic() - started)))
+        # re-read: then a rival's later ticket is seen here and this claim gives way. The wait is put to
+        # use: what recording needs later and never changes (the experiment) is looked up meanwhile.
+        settle = max(0.25, 2 * (time.monotonic() - started))
+        waited = time.monotonic()
+        with contextlib.suppress(CkptStageError):
+            self.experiment_id()
+        time.sleep(max(0.0, settle - (time.monotonic() - waited)))
         again = self.get(ref)
         if again.tags.get(LEASE_OWNER) != owner:
             log.info("%s: lost the claim to %s", ref, again.tags.get(LEASE_OWNER))
@@ -334,7 +371,7 @@ class Registry:
     def _write_retrying_conflicts(self, ref: VersionRef, tags: dict[str, str], tries: int = 4) -> None:
         for i in range(tries):
             try:
-                self._set_tags(ref, tags)
+                self._set_tags(ref, tags, ordered=True)
                 return
             except RegistryConflict as exc:
                 if i == tries - 1:
@@ -392,24 +429,39 @@ class Registry:
         metrics.append(Metric("bytes", float(sum(f.size for f in report.files)), ts, 0))
         params = [Param("model", ref.name), Param("version", ref.version)]
         what = f"recording the attempt of {ref}"
-        run_id = self._run_for_attempt(attempt_id, tags, what=what)
-        try:
+        run_id, artifact_uri = self._run_for_attempt(attempt_id, tags, what=what)
+
+        def log_batch() -> None:
             # No stdout redirect here (it would swap sys.stdout under other threads): the "View run" print
             # is switched off by MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by ``configure_client``.
             with translate(what):
                 self.client.log_batch(run_id, metrics=metrics, params=params,
                                       tags=[RunTag(SUMMARY, report.summary[:500])])
+
+        def upload() -> None:
+            # Straight to the run's artifact store (the run's location is known from its creation: no
+            # runs/get to find it again).
             with translate(f"uploading report.json of {ref}"), tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "report.json")
                 with open(path, "w") as fh:
                     json.dump(data, fh, indent=2, sort_keys=False)
-                self.client.log_artifact(run_id, path)
+                self._artifact_repo(artifact_uri).log_artifact(path)
+
+        try:
+            # Independent: the metrics, the report and the clean-up of a duplicate run go at once.
+            concurrently(log_batch, upload, lambda: self._drop_duplicate_runs(attempt_id, run_id))
         except Exception:
             self._finish_run(run_id, "FAILED")
             raise
         with translate(what):
             self.client.set_terminated(run_id, "FINISHED")
+        self._remember_report(run_id, data)
         return run_id
+
+    def _artifact_repo(self, artifact_uri: str) -> Any:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(artifact_uri, tracking_uri=self._tracking_uri)
 
     def _runs_with_attempt_id(self, attempt_id: str) -> list[Any]:
         flt = f"tags.`{ATTEMPT_ID}` = '{_quote(attempt_id)}'"
@@ -418,22 +470,27 @@ class Registry:
                                            order_by=["attributes.start_time ASC"], max_results=10)
         return list(runs)
 
-    def _run_for_attempt(self, attempt_id: str, tags: dict[str, str], *, what: str) -> str:
+    def _run_for_attempt(self, attempt_id: str, tags: dict[str, str], *, what: str) -> tuple[str, str]:
+        """The attempt's run: (run id, artifact URI), created, or found again after a lost answer."""
         try:
             with translate(what):
-                run_id = str(self.client.create_run(self.experiment_id(), tags=tags).info.run_id)
+                run = self.client.create_run(self.experiment_id(), tags=tags)
         except RegistryUnavailable:
             found = self._runs_with_attempt_id(attempt_id)  # the server may have created it: find it again
             if not found:
                 raise
-            run_id = str(found[0].info.run_id)
+            run = found[0]
+        return str(run.info.run_id), str(run.info.artifact_uri)
+
+    def _drop_duplicate_runs(self, attempt_id: str, run_id: str) -> None:
+        """Delete every other run of this attempt: one that the client's own retry of ``runs/create``
+        made after the server had created the first (the first answer was lost)."""
         for extra in self._runs_with_attempt_id(attempt_id):
             if extra.info.run_id != run_id:
                 log.info("deleting run %s: a duplicate of attempt %s (a retried runs/create)", extra.info.run_id,
                          attempt_id)
                 with contextlib.suppress(Exception), translate("deleting a duplicate run"):
                     self.client.delete_run(extra.info.run_id)
-        return run_id
 
     def _finish_run(self, run_id: str, status: str) -> None:
         try:
@@ -468,10 +525,13 @@ class Registry:
             MANIFEST_SHA256: manifest_digest(
                 [(f.path, f.key, f.size, f.etag, f.version_id, f.sha256) for f in report.files]),
         })
+        seen: dict[str, VersionState] = {}
         if decision.verdict is Verdict.PASS:
             self._set_tags(ref, {STATUS: Status.PROMOTED.value})
             try:
-                self.sync_alias(ref.name)
+                # The promoted versions read here include this one, as it is after its status landed:
+                # its lease owner is known without reading the version again.
+                self.sync_alias(ref.name, seen=seen)
             except CkptStageError as exc:
                 log.warning("%s is promoted but the alias did not move (%s); the next sweep repairs it", ref, exc)
                 return run_id
@@ -480,7 +540,8 @@ class Registry:
             self._set_tags(ref, {STATUS: Status.for_verdict(decision.verdict).value})
         else:
             self._set_tags(ref, {STATUS: Status.ERROR.value})
-        self._clear_lease(ref, owner=owner)  # a rival's live lease stays: its attempt records after this one
+        # A rival's live lease stays: its attempt records after this one.
+        self._clear_lease(ref, owner=owner, seen=seen.get(ref.version))
         return run_id
 
     def quarantine_promoted(self, ref: VersionRef, *, codes: str, summary: str, expect_run_id: str) -> bool:
@@ -511,14 +572,18 @@ class Registry:
             self.sync_alias(ref.name)
         self._clear_lease(ref, owner=owner)
 
-    def sync_alias(self, model: str, *, excluding: str | None = None) -> str | None:
-        """Point the alias at the highest promoted version (never ``excluding``); remove it if none."""
-        promoted = [
-            int(v.ref.version) for v in self.iter_versions(model=model, status=Status.PROMOTED.value)
-            if v.ref.version != excluding and v.ref.version.isdigit()
-        ]
+    def sync_alias(self, model: str, *, excluding: str | None = None,
+                   seen: dict[str, VersionState] | None = None) -> str | None:
+        """Point the alias at the highest promoted version (never ``excluding``); remove it if none.
+        The promoted versions and the alias are read at once; ``seen`` receives the promoted versions
+        as read (by version number), for a caller that needs one of them again."""
+        listing, current = concurrently(
+            lambda: list(self.iter_versions(model=model, status=Status.PROMOTED.value)),
+            lambda: self.alias_version(model))
+        if seen is not None:
+            seen.update({v.ref.version: v for v in listing})
+        promoted = [int(v.ref.version) for v in listing if v.ref.version != excluding and v.ref.version.isdigit()]
         target = str(max(promoted)) if promoted else None
-        current = self.alias_version(model)
         with translate(f"moving alias {self.settings.alias!r} of {model!r}"):
             if target is None:
                 if current is not None:
@@ -538,12 +603,26 @@ class Registry:
         by_model: dict[str, list[VersionState]] = {}
         for st in states:
             by_model.setdefault(st.ref.name, []).append(st)
+        # A version listing carries no aliases (MLflow 3.17's search leaves them empty): every model's alias
+        # comes from one listing of the registered models instead, so only models whose alias is wrong are
+        # synced (an idle sweep then costs the two listings, not two requests per model).
+        held: dict[str, list[str]] | None = None
+        try:
+            pairs = self.alias_holders()
+        except CkptStageError as exc:
+            log.warning("could not list the models' aliases (%s); checking every model's alias", exc)
+        else:
+            held = {}
+            for (model, version), aliases in pairs.items():
+                if self.settings.alias in aliases:
+                    held.setdefault(model, []).append(version)
         wanted = set(touched)
         leftovers: list[VersionRef] = []
         for model, versions in by_model.items():
             promoted = [int(v.ref.version) for v in versions if v.status is Status.PROMOTED and v.ref.version.isdigit()]
             target = str(max(promoted)) if promoted else None
-            holders = [v.ref.version for v in versions if self.settings.alias in v.aliases]
+            holders = ([v.ref.version for v in versions if self.settings.alias in v.aliases] if held is None
+                       else held.get(model, []))
             if holders != ([target] if target else []):
                 wanted.add(model)
             stale = [v.ref for v in versions if v.status is Status.PROMOTED and (LEASE_OWNER in v.tags or LEASE_UNTIL in v.tags)]
@@ -563,22 +642,33 @@ class Registry:
                         self._clear_lease(ref)
         return out
 
-    def _clear_lease(self, ref: VersionRef, *, owner: str | None = None) -> None:
-        """Remove the lease tags (only if ``owner`` still holds them, when given). Never raises for a tag
-        that is already gone."""
+    def _clear_lease(self, ref: VersionRef, *, owner: str | None = None, seen: VersionState | None = None) -> None:
+        """Remove the lease tags (only if ``owner`` still holds them, when given: ``seen`` is the version
+        as read after this attempt's last write, else it is read here). Never raises for a tag that is
+        already gone."""
         if owner is not None:
             with contextlib.suppress(CkptStageError):
-                if self.get(ref).tags.get(LEASE_OWNER) != owner:
+                if (seen or self.get(ref)).tags.get(LEASE_OWNER) != owner:
                     return
-        with translate(f"clearing the lease of {ref}"):
-            for key in (LEASE_OWNER, LEASE_UNTIL):
-                with contextlib.suppress(Exception):
-                    self.client.delete_model_version_tag(ref.name, ref.version, key)
 
-    def _set_tags(self, ref: VersionRef, tags: dict[str, str]) -> None:
-        with translate(f"tagging {ref}"):
-            for key, value in tags.items():
+        def delete(key: str) -> None:
+            with contextlib.suppress(Exception), translate(f"clearing the lease of {ref}"):
+                self.client.delete_model_version_tag(ref.name, ref.version, key)
+
+        concurrently(*(lambda k=key: delete(k) for key in (LEASE_OWNER, LEASE_UNTIL)))
+
+    def _set_tags(self, ref: VersionRef, tags: dict[str, str], *, ordered: bool = False) -> None:
+        """Write ``tags`` to the version: at once (independent writes; the call returns when all
+        landed), or one after the other in the dict's order when ``ordered`` (the lease's ticket goes last)."""
+        def one(key: str, value: str) -> None:
+            with translate(f"tagging {ref}"):
                 self.client.set_model_version_tag(ref.name, ref.version, key, value)
+
+        if ordered:
+            for key, value in tags.items():
+                one(key, value)
+            return
+        concurrently(*(lambda k=key, v=value: one(k, v) for key, value in tags.items()))
 
     def report_of(self, run_id: str) -> dict[str, Any] | None:
         """The ``report.json`` an attempt's run holds, or None when it has none (or it is unreadable)."""
@@ -586,12 +676,31 @@ class Registry:
         if cached is not None:
             return json.loads(json.dumps(cached))  # a copy: callers may change what they get
         with translate(f"reading report.json of run {run_id}"):
-            report = _load_json_artifact(self.client, run_id)
+            report = self._load_report(run_id)
         if report is not None:
+            self._remember_report(run_id, report)
+        return report
+
+    def _remember_report(self, run_id: str, report: dict[str, Any]) -> None:
+        """Keep a report this adapter wrote or read: the next version of the model in a sweep compares
+        against it (drift) without reading it back."""
+        with self._lock:
             if len(self._reports) >= REPORT_CACHE:
                 self._reports.pop(next(iter(self._reports)), None)
             self._reports[run_id] = json.loads(json.dumps(report))
-        return report
+
+    def _load_report(self, run_id: str) -> dict[str, Any] | None:
+        """``report.json`` of a run: one runs/get for the run's artifact location, then the artifact store
+        (MLflow's own ``download_artifacts`` makes three registry requests for the same)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                uri = self.client.get_run(run_id).info.artifact_uri
+                path = self._artifact_repo(uri).download_artifacts("report.json", tmp)
+            except Exception as exc:  # noqa: BLE001 - a run without a report is shown as such
+                log.warning("run %s has no readable report.json: %s", run_id, exc)
+                return None
+            with open(path) as fh:
+                return json.load(fh)
 
     # -- reading for the dashboard ----------------------------------------------------------------
     @property
@@ -666,17 +775,6 @@ class Registry:
 def _run_dict(run: Any) -> dict[str, Any]:
     return {"run_id": run.info.run_id, "start_time": run.info.start_time, "tags": dict(run.data.tags),
             "metrics": dict(run.data.metrics)}
-
-
-def _load_json_artifact(client: Any, run_id: str) -> dict[str, Any] | None:
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, "report.json", tmp)
-        except Exception as exc:  # noqa: BLE001 - a run without a report is shown as such
-            log.warning("run %s has no readable report.json: %s", run_id, exc)
-            return None
-        with open(path) as fh:
-            return json.load(fh)
 
 
 def _quote(text: str) -> str:

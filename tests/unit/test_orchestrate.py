@@ -119,6 +119,36 @@ def test_plan_routes_by_planned_memory_and_parks_unknown_or_huge_in_the_largest_
     assert orchestrate.plan([], settings, sizes.__getitem__) == []
 
 
+def test_plan_hands_each_versions_listing_to_its_validation(monkeypatch):
+    """The plan task lists each version once: the listing goes with the planned item (as JSON, for the
+    XCom) to the mapped validation, which passes it to the pipeline instead of listing again."""
+    import json
+    import time
+
+    from ckpt_stage.storage import Listing, RemoteFile
+
+    files = (RemoteFile("p/model.pt", "model.pt", 1000, "e1", "v1"), RemoteFile("p/MLmodel", "MLmodel", 20))
+    listing = Listing("s3://b/p", files, time.time())
+    many = Listing("s3://b/q", tuple(RemoteFile(f"q/{i}", str(i), 1) for i in range(Listing.MAX_FILES + 1)),
+                   time.time())
+    planned = orchestrate.plan([R("m", 1), R("m", 2), R("m", 3)], Settings(),
+                               {R("m", 1): listing, R("m", 2): many, R("m", 3): None}.__getitem__)
+    assert [p["s3_bytes"] for p in planned] == [1020, Listing.MAX_FILES + 1, None]
+    assert "listing" not in planned[1] and "listing" not in planned[2]  # too long for an XCom; unknown
+    item = json.loads(json.dumps(planned[0]))
+    seen = []
+
+    def fake_validate(ref, **kwargs):
+        seen.append(kwargs.get("listing"))
+        return _outcome(Verdict.PASS)
+
+    monkeypatch.setattr("ckpt_stage.pipeline.validate_version", fake_validate)
+    reg = FakeRegistry({R("m", 1): {}})
+    orchestrate.validation_task(item, force=False, settings=Settings(), registry=reg)
+    orchestrate.validation_task({"name": "m", "version": "1"}, force=False, settings=Settings(), registry=reg)
+    assert seen == [listing, None]
+
+
 def test_planned_memory_is_never_below_the_scanners_estimate(tmp_path):
     """The class a version is routed to (by S3 bytes) must hold what the worker's scan will estimate, or a
     load would run on a queue whose hosts were sized for less than its cgroup limit."""

@@ -376,6 +376,9 @@ class _Registry:
     def attempts(self, ref):
         return []
 
+    def state_and_attempts(self, ref):
+        return self.get(ref), self.attempts(ref)
+
     def next_attempt(self, ref, state, *, runs=None):
         return 1
 
@@ -417,3 +420,30 @@ def test_validate_decides_from_the_s3_listing_before_downloading(tmp_path):
     assert report.reasons[0].file == "data/model.pt2"
     assert {f.path: f.size for f in report.files} == {"MLmodel": 300, "data/model.pt2": 3 * 2**40}
     assert registry.recorded
+
+
+class _Unlisted(_Storage):
+    def list_files(self, loc: S3Location):
+        self.listings = getattr(self, "listings", 0) + 1
+        return super().list_files(loc)
+
+
+def test_a_planned_listing_is_used_and_a_stale_one_listed_again(tmp_path):
+    """The DAG's plan task hands its listing to the validation: the objects are not listed again (nor the
+    registry asked where they are) while it is fresh; one older than PLANNED_LISTING_MAX_AGE_S is."""
+    import time
+
+    from ckpt_stage.storage import Listing
+
+    huge = RemoteFile("models/m/1/data/model.pt2", "data/model.pt2", 3 * 2**40)
+    settings = Settings(cache_dir=tmp_path / "cache")
+    for age, listings in ((1.0, 0), (pipeline.PLANNED_LISTING_MAX_AGE_S + 1, 1)):
+        storage, registry = _Unlisted([huge]), _Registry()
+        listing = Listing("s3://bucket/models/m/1", (huge,), time.time() - age)
+        restored = Listing.from_dict(listing.to_dict())  # as it comes out of the XCom
+        assert restored == listing
+        outcome = pipeline.validate_version(VersionRef("m", "1"), settings=settings, registry=registry,
+                                            storage=storage, listing=restored)
+        assert getattr(storage, "listings", 0) == listings
+        assert [f.code for f in outcome.report.reasons] == [R.RESOURCE_LIMIT]  # decided from the sizes
+        assert storage.downloads == 0

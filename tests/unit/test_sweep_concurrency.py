@@ -45,37 +45,48 @@ def test_sweep_concurrency_setting(monkeypatch):
 
 
 class _ArtifactClient:
-    """Just the MLflow client call ``report_of`` makes, counting downloads."""
+    """Just the MLflow client call ``report_of`` makes (the run, for its artifact location), counted;
+    the reports lie in a local artifact store."""
 
-    def __init__(self, reports):
-        self.reports, self.downloads = reports, 0
-
-    def download_artifacts(self, run_id, path, dst):
+    def __init__(self, root, reports):
         import json
-        import os
 
-        self.downloads += 1
-        if run_id not in self.reports:
-            raise OSError("no such artifact")
-        out = os.path.join(dst, path)
-        with open(out, "w") as fh:
-            json.dump(self.reports[run_id], fh)
-        return out
+        self.root, self.reads = root, 0
+        for run_id, report in reports.items():
+            (root / run_id).mkdir()
+            (root / run_id / "report.json").write_text(json.dumps(report))
+
+    def get_run(self, run_id):
+        from types import SimpleNamespace
+
+        self.reads += 1
+        return SimpleNamespace(info=SimpleNamespace(artifact_uri=(self.root / run_id).as_uri()))
 
 
-def test_report_of_reads_each_run_once():
+def test_report_of_reads_each_run_once(tmp_path):
     """An attempt's report.json never changes once written: a sweep reads the promoted version's
     report (for drift) once, not once per validated version; a missing one is asked for again."""
     from ckpt_stage.registry import Registry
 
-    client = _ArtifactClient({"r1": {"verdict": "pass", "model_info": {"layers": [1]}}})
+    client = _ArtifactClient(tmp_path, {"r1": {"verdict": "pass", "model_info": {"layers": [1]}}})
     reg = Registry(Settings(), client=client)
     first = reg.report_of("r1")
     first["verdict"] = "changed by a caller"
     assert reg.report_of("r1") == {"verdict": "pass", "model_info": {"layers": [1]}}
-    assert client.downloads == 1
+    assert client.reads == 1
     assert reg.report_of("missing") is None and reg.report_of("missing") is None
-    assert client.downloads == 3
+    assert client.reads == 3
+
+
+def test_a_report_this_adapter_wrote_is_not_read_back(tmp_path):
+    """The next version of a model in a sweep compares against the report the previous verdict wrote:
+    kept from the writing, no request."""
+    from ckpt_stage.registry import Registry
+
+    client = _ArtifactClient(tmp_path, {})
+    reg = Registry(Settings(), client=client)
+    reg._remember_report("r2", {"verdict": "pass"})
+    assert reg.report_of("r2") == {"verdict": "pass"} and client.reads == 0
 
 
 def test_prompt_check_once_per_model_name():
@@ -99,3 +110,45 @@ def test_prompt_check_once_per_model_name():
         with pytest.raises(ValueError):
             client._raise_if_prompt("a-prompt")
     assert calls == ["m", "n", "a-prompt", "a-prompt"]
+
+
+def test_an_idle_reconcile_syncs_only_models_whose_alias_is_wrong():
+    """MLflow's version search carries no aliases; the sweep's repair reads every model's alias from one
+    listing of the registered models and syncs only a model whose alias is not on its highest promoted
+    version (an idle sweep costs its listings, not two requests per model)."""
+    from types import SimpleNamespace
+
+    from ckpt_stage.registry import STATUS, Registry, VersionState
+
+    class Page(list):
+        token = None
+
+    class Client:
+        def __init__(self):
+            self.calls = []
+
+        def search_registered_models(self, **k):
+            self.calls.append("models")
+            return Page([SimpleNamespace(name="ok", aliases={"validated": "2", "champion": "1"}),
+                         SimpleNamespace(name="wrong", aliases={"validated": "1"})])
+
+        def search_model_versions(self, filter_string=None, **k):
+            self.calls.append(f"versions {filter_string}")
+            return Page([SimpleNamespace(name="wrong", version=v, tags={STATUS: "promoted"}, source="", run_id=None,
+                                         creation_timestamp=0, aliases=[]) for v in ("1", "2")])
+
+        def get_model_version_by_alias(self, name, alias):
+            self.calls.append(f"alias {name}")
+            return SimpleNamespace(name=name, version="1", tags={}, source="", run_id=None, creation_timestamp=0,
+                                   aliases=[alias])
+
+        def set_registered_model_alias(self, name, alias, version):
+            self.calls.append(f"set {name} {version}")
+
+    from ckpt_stage.domain import VersionRef
+
+    listing = [VersionState(VersionRef(m, v), tags={STATUS: "promoted"}) for m in ("ok", "wrong") for v in ("1", "2")]
+    client = Client()
+    assert Registry(Settings(), client=client).reconcile(listing) == {"wrong": "2"}
+    assert client.calls[0] == "models" and "set wrong 2" in client.calls
+    assert not any("ok" in c for c in client.calls)
