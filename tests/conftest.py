@@ -56,3 +56,15 @@ def build_sample(sample_dirs, tmp_path_factory):
         return sample_dirs[key]
 
     return build
+
+
+@pytest.fixture
+def s3_proxy(stack, monkeypatch):
+    """Every S3 request of the stage and of the MLflow client goes through a fault proxy on a real socket
+    (``tests/faults/proxy.py``): it counts them (``.seen``) and injects what a test asks for."""
+    from tests.faults import FaultProxy
+
+    with FaultProxy(stack.s3.url) as p:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", p.url)
+        yield p

@@ -17,7 +17,7 @@ from ckpt_stage.domain import ReasonCode, Verdict, VersionRef
 from ckpt_stage.errors import ArtifactMissing, IntegrityMismatch, StorageMisconfigured, StorageUnavailable
 from ckpt_stage.pipeline import validate_version
 from ckpt_stage.storage import S3Location, S3Storage
-from tests.faults.proxy import FaultProxy, on
+from tests.faults.proxy import on
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +32,8 @@ def uploaded(stack, stage_env, tmp_path):
 
 
 @pytest.fixture
-def proxy(stack, monkeypatch):
-    with FaultProxy(stack.s3.url) as p:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)
-        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", p.url)
-        yield p
+def proxy(s3_proxy):
+    return s3_proxy
 
 
 def _storage(sleeps):

@@ -20,14 +20,3 @@ def pt2_sources(tmp_path_factory) -> tuple[Path, Path]:
     model = base / "mlflow-model"
     mlflow.pytorch.save_model(P.Net().eval(), str(model), input_example=np.zeros((3, 4), dtype=np.float32))
     return src, model
-
-
-@pytest.fixture
-def counting_s3(stack, monkeypatch):
-    """Every S3 request of the stage and of the MLflow client goes through a counting proxy (``.seen``)."""
-    from tests.faults import FaultProxy
-
-    with FaultProxy(stack.s3.url) as p:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)
-        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", p.url)
-        yield p

@@ -23,7 +23,7 @@ def _model_gets(proxy, loc: S3Location) -> list[str]:
 
 
 def test_a_rerun_of_unchanged_files_downloads_nothing_and_a_changed_file_is_fetched(stack, stage_env, tmp_path,
-                                                                                     counting_s3):
+                                                                                     s3_proxy):
     one_backend(stack)  # about the object cache, not the backend store
     folder = tmp_path / "v"
     tags = samples.safetensors_file(folder)
@@ -33,23 +33,23 @@ def test_a_rerun_of_unchanged_files_downloads_nothing_and_a_changed_file_is_fetc
 
     first = validate_version(ref, settings=settings).report
     assert first.verdict is Verdict.PASS
-    assert len(_model_gets(counting_s3, loc)) == 1
+    assert len(_model_gets(s3_proxy, loc)) == 1
 
-    counting_s3.seen.clear()
+    s3_proxy.seen.clear()
     again = validate_version(ref, settings=settings, force=True).report  # what `ckpt-stage rerun` does
     assert again.verdict is Verdict.PASS and again.attempt == 2
-    assert _model_gets(counting_s3, loc) == []  # listed, not downloaded
+    assert _model_gets(s3_proxy, loc) == []  # listed, not downloaded
     assert [(f.path, f.sha256) for f in again.files] == [(f.path, f.sha256) for f in first.files]
 
     # The same key overwritten with other bytes has another ETag: a miss, downloaded and judged anew.
     S3Storage(settings).client.put_object(Bucket=loc.bucket, Key=f"{loc.prefix}/model.safetensors", Body=b"\0" * 64)
-    counting_s3.seen.clear()
+    s3_proxy.seen.clear()
     third = validate_version(ref, settings=settings, force=True).report
-    assert len(_model_gets(counting_s3, loc)) == 1
+    assert len(_model_gets(s3_proxy, loc)) == 1
     assert third.verdict is Verdict.QUARANTINE
     assert third.files[0].sha256 != first.files[0].sha256
 
     off = settings.replace(cache_max_bytes=0)
-    counting_s3.seen.clear()
+    s3_proxy.seen.clear()
     validate_version(ref, settings=off, force=True)
-    assert len(_model_gets(counting_s3, loc)) == 1  # CKPT_STAGE_CACHE_MAX_BYTES=0: always downloaded
+    assert len(_model_gets(s3_proxy, loc)) == 1  # CKPT_STAGE_CACHE_MAX_BYTES=0: always downloaded

@@ -167,23 +167,23 @@ def test_every_file_removed_takes_the_alias_away_entirely(stack, stage_env, tmp_
     assert _alias(name) is None
 
 
-def test_unchanged_version_is_untouched_and_costs_no_download(stack, stage_env, tmp_path, counting_s3):
+def test_unchanged_version_is_untouched_and_costs_no_download(stack, stage_env, tmp_path, s3_proxy):
     name = _name("same")
     v1 = _register(stack, name, {"model.pt": _weights(1), "model.safetensors": _safetensors(1)}, tmp_path)
     _promote(v1)
     before = _tags(v1)
     loc = _prefix(v1)
     for attempt in (1, 2):
-        counting_s3.seen.clear()
+        s3_proxy.seen.clear()
         [r] = recheck_promoted(settings=Settings.from_env(), model=name)
         assert r.outcome == "same"
-        objects = [(m, p) for m, p in counting_s3.seen if p.split("?")[0].startswith(f"/{loc.bucket}/{loc.prefix}/")]
+        objects = [(m, p) for m, p in s3_proxy.seen if p.split("?")[0].startswith(f"/{loc.bucket}/{loc.prefix}/")]
         assert objects == [], objects  # no GET and no HEAD of the model's files: one listing only
         from urllib.parse import quote
 
-        listings = [p for m, p in counting_s3.seen if m == "GET" and f"prefix={quote(loc.prefix, safe='')}" in p]
-        assert len(listings) == 1, counting_s3.seen
-        reports = [p for m, p in counting_s3.seen if m == "GET" and p.split("?")[0].endswith("/report.json")]
+        listings = [p for m, p in s3_proxy.seen if m == "GET" and f"prefix={quote(loc.prefix, safe='')}" in p]
+        assert len(listings) == 1, s3_proxy.seen
+        reports = [p for m, p in s3_proxy.seen if m == "GET" and p.split("?")[0].endswith("/report.json")]
         # The manifest is downloaded once, then read from the cache (and checked against the tag).
         assert len(reports) == (1 if attempt == 1 else 0), reports
     assert _tags(v1) == before
