@@ -239,7 +239,9 @@ class ReplacingStorage(S3Storage):
 
 def test_file_replaced_during_validation_is_relisted_never_mixed(stack, stage_env, tmp_path):
     name = _name("race")
-    ref = _register(stack, name, {"model.pt": _weights(1), "model.safetensors": _safetensors(1)}, tmp_path)
+    # model.pt is replaced by the weights model.safetensors holds: only the new listing's bytes agree with
+    # each other (two copies of the weights must be equal), so a mix of the listings could not pass either.
+    ref = _register(stack, name, {"model.pt": _weights(1), "model.safetensors": _safetensors(7)}, tmp_path)
     loc = _prefix(ref)
     new = _weights(7)
     storage = ReplacingStorage(Settings.from_env(), f"{loc.prefix}/model.pt", [new])
